@@ -1,0 +1,18 @@
+//! memfabric: a memory fabric for distributed AI serving.
+//!
+//! Ranks on one or many hosts pool their memory and move bytes between each other's memory
+//! with one call. The crate is layered; each layer only uses the ones above it:
+//!
+//! 1. [`error`] and [`log`]: one error type with stable codes; level-filtered logging.
+//! 2. [`store`]: the config store (server, client, groups, TLS) that coordinates ranks.
+//! 3. `mem`: registered regions and segments; `transport`: data paths (local, cma, tcp).
+//! 4. The products: Big Memory, Share Memory and the Transfer Engine.
+//!
+//! Nothing here knows about Python; the `memfabric-py` crate converts at the boundary.
+
+pub mod error;
+pub mod log;
+pub mod runtime;
+pub mod store;
+
+pub use error::{Error, Result};

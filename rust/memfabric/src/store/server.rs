@@ -1,0 +1,511 @@
+//! The config store server: an ordered in-memory map served over TCP (optionally TLS).
+//!
+//! Each connection is one client session, handled by one task that answers its frames in
+//! order. Keys set as ephemeral belong to the session and vanish when its connection closes:
+//! that is how a dead rank is noticed (the kernel closes a killed process's sockets at once;
+//! TCP keepalive catches a vanished host within seconds).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use super::proto::{split_frame, Request, Response, HEADER};
+use crate::error::{Error, Result};
+use crate::log::{DEBUG, INFO, WARN};
+use crate::mf_log;
+
+/// Backlog for the listening socket: a thousand ranks connect at once at rendezvous.
+pub const LISTEN_BACKLOG: i32 = 4096;
+/// Longest wait a client may ask for (a day); longer asks are clamped.
+const MAX_WAIT: Duration = Duration::from_secs(86_400);
+
+struct Entry {
+    value: Vec<u8>,
+    /// Session that owns the key (0: none, the key outlives its writer).
+    owner: u64,
+}
+
+#[derive(Default)]
+struct State {
+    map: BTreeMap<String, Entry>,
+    /// Waiters for a key that does not exist yet. Removed when the key is written; waiters hold
+    /// their own Arc and register again if they still need to wait.
+    key_waiters: HashMap<String, Arc<Notify>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Fired whenever a session's ephemeral keys are removed, for `Wait { watch }`.
+    sessions_changed: Notify,
+    next_session: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug in this file; the map is still valid.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State {
+    fn put(&mut self, key: String, value: Vec<u8>, owner: u64) {
+        if let Some(n) = self.key_waiters.remove(&key) {
+            n.notify_waiters();
+        }
+        self.map.insert(key, Entry { value, owner });
+    }
+
+    fn count_prefix(&self, prefix: &str) -> u64 {
+        self.map
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .count() as u64
+    }
+
+    fn first_missing<'k>(&self, keys: &'k [String]) -> Option<&'k String> {
+        keys.iter().find(|k| !self.map.contains_key(k.as_str()))
+    }
+}
+
+/// A running store server. Dropping it stops the server and closes every connection.
+pub struct StoreServer {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+}
+
+impl StoreServer {
+    /// Binds `addr` (port 0 picks one) and starts serving on the shared runtime.
+    pub fn start(addr: SocketAddr, tls: Option<Arc<rustls::ServerConfig>>) -> Result<StoreServer> {
+        let rt = crate::runtime::runtime()?;
+        crate::runtime::raise_fd_limit();
+        let std_listener = bind_listener(addr)?;
+        let addr = std_listener
+            .local_addr()
+            .map_err(|e| Error::io("store listener address", e))?;
+        let _enter = rt.enter();
+        let listener =
+            TcpListener::from_std(std_listener).map_err(|e| Error::io("store listener", e))?;
+        let (tx, rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            sessions_changed: Notify::new(),
+            next_session: AtomicU64::new(1),
+        });
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        rt.spawn(accept_loop(listener, shared, acceptor, rx));
+        mf_log!(INFO, "config store listening on {addr}");
+        Ok(StoreServer { addr, shutdown: tx })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The URL clients use to reach this server.
+    pub fn url(&self) -> String {
+        super::url::format_store_url(self.addr)
+    }
+}
+
+impl Drop for StoreServer {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        mf_log!(INFO, "config store on {} stopped", self.addr);
+    }
+}
+
+fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let ctx = |what: &str| format!("config store {what} {addr}");
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| Error::io(ctx("socket for"), e))?;
+    sock.set_reuse_address(true)
+        .map_err(|e| Error::io(ctx("SO_REUSEADDR on"), e))?;
+    if addr.is_ipv6() {
+        let _ = sock.set_only_v6(false);
+    }
+    sock.bind(&addr.into())
+        .map_err(|e| Error::io(ctx("cannot bind"), e))?;
+    sock.listen(LISTEN_BACKLOG)
+        .map_err(|e| Error::io(ctx("cannot listen on"), e))?;
+    sock.set_nonblocking(true)
+        .map_err(|e| Error::io(ctx("nonblocking"), e))?;
+    Ok(sock.into())
+}
+
+/// Keepalive so that a host that vanishes without closing its sockets is noticed in ~5 s.
+fn tune_accepted(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(2))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(3);
+    let _ = sock.set_tcp_keepalive(&ka);
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::from_millis(1);
+                x
+            }
+            Err(e) => {
+                // Out of fds or similar: back off instead of spinning; existing sessions go on.
+                mf_log!(WARN, "config store accept failed: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        tune_accepted(&stream);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
+            let mut conn = Session {
+                shared: shared.clone(),
+                id: session,
+                owned: HashSet::new(),
+            };
+            let result = match tls {
+                None => conn.serve(stream, shutdown).await,
+                Some(acc) => {
+                    let hs =
+                        tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await;
+                    match hs {
+                        Ok(Ok(tls_stream)) => conn.serve(tls_stream, shutdown).await,
+                        Ok(Err(e)) => Err(Error::Tls(format!("handshake with {peer} failed: {e}"))),
+                        Err(_) => Err(Error::Tls(format!("handshake with {peer} timed out"))),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                mf_log!(WARN, "config store closed the connection from {peer}: {e}");
+            } else {
+                mf_log!(DEBUG, "config store session {session} from {peer} ended");
+            }
+            conn.release();
+        });
+    }
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    id: u64,
+    /// Keys this session set as ephemeral (they may since have been overwritten by others).
+    owned: HashSet<String>,
+}
+
+impl Session {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        mut stream: S,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut inbuf: Vec<u8> = Vec::with_capacity(16 << 10);
+        let mut outbuf: Vec<u8> = Vec::with_capacity(16 << 10);
+        loop {
+            let mut start = 0;
+            loop {
+                let Some((kind, body, used)) = split_frame(&inbuf[start..])? else {
+                    break;
+                };
+                let req = Request::decode(kind, body)?;
+                let resp = self.handle(req).await;
+                resp.encode(&mut outbuf);
+                start += used;
+            }
+            inbuf.drain(..start);
+            if !outbuf.is_empty() {
+                stream
+                    .write_all(&outbuf)
+                    .await
+                    .map_err(|e| Error::io("config store write", e))?;
+                stream
+                    .flush()
+                    .await
+                    .map_err(|e| Error::io("config store flush", e))?;
+                outbuf.clear();
+            }
+            // Room for the whole of a frame whose header we have (already bounded by MAX_FRAME).
+            if inbuf.len() >= 4 {
+                let want =
+                    u32::from_be_bytes([inbuf[0], inbuf[1], inbuf[2], inbuf[3]]) as usize + 4;
+                inbuf.reserve(want.saturating_sub(inbuf.len()));
+            } else {
+                inbuf.reserve(HEADER.max(4096));
+            }
+            let n = tokio::select! {
+                r = stream.read_buf(&mut inbuf) => r.map_err(|e| Error::io("config store read", e))?,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            if n == 0 {
+                if !inbuf.is_empty() {
+                    return Err(Error::Protocol(format!(
+                        "connection closed inside a frame ({} bytes pending)",
+                        inbuf.len()
+                    )));
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    async fn handle(&mut self, req: Request) -> Response {
+        match req {
+            Request::Ping => Response::Ok,
+            Request::Set {
+                key,
+                value,
+                ephemeral,
+            } => {
+                self.set(key, value, ephemeral);
+                Response::Ok
+            }
+            Request::Get { key, wait_ms } => {
+                if wait_ms > 0 {
+                    let keys = [key.clone()];
+                    if let Some(r) = self.wait(&keys, wait_ms, None).await {
+                        return r;
+                    }
+                }
+                match self.shared.lock().map.get(&key) {
+                    Some(e) => Response::Value(e.value.clone()),
+                    None => Response::NotFound(key),
+                }
+            }
+            Request::Add { key, delta } => {
+                let mut st = self.shared.lock();
+                let current = match st.map.get(&key) {
+                    None => 0,
+                    Some(e) => match std::str::from_utf8(&e.value)
+                        .ok()
+                        .and_then(|s| s.parse::<i64>().ok())
+                    {
+                        Some(v) => v,
+                        None => {
+                            return Response::BadRequest(format!(
+                                "value of {key:?} is not an integer counter"
+                            ))
+                        }
+                    },
+                };
+                let Some(next) = current.checked_add(delta) else {
+                    return Response::BadRequest(format!("counter {key:?} would overflow"));
+                };
+                st.put(key, next.to_string().into_bytes(), 0);
+                Response::Int(next)
+            }
+            Request::CompareSet {
+                key,
+                expected,
+                desired,
+            } => {
+                let mut st = self.shared.lock();
+                let matches = match st.map.get(&key) {
+                    Some(e) => e.value == expected,
+                    None => expected.is_empty(),
+                };
+                if matches {
+                    st.put(key, desired.clone(), 0);
+                    Response::Value(desired)
+                } else {
+                    // Missing key with a non-empty expectation: answer the expectation's
+                    // opposite, as TCPStore does, so the caller sees it did not match.
+                    Response::Value(
+                        st.map
+                            .get(&key)
+                            .map(|e| e.value.clone())
+                            .unwrap_or_default(),
+                    )
+                }
+            }
+            Request::Delete { key } => {
+                self.owned.remove(&key);
+                let existed = self.shared.lock().map.remove(&key).is_some();
+                if existed {
+                    // A member that leaves deletes its key: watchers must learn of it too.
+                    self.shared.sessions_changed.notify_waiters();
+                }
+                Response::Int(existed as i64)
+            }
+            Request::Append { key, value } => {
+                let mut st = self.shared.lock();
+                let len = match st.map.get_mut(&key) {
+                    Some(e) => {
+                        if e.value.len() + value.len() > super::proto::MAX_FRAME - 64 {
+                            return Response::BadRequest(format!(
+                                "value of {key:?} would exceed the frame limit"
+                            ));
+                        }
+                        e.value.extend_from_slice(&value);
+                        let len = e.value.len();
+                        if let Some(n) = st.key_waiters.remove(&key) {
+                            n.notify_waiters();
+                        }
+                        len
+                    }
+                    None => {
+                        let len = value.len();
+                        st.put(key, value, 0);
+                        len
+                    }
+                };
+                Response::Int(len as i64)
+            }
+            Request::Exists { keys } => {
+                let st = self.shared.lock();
+                Response::Bools(keys.iter().map(|k| st.map.contains_key(k)).collect())
+            }
+            Request::MultiGet { keys, wait_ms } => {
+                if wait_ms > 0 {
+                    if let Some(r) = self.wait(&keys, wait_ms, None).await {
+                        return r;
+                    }
+                }
+                let st = self.shared.lock();
+                let mut out = Vec::with_capacity(keys.len());
+                for k in keys {
+                    match st.map.get(&k) {
+                        Some(e) => out.push(e.value.clone()),
+                        None => return Response::NotFound(k),
+                    }
+                }
+                Response::Values(out)
+            }
+            Request::MultiSet { entries, ephemeral } => {
+                for (k, v) in entries {
+                    self.set(k, v, ephemeral);
+                }
+                Response::Ok
+            }
+            Request::List { prefix } => {
+                let st = self.shared.lock();
+                let keys = st
+                    .map
+                    .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                Response::Keys(keys)
+            }
+            Request::Wait {
+                keys,
+                timeout_ms,
+                watch,
+            } => {
+                let watch = watch.as_ref().map(|(p, n)| (p.as_str(), *n));
+                self.wait(&keys, timeout_ms, watch)
+                    .await
+                    .unwrap_or(Response::Ok)
+            }
+        }
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>, ephemeral: bool) {
+        let owner = if ephemeral {
+            self.owned.insert(key.clone());
+            self.id
+        } else {
+            self.owned.remove(&key);
+            0
+        };
+        self.shared.lock().put(key, value, owner);
+    }
+
+    /// Waits until all `keys` exist. `None`: they do; `Some(resp)`: Timeout or Aborted.
+    async fn wait(
+        &self,
+        keys: &[String],
+        timeout_ms: u64,
+        watch: Option<(&str, u64)>,
+    ) -> Option<Response> {
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms).min(MAX_WAIT);
+        loop {
+            let notify = {
+                let mut st = self.shared.lock();
+                if let Some(r) = check_watch(&st, watch) {
+                    return Some(r);
+                }
+                let missing = st.first_missing(keys)?.clone();
+                st.key_waiters.entry(missing).or_default().clone()
+            };
+            let key_set = notify.notified();
+            let member_gone = self.shared.sessions_changed.notified();
+            tokio::pin!(key_set, member_gone);
+            key_set.as_mut().enable();
+            member_gone.as_mut().enable();
+            // Re-check now that both wake-ups are armed: a write between the first check and
+            // arming would otherwise be missed.
+            {
+                let st = self.shared.lock();
+                if let Some(r) = check_watch(&st, watch) {
+                    return Some(r);
+                }
+                st.first_missing(keys)?;
+            }
+            tokio::select! {
+                _ = key_set => {}
+                _ = member_gone => {}
+                _ = tokio::time::sleep_until(deadline) => return Some(Response::Timeout),
+            }
+        }
+    }
+
+    /// Removes the keys this session still owns and wakes waiters that watch membership.
+    fn release(&mut self) {
+        if self.owned.is_empty() {
+            return;
+        }
+        let mut removed = 0;
+        {
+            let mut st = self.shared.lock();
+            for k in self.owned.drain() {
+                if st.map.get(&k).is_some_and(|e| e.owner == self.id) {
+                    st.map.remove(&k);
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            mf_log!(
+                DEBUG,
+                "config store session {} closed: {removed} ephemeral keys removed",
+                self.id
+            );
+            self.shared.sessions_changed.notify_waiters();
+        }
+    }
+}
+
+fn check_watch(st: &State, watch: Option<(&str, u64)>) -> Option<Response> {
+    let (prefix, min) = watch?;
+    let alive = st.count_prefix(prefix);
+    (alive < min).then(|| {
+        Response::Aborted(format!(
+            "a member left: {alive} of {min} members under {prefix:?} are alive"
+        ))
+    })
+}
