@@ -15,7 +15,7 @@ pub const WARN: u8 = 2;
 pub const ERROR: u8 = 3;
 
 /// A sink receives (level, message). It must not panic; the binding layer catches Python errors.
-pub type Sink = Box<dyn Fn(u8, &str) + Send + Sync>;
+pub type Sink = std::sync::Arc<dyn Fn(u8, &str) + Send + Sync>;
 
 static LEVEL: AtomicU8 = AtomicU8::new(WARN);
 static ENV_ONCE: Once = Once::new();
@@ -70,8 +70,9 @@ pub fn emit(level: u8, msg: &str) {
     if !enabled(level) {
         return;
     }
-    let guard = SINK.read().unwrap_or_else(|p| p.into_inner());
-    match guard.as_ref() {
+    // Clone the sink out of the lock: a sink may log or replace the sink itself.
+    let sink = SINK.read().unwrap_or_else(|p| p.into_inner()).clone();
+    match sink {
         Some(sink) => sink(level, msg),
         None => {
             let name = ["DEBUG", "INFO", "WARN", "ERROR"][level.min(ERROR) as usize];

@@ -446,10 +446,12 @@ impl Session {
         loop {
             let notify = {
                 let mut st = self.shared.lock();
+                // Keys first: once they exist the wait succeeded, even if a member has left
+                // since (it may simply have finished first).
+                let missing = st.first_missing(keys)?.clone();
                 if let Some(r) = check_watch(&st, watch) {
                     return Some(r);
                 }
-                let missing = st.first_missing(keys)?.clone();
                 st.key_waiters.entry(missing).or_default().clone()
             };
             let key_set = notify.notified();
@@ -461,10 +463,10 @@ impl Session {
             // arming would otherwise be missed.
             {
                 let st = self.shared.lock();
+                st.first_missing(keys)?;
                 if let Some(r) = check_watch(&st, watch) {
                     return Some(r);
                 }
-                st.first_missing(keys)?;
             }
             tokio::select! {
                 _ = key_set => {}

@@ -1,0 +1,84 @@
+"""memfabric_hybrid: a memory fabric for distributed AI serving.
+
+Ranks on one or many hosts pool memory into one global address space and move bytes between
+each other's memory with one call. A TCP config store coordinates them.
+
+Common interface (this module):
+    initialize(flags=0) -> int, uninitialize()
+    set_log_level(level) -> int, set_extern_logger(fn(level, msg)) -> int
+    set_conf_store_tls(enable, tls_info) -> int, set_conf_store_tls_key(pk, pk_pw, decrypt) -> int
+    get_last_err_msg() -> str, get_and_clear_last_err_msg() -> str
+    create_config_store(store_url) -> int
+
+Beyond the seed:
+    start_config_store(url) -> ConfigStoreServer   (port 0 picks a free port)
+    StoreClient(url, timeout)                      (set/get/add/compare_set/... like TCPStore)
+    StoreGroup(url, name, world_size, rank=None)   (rendezvous, barrier, all_gather)
+
+Return codes: 0 is success; negative values are error codes (see ERROR_NAMES and the README),
+and get_last_err_msg() explains the last failure of the calling thread.
+"""
+
+from ._native import (  # noqa: F401
+    ERROR_NAMES,
+    ConfigStoreServer,
+    StoreClient,
+    StoreError,
+    StoreGroup,
+    StoreTimeoutError,
+    __version__,
+    create_config_store,
+    get_and_clear_last_err_msg,
+    get_last_err_msg,
+    initialize,
+    set_conf_store_tls,
+    set_conf_store_tls_key,
+    set_extern_logger,
+    set_log_level,
+    start_config_store,
+    uninitialize,
+)
+from ._native import (  # noqa: F401  error code constants
+    MF_IO,
+    MF_OUT_OF_BOUNDS,
+    MF_PEER_GONE,
+    MF_PROTOCOL,
+    MF_REFUSED,
+    MF_TLS,
+    MF_UNSUPPORTED,
+    SMEM_BUFFER_TOO_SMALL,
+    SMEM_DUPLICATED,
+    SMEM_ERROR,
+    SMEM_INVALID_PARAM,
+    SMEM_MALLOC_FAILED,
+    SMEM_NO_RESOURCES,
+    SMEM_NOT_CONNECTED,
+    SMEM_NOT_EXIST,
+    SMEM_NOT_INIT,
+    SMEM_NOT_STARTED,
+    SMEM_OK,
+    SMEM_PARTIAL_FAILED,
+    SMEM_RECONNECTED,
+    SMEM_REPEAT_INVOKE,
+    SMEM_RES_IN_USE,
+    SMEM_TIMEOUT,
+)
+
+__all__ = [
+    "initialize",
+    "uninitialize",
+    "set_log_level",
+    "set_extern_logger",
+    "set_conf_store_tls_key",
+    "set_conf_store_tls",
+    "get_last_err_msg",
+    "get_and_clear_last_err_msg",
+    "create_config_store",
+    "start_config_store",
+    "ConfigStoreServer",
+    "StoreClient",
+    "StoreGroup",
+    "StoreError",
+    "StoreTimeoutError",
+    "ERROR_NAMES",
+]

@@ -1,0 +1,420 @@
+//! Config store: server, client and group behaviour against a real server on an ephemeral port.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use memfabric::store::{ClientOptions, Group, StoreClient, StoreServer};
+
+fn server() -> StoreServer {
+    StoreServer::start("127.0.0.1:0".parse().unwrap(), None).expect("server starts")
+}
+
+fn opts(timeout_ms: u64) -> ClientOptions {
+    ClientOptions {
+        timeout: Duration::from_millis(timeout_ms),
+        force_plaintext: true,
+        ..Default::default()
+    }
+}
+
+fn client(s: &StoreServer) -> StoreClient {
+    StoreClient::connect(&s.url(), opts(5000)).expect("client connects")
+}
+
+#[test]
+fn basic_operations() {
+    let s = server();
+    let c = client(&s);
+    c.set("a", b"1").unwrap();
+    assert_eq!(c.get("a").unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(c.get("missing").unwrap(), None);
+    assert_eq!(c.add("n", 5).unwrap(), 5);
+    assert_eq!(c.add("n", -2).unwrap(), 3);
+    assert_eq!(c.get("n").unwrap().as_deref(), Some(&b"3"[..]));
+    // add on a non-counter is a clear error, the connection survives.
+    c.set("text", b"abc").unwrap();
+    assert_eq!(c.add("text", 1).unwrap_err().code(), -2000);
+    assert_eq!(c.compare_set("cas", b"", b"x").unwrap(), b"x");
+    assert_eq!(c.compare_set("cas", b"wrong", b"y").unwrap(), b"x");
+    assert_eq!(c.compare_set("cas", b"x", b"y").unwrap(), b"y");
+    assert_eq!(c.append("log", b"ab").unwrap(), 2);
+    assert_eq!(c.append("log", b"cd").unwrap(), 4);
+    assert_eq!(c.get("log").unwrap().unwrap(), b"abcd");
+    assert_eq!(
+        c.exists(&["a".into(), "zz".into()]).unwrap(),
+        vec![true, false]
+    );
+    c.multi_set(&[("m/1".into(), vec![1]), ("m/2".into(), vec![2])], false)
+        .unwrap();
+    assert_eq!(
+        c.multi_get(&["m/1".into(), "m/2".into()], None).unwrap(),
+        vec![vec![1], vec![2]]
+    );
+    assert_eq!(
+        c.multi_get(&["m/1".into(), "m/3".into()], None)
+            .unwrap_err()
+            .code(),
+        -2007
+    );
+    assert_eq!(
+        c.list("m/").unwrap(),
+        vec!["m/1".to_string(), "m/2".to_string()]
+    );
+    assert!(c.delete("a").unwrap());
+    assert!(!c.delete("a").unwrap());
+    let big = vec![7u8; 8 << 20];
+    c.set("big", &big).unwrap();
+    assert_eq!(c.get("big").unwrap().unwrap(), big);
+}
+
+#[test]
+fn get_wait_and_timeout() {
+    let s = server();
+    let url = s.url();
+    let c = client(&s);
+    let t = Instant::now();
+    let e = c.get_wait("later", Duration::from_millis(200)).unwrap_err();
+    assert_eq!(e.code(), -2004, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let setter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        StoreClient::connect(&url, opts(2000))
+            .unwrap()
+            .set("later", b"v")
+            .unwrap();
+    });
+    assert_eq!(c.get_wait("later", Duration::from_secs(5)).unwrap(), b"v");
+    setter.join().unwrap();
+    // multi_get waits for all keys.
+    let e = c
+        .multi_get(
+            &["later".into(), "never".into()],
+            Some(Duration::from_millis(100)),
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), -2004);
+}
+
+#[test]
+fn ephemeral_keys_vanish_with_their_session_and_abort_watchers() {
+    let s = server();
+    let watcher = client(&s);
+    let member = client(&s);
+    member.set_ephemeral("g/alive/1", b"").unwrap();
+    watcher.set("g/alive/0", b"").unwrap();
+    let t = Instant::now();
+    let handle = std::thread::spawn(move || {
+        watcher.wait(
+            &["never".into()],
+            Duration::from_secs(20),
+            Some(("g/alive/", 2)),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    drop(member);
+    let e = handle.join().unwrap().unwrap_err();
+    assert_eq!(e.code(), -3001, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    let c = client(&s);
+    assert_eq!(c.get("g/alive/1").unwrap(), None);
+}
+
+#[test]
+fn server_survives_malformed_frames() {
+    let s = server();
+    let addr: SocketAddr = s.local_addr();
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![0x40, 0, 0, 0, 1, 2],                      // 1 GiB length prefix
+        vec![0, 0, 0, 2, 99, 1],                        // unknown version
+        vec![0, 0, 0, 3, 1, 200, 0],                    // unknown kind
+        vec![0, 0, 0, 6, 1, 2, 0xff, 0xff, 0xff, 0xff], // forged key length
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+    ];
+    for g in garbage {
+        let mut t = TcpStream::connect(addr).unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        t.write_all(&g).unwrap();
+        let mut buf = [0u8; 16];
+        // The server closes the connection (EOF) instead of answering or crashing.
+        let n = t.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "server answered garbage {g:?}");
+    }
+    // A half frame followed by a hang-up is fine too.
+    let mut t = TcpStream::connect(addr).unwrap();
+    t.write_all(&[0, 0, 0, 50, 1]).unwrap();
+    drop(t);
+    let c = client(&s);
+    c.set("still", b"alive").unwrap();
+    assert_eq!(c.get("still").unwrap().unwrap(), b"alive");
+}
+
+#[test]
+fn client_reconnects_after_store_restart() {
+    let s = server();
+    let addr = s.local_addr();
+    let c = StoreClient::connect(&s.url(), opts(10_000)).unwrap();
+    c.set_ephemeral("alive/me", b"1").unwrap();
+    c.set("x", b"1").unwrap();
+    drop(s);
+    std::thread::sleep(Duration::from_millis(100));
+    let restarted = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        // Same port: SO_REUSEADDR lets the new server bind while old sockets linger.
+        StoreServer::start(addr, None).unwrap()
+    });
+    // Idempotent calls are retried transparently across the restart.
+    c.set("y", b"2").unwrap();
+    let s2 = restarted.join().unwrap();
+    assert_eq!(c.get("y").unwrap().unwrap(), b"2");
+    // The in-memory store starts empty, but our liveness key was published again.
+    assert_eq!(c.get("x").unwrap(), None);
+    assert_eq!(c.get("alive/me").unwrap().unwrap(), b"1");
+    drop(s2);
+}
+
+#[test]
+fn connect_to_missing_store_fails_within_deadline() {
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let t = Instant::now();
+    let e = StoreClient::connect(&format!("tcp://{addr}"), opts(400))
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), -2014, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        StoreClient::connect("tcp://nonsense", opts(400))
+            .err()
+            .unwrap()
+            .code(),
+        -2000
+    );
+}
+
+#[test]
+fn group_rendezvous_barrier_all_gather() {
+    let s = server();
+    let url = s.url();
+    let world = 16u32;
+    let handles: Vec<_> = (0..world)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let c = Arc::new(StoreClient::connect(&url, opts(10_000)).unwrap());
+                let g = Group::join(c, "job", world, None, Duration::from_secs(10)).unwrap();
+                for _ in 0..3 {
+                    g.barrier(Duration::from_secs(10)).unwrap();
+                }
+                let me = format!("rank-{}", g.rank()).into_bytes();
+                let all = g.all_gather(&me, Duration::from_secs(10)).unwrap();
+                let again = g
+                    .all_gather(&[g.rank() as u8], Duration::from_secs(10))
+                    .unwrap();
+                (g.rank(), all, again)
+            })
+        })
+        .collect();
+    let mut ranks = Vec::new();
+    for h in handles {
+        let (rank, all, again) = h.join().unwrap();
+        ranks.push(rank);
+        assert_eq!(all.len(), world as usize);
+        for (r, piece) in all.iter().enumerate() {
+            assert_eq!(piece, format!("rank-{r}").as_bytes());
+        }
+        assert_eq!(again, (0..world).map(|r| vec![r as u8]).collect::<Vec<_>>());
+    }
+    ranks.sort();
+    assert_eq!(ranks, (0..world).collect::<Vec<_>>());
+    // Barrier keys of finished barriers were cleaned up, all_gather keys too.
+    let c = client(&s);
+    assert!(c.list("job/ag/").unwrap().is_empty());
+    assert!(c.list("job/b/").unwrap().len() <= 4);
+}
+
+#[test]
+fn group_rejects_bad_membership() {
+    let s = server();
+    let c = Arc::new(client(&s));
+    let e = Group::join(c.clone(), "g", 0, None, Duration::from_secs(1))
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), -2000);
+    let e = Group::join(c.clone(), "g", 2000, None, Duration::from_secs(1))
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), -2000);
+    let e = Group::join(c.clone(), "g", 2, Some(5), Duration::from_secs(1))
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), -2000);
+    // World sizes must agree.
+    let one = Group::join(c.clone(), "solo", 1, Some(0), Duration::from_secs(1)).unwrap();
+    assert_eq!(one.rank(), 0);
+    let other = Arc::new(client(&s));
+    let e = Group::join(other.clone(), "solo", 2, Some(1), Duration::from_secs(1))
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), -2000, "{e}");
+    // A live rank cannot be claimed twice.
+    let e = Group::join(other, "solo", 1, Some(0), Duration::from_secs(1))
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), -2006, "{e}");
+    // A full auto-ranked group refuses more members.
+    let g = Group::join(c.clone(), "full", 1, None, Duration::from_secs(1)).unwrap();
+    assert_eq!(g.rank(), 0);
+    let e = Group::join(
+        Arc::new(client(&s)),
+        "full",
+        1,
+        None,
+        Duration::from_secs(1),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.code(), -2002, "{e}");
+}
+
+#[test]
+fn dead_member_fails_barrier_quickly() {
+    let s = server();
+    let url = s.url();
+    let survivor_url = url.clone();
+    let survivor = std::thread::spawn(move || {
+        let c = Arc::new(StoreClient::connect(&survivor_url, opts(10_000)).unwrap());
+        let g = Group::join(c, "d", 2, Some(0), Duration::from_secs(10)).unwrap();
+        let t = Instant::now();
+        let e = g.barrier(Duration::from_secs(30)).unwrap_err();
+        (e, t.elapsed())
+    });
+    let c = Arc::new(StoreClient::connect(&url, opts(10_000)).unwrap());
+    let g = Group::join(c, "d", 2, Some(1), Duration::from_secs(10)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(g); // the member's connection closes: its alive key goes
+    let (e, took) = survivor.join().unwrap();
+    assert_eq!(e.code(), -3001, "{e}");
+    assert!(e.to_string().contains("barrier"), "{e}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+mod tls {
+    use super::*;
+    use memfabric::store::tls::{material_from, KeyOverride, TlsInfo};
+
+    struct Pki {
+        dir: std::path::PathBuf,
+    }
+
+    fn pki(tag: &str) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let dir = std::env::temp_dir().join(format!("mf-tls-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_params =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+        Pki { dir }
+    }
+
+    impl Pki {
+        fn info(&self) -> TlsInfo {
+            let p = |f: &str| self.dir.join(f).to_string_lossy().into_owned();
+            TlsInfo {
+                ca: p("ca.pem"),
+                cert: p("cert.pem"),
+                key: p("key.pem"),
+                key_password: None,
+            }
+        }
+    }
+
+    impl Drop for Pki {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn mutual_tls_accepts_members_and_refuses_others() {
+        let job = pki("job");
+        let m = material_from(&job.info(), None).unwrap();
+        let s = StoreServer::start("127.0.0.1:0".parse().unwrap(), Some(m.server.clone())).unwrap();
+        let good = StoreClient::connect(
+            &s.url(),
+            ClientOptions {
+                timeout: Duration::from_secs(5),
+                tls: Some(m.client.clone()),
+                force_plaintext: false,
+            },
+        )
+        .unwrap();
+        good.set("k", b"v").unwrap();
+        assert_eq!(good.get("k").unwrap().unwrap(), b"v");
+
+        // Plaintext: the server never answers a store frame; the call fails, nothing is stored.
+        let t = Instant::now();
+        let plain = StoreClient::connect(&s.url(), opts(1500));
+        let refused = match plain {
+            Err(_) => true,
+            Ok(c) => c.set("intruder", b"x").is_err(),
+        };
+        assert!(refused);
+        assert!(t.elapsed() < Duration::from_secs(10));
+        assert_eq!(good.get("intruder").unwrap(), None);
+
+        // A certificate from another CA is refused during the handshake.
+        let other = pki("other");
+        let om = material_from(&other.info(), None).unwrap();
+        let e = StoreClient::connect(
+            &s.url(),
+            ClientOptions {
+                timeout: Duration::from_millis(1500),
+                tls: Some(om.client.clone()),
+                force_plaintext: false,
+            },
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(e.code(), -3004 | -2014), "{e}");
+    }
+
+    #[test]
+    fn key_override_accepts_pem_text_and_rejects_garbage() {
+        let job = pki("override");
+        let info = job.info();
+        let pem = std::fs::read_to_string(&info.key).unwrap();
+        let k = KeyOverride {
+            key: pem,
+            password: None,
+        };
+        assert!(material_from(
+            &TlsInfo {
+                key: String::new(),
+                ..info.clone()
+            },
+            Some(&k)
+        )
+        .is_ok());
+        let bad = KeyOverride {
+            key: "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into(),
+            password: None,
+        };
+        assert_eq!(
+            material_from(&info, Some(&bad)).err().unwrap().code(),
+            -3004
+        );
+    }
+}

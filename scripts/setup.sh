@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Shared set-up for demo.sh and test.sh: a Python venv with the package built in release mode.
+# Idempotent and safe to run on a fresh machine: it installs what is missing and nothing else.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo (a stable Rust toolchain) is required: https://rustup.rs" >&2
+    exit 1
+fi
+if ! command -v ip >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    # iproute2 gives the multi-host tests their network namespaces; optional.
+    (apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null) || echo "note: iproute2 not installed; namespace tests will skip" >&2
+fi
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+python -m pip install -q "maturin>=1.5,<2" "pytest>=7" "pytest-timeout>=2" "numpy>=1.22"
+maturin develop --release -q 2>&1 | grep -v "^📦\|^🔗\|^🐍\|^💻\|^📡" || true
+python -c "import memfabric_hybrid as mf; print('memfabric_hybrid', mf.__version__, 'ready')"

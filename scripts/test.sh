@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up everything (Rust build, venv, maturin develop) and runs every test: Rust and Python.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup.sh
+. .venv/bin/activate
+
+echo "== cargo fmt / clippy"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -q -- -D warnings
+
+echo "== cargo test"
+cargo test -p memfabric -p memfabric-cli -q 2>&1 | tail -n 40
+
+echo "== pytest"
+python -m pytest tests -q
