@@ -136,6 +136,14 @@ impl StoreClient {
             let mut inner = client.lock();
             client.ensure_connected(&mut inner, deadline)?;
         }
+        // One round trip proves the other end speaks our protocol (and accepted our TLS
+        // identity), so a wrong address fails here rather than at the first real call.
+        client.ping().map_err(|e| match e {
+            Error::Timeout(m) | Error::Io { context: m, .. } => {
+                Error::NotConnected(format!("store {url} does not answer: {m}"))
+            }
+            e => e,
+        })?;
         Ok(client)
     }
 
@@ -398,7 +406,7 @@ impl StoreClient {
                 Err(e) => {
                     inner.conn = None;
                     let timed_out = Instant::now() >= deadline;
-                    if timed_out || matches!(e, Error::Protocol(_)) {
+                    if timed_out || matches!(e, Error::Protocol(_) | Error::Tls(_)) {
                         return Err(if timed_out {
                             Error::Timeout(format!(
                                 "no answer from store {} within {:?}: {e}",
@@ -535,6 +543,13 @@ fn exchange(conn: &mut Conn, frame: &[u8], deadline: Instant) -> Result<Response
         .flush()
         .map_err(|e| Error::io("send to store", e))?;
     loop {
+        if conn.inbuf.len() >= 2 && matches!(conn.inbuf[0], 0x15 | 0x16) && conn.inbuf[1] == 0x03 {
+            // A TLS record (alert or handshake) where a store frame should be.
+            return Err(Error::Tls(
+                "the store speaks TLS but this client does not: enable it with set_conf_store_tls"
+                    .into(),
+            ));
+        }
         if let Some((kind, body, used)) = split_frame(&conn.inbuf)? {
             let resp = Response::decode(kind, body)?;
             conn.inbuf.drain(..used);
