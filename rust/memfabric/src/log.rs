@@ -113,7 +113,7 @@ mod tests {
     fn sink_gets_messages_at_or_above_level() {
         let got = Arc::new(Mutex::new(Vec::new()));
         let g = got.clone();
-        set_sink(Some(Box::new(move |l, m| {
+        set_sink(Some(Arc::new(move |l, m| {
             g.lock().unwrap().push((l, m.to_string()))
         })));
         set_level(INFO as i64).unwrap();

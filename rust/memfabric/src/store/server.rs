@@ -228,10 +228,7 @@ impl Session {
         let mut outbuf: Vec<u8> = Vec::with_capacity(16 << 10);
         loop {
             let mut start = 0;
-            loop {
-                let Some((kind, body, used)) = split_frame(&inbuf[start..])? else {
-                    break;
-                };
+            while let Some((kind, body, used)) = split_frame(&inbuf[start..])? {
                 let req = Request::decode(kind, body)?;
                 let resp = self.handle(req).await;
                 resp.encode(&mut outbuf);
