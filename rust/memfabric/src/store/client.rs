@@ -82,7 +82,12 @@ impl Write for Stream {
 
 struct Conn {
     stream: Stream,
+    /// Received bytes live in `inbuf[..filled]`; the rest is room for the next read.
     inbuf: Vec<u8>,
+    filled: usize,
+    /// The read/write timeout currently set on the socket.
+    timeout_set: Option<Duration>,
+    spin: Spin,
 }
 
 struct Inner {
@@ -518,7 +523,10 @@ impl StoreClient {
         };
         Ok(Conn {
             stream,
-            inbuf: Vec::with_capacity(4096),
+            inbuf: vec![0; 8192],
+            filled: 0,
+            timeout_set: None,
+            spin: Spin::default(),
         })
     }
 }
@@ -533,58 +541,141 @@ fn exchange(conn: &mut Conn, frame: &[u8], deadline: Instant) -> Result<Response
             Ok(r)
         }
     };
-    let tcp = conn.stream.tcp();
-    tcp.set_write_timeout(Some(remaining("sending")?))
-        .map_err(|e| Error::io("store socket", e))?;
+    let r = remaining("sending")?;
+    set_timeouts(conn, r)?;
     conn.stream
         .write_all(frame)
         .map_err(|e| Error::io("send to store", e))?;
     conn.stream
         .flush()
         .map_err(|e| Error::io("send to store", e))?;
-    loop {
-        if conn.inbuf.len() >= 2 && matches!(conn.inbuf[0], 0x15 | 0x16) && conn.inbuf[1] == 0x03 {
+    let sent = Instant::now();
+    let mut spun = false;
+    let result = loop {
+        let data = &conn.inbuf[..conn.filled];
+        if data.len() >= 2 && matches!(data[0], 0x15 | 0x16) && data[1] == 0x03 {
             // A TLS record (alert or handshake) where a store frame should be.
             return Err(Error::Tls(
                 "the store speaks TLS but this client does not: enable it with set_conf_store_tls"
                     .into(),
             ));
         }
-        if let Some((kind, body, used)) = split_frame(&conn.inbuf)? {
+        if let Some((kind, body, used)) = split_frame(data)? {
             let resp = Response::decode(kind, body)?;
-            conn.inbuf.drain(..used);
-            return Ok(resp);
+            conn.inbuf.copy_within(used..conn.filled, 0);
+            conn.filled -= used;
+            break resp;
         }
-        let r = remaining("waiting for the store's answer")?;
-        conn.stream
-            .tcp()
-            .set_read_timeout(Some(r))
-            .map_err(|e| Error::io("store socket", e))?;
-        let len = conn.inbuf.len();
-        let want = if len >= 4 {
-            (u32::from_be_bytes([conn.inbuf[0], conn.inbuf[1], conn.inbuf[2], conn.inbuf[3]])
-                as usize
-                + 4)
-            .saturating_sub(len)
+        // Grow to hold the whole frame once its length is known; the buffer only ever grows,
+        // so each byte of it is zeroed once per connection, not once per read.
+        let want = if data.len() >= 4 {
+            u32::from_be_bytes([data[0], data[1], data[2], data[3]]) as usize + 4
         } else {
-            4096
+            conn.filled + 4096
         };
-        conn.inbuf.resize(len + want.max(4096), 0);
-        let n = match conn.stream.read(&mut conn.inbuf[len..]) {
-            Ok(n) => n,
-            Err(e) => {
-                conn.inbuf.truncate(len);
-                return Err(Error::io("receive from store", e));
+        set_timeouts(conn, remaining("waiting for the store's answer")?)?;
+        if conn.inbuf.len() < want.max(conn.filled + 4096) {
+            conn.inbuf.resize(want.max(conn.filled + 4096), 0);
+        }
+        let n = match (spun, &conn.stream) {
+            (false, Stream::Plain(tcp)) if conn.spin.budget() > Duration::ZERO => {
+                spun = true;
+                spin_recv(tcp, &mut conn.inbuf[conn.filled..], conn.spin.budget())?
             }
+            _ => None,
         };
-        conn.inbuf.truncate(len + n);
+        let n = match n {
+            Some(n) => n,
+            None => conn
+                .stream
+                .read(&mut conn.inbuf[conn.filled..])
+                .map_err(|e| Error::io("receive from store", e))?,
+        };
         if n == 0 {
             return Err(Error::io(
                 "receive from store",
                 std::io::ErrorKind::UnexpectedEof.into(),
             ));
         }
+        conn.filled += n;
+    };
+    conn.spin.observe(sent.elapsed());
+    Ok(result)
+}
+
+/// Adaptive spin-then-block for the answer. A thread that blocks in `read` pays a scheduler
+/// wake-up (several microseconds on a VM, a large part of a loopback round trip); polling for
+/// a short while first saves it when answers come fast. Round trips are tracked with a moving
+/// average: when they are slower than the spin limit (a loaded server, many clients sharing
+/// the cores) the client stops spinning and simply blocks, so it never burns CPU in vain.
+#[derive(Default)]
+struct Spin {
+    avg_rtt_ns: u64,
+}
+
+impl Spin {
+    const LIMIT: Duration = Duration::from_micros(60);
+
+    fn budget(&self) -> Duration {
+        if self.avg_rtt_ns == 0 || self.avg_rtt_ns > Self::LIMIT.as_nanos() as u64 {
+            // Unknown or slow: block. Probe again now and then by decaying the average.
+            Duration::ZERO
+        } else {
+            Self::LIMIT
+        }
     }
+
+    fn observe(&mut self, rtt: Duration) {
+        let ns = (rtt.as_nanos() as u64).min(10_000_000);
+        self.avg_rtt_ns = if self.avg_rtt_ns == 0 {
+            ns
+        } else {
+            (self.avg_rtt_ns * 7 + ns) / 8
+        };
+    }
+}
+
+/// Polls the socket without blocking for up to `budget`; `Ok(None)` when nothing arrived.
+fn spin_recv(tcp: &TcpStream, buf: &mut [u8], budget: Duration) -> Result<Option<usize>> {
+    use std::os::fd::AsRawFd;
+    let fd = tcp.as_raw_fd();
+    let start = Instant::now();
+    loop {
+        // SAFETY: `buf` is a valid writable slice for its whole length; recv writes at most
+        // that many bytes into it.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let err = std::io::Error::last_os_error();
+        match err.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => {}
+            _ => return Err(Error::io("receive from store", err)),
+        }
+        if start.elapsed() >= budget {
+            return Ok(None);
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Bounds the socket's blocking reads and writes by `remaining`. Skips the two system calls
+/// when the timeout already set is within 5% of it (the common case: back-to-back calls with
+/// the same per-call timeout), so a call overshoots its deadline by at most 5%.
+fn set_timeouts(conn: &mut Conn, remaining: Duration) -> Result<()> {
+    if let Some(cur) = conn.timeout_set {
+        let diff = cur.abs_diff(remaining);
+        if diff <= remaining / 20 {
+            return Ok(());
+        }
+    }
+    let tcp = conn.stream.tcp();
+    tcp.set_read_timeout(Some(remaining))
+        .map_err(|e| Error::io("store socket", e))?;
+    tcp.set_write_timeout(Some(remaining))
+        .map_err(|e| Error::io("store socket", e))?;
+    conn.timeout_set = Some(remaining);
+    Ok(())
 }
 
 fn wait_ms(d: Duration) -> u64 {

@@ -1,0 +1,22 @@
+"""Entry point: ``python -m memfabric_hybrid.bench <store|te> [options]``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print("usage: python -m memfabric_hybrid.bench {store} [--help]")
+        return 0 if len(sys.argv) >= 2 else 2
+    which, rest = sys.argv[1], sys.argv[2:]
+    if which == "store":
+        from .store import main as run
+    else:
+        print(f"unknown benchmark {which!r}; known: store", file=sys.stderr)
+        return 2
+    return run(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

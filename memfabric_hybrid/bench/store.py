@@ -1,0 +1,239 @@
+"""Config store benchmark: ops/s and latency of set/get/add/compare_set, side by side with
+torch's TCPStore, plus the time for 1024 ranks to rendezvous and all_gather 64 bytes.
+
+    python -m memfabric_hybrid.bench store [--seconds 1] [--clients 1,8] [--sizes 64,1048576]
+                                           [--ranks 1024] [--json FILE]
+
+Servers run in this process; clients run in their own processes (spawn) so that eight clients
+really are concurrent. Every memfabric ``set`` is acknowledged by the server; TCPStore's ``set``
+is not, so its set figures measure sending, not storing. ``multi_set`` is our bulk write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import threading
+import time
+from typing import Any
+
+from ._util import free_port, percentile, table, write_json
+
+OPS = ("set", "get", "add", "compare_set")
+
+
+# ---- clients (run in worker processes) ----------------------------------------------------------
+
+def _connect(backend: str, port: int):
+    if backend == "memfabric":
+        import memfabric_hybrid as mf
+
+        return mf.StoreClient(f"tcp://127.0.0.1:{port}", timeout=60)
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", port, is_master=False, timeout=__import__("datetime").timedelta(seconds=60))
+
+
+def _client_loop(backend: str, port: int, op: str, size: int, seconds: float, idx: int, go, out) -> None:
+    store = _connect(backend, port)
+    value_a, value_b = b"a" * size, b"b" * size
+    key = f"bench/{op}/{idx}"
+    if op == "get":
+        key = "bench/get"
+    if op == "compare_set":
+        store.set(key, value_a)
+    if backend == "memfabric":
+        fn = {
+            "set": lambda i: store.set(key, value_a),
+            "get": lambda i: store.get(key),
+            "add": lambda i: store.add(key, 1),
+            "compare_set": lambda i: store.compare_set(key, value_a, value_b) if i % 2 == 0 else store.compare_set(key, value_b, value_a),
+        }[op]
+    else:
+        fn = {
+            "set": lambda i: store.set(key, value_a),
+            "get": lambda i: store.get(key),
+            "add": lambda i: store.add(key, 1),
+            "compare_set": lambda i: store.compare_set(key, value_a, value_b) if i % 2 == 0 else store.compare_set(key, value_b, value_a),
+        }[op]
+    for i in range(20):  # warm-up
+        fn(i)
+    if op == "compare_set" and store.get(key) != value_a:
+        fn(1)
+    go.wait()
+    lat = []
+    clock = time.perf_counter
+    start = clock()
+    end = start + seconds
+    i = 0
+    while True:
+        t0 = clock()
+        fn(i)
+        t1 = clock()
+        lat.append(t1 - t0)
+        i += 1
+        if t1 >= end:
+            break
+    if op == "compare_set":
+        assert store.get(key) in (value_a, value_b)
+    out.put((len(lat), clock() - start, lat))
+
+
+def _measure(backend: str, port: int, op: str, size: int, clients: int, seconds: float) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    go, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_client_loop, args=(backend, port, op, size, seconds, i, go, out)) for i in range(clients)]
+    for p in procs:
+        p.start()
+    time.sleep(0.5 + 0.15 * clients)  # let every client connect and warm up
+    go.set()
+    results = [out.get(timeout=120 + seconds) for _ in procs]
+    for p in procs:
+        p.join(30)
+    ops = sum(r[0] for r in results)
+    wall = max(r[1] for r in results)
+    lat = sorted(x for r in results for x in r[2])
+    return {"ops_per_s": ops / wall, "p50_us": percentile(lat, 50) * 1e6, "p99_us": percentile(lat, 99) * 1e6, "ops": ops}
+
+
+# ---- servers (in this process) -----------------------------------------------------------------
+
+class _Server:
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.port = free_port()
+        if backend == "memfabric":
+            import memfabric_hybrid as mf
+
+            self._server = mf.start_config_store(f"tcp://127.0.0.1:{self.port}")
+            self._client = mf.StoreClient(self._server.url)
+        else:
+            from datetime import timedelta
+
+            from torch.distributed import TCPStore
+
+            self._server = TCPStore("127.0.0.1", self.port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+            self._client = self._server
+
+    def set(self, key: str, value: bytes) -> None:
+        self._client.set(key, value)
+
+    def close(self) -> None:
+        if self.backend == "memfabric":
+            self._client.close()
+            self._server.close()
+        self._server = self._client = None
+
+
+def _torch_available() -> str | None:
+    try:
+        import torch.distributed  # noqa: F401
+
+        return None
+    except Exception as e:  # ImportError, or a torch without distributed
+        return f"torch not importable ({e}); install it with: pip install torch (scripts/bench.sh does)"
+
+
+# ---- rendezvous ---------------------------------------------------------------------------------
+
+def _rendezvous_proc(url: str, name: str, world: int, threads: int, go, out) -> None:
+    import memfabric_hybrid as mf
+
+    payload = b"x" * 64
+    ok = []
+    errors = []
+
+    def member():
+        try:
+            g = mf.StoreGroup(url, name, world_size=world, timeout=120)
+            got = g.all_gather(payload)
+            ok.append(len(got) == world and all(p == payload for p in got))
+        except Exception as e:  # reported, not hidden
+            errors.append(repr(e))
+
+    ts = [threading.Thread(target=member) for _ in range(threads)]
+    go.wait()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    out.put((time.monotonic(), sum(ok), errors[:3]))
+
+
+def rendezvous(world: int, procs: int = 4) -> dict[str, Any]:
+    import memfabric_hybrid as mf
+
+    server = mf.start_config_store("tcp://127.0.0.1:0")
+    ctx = mp.get_context("spawn")
+    go, out = ctx.Event(), ctx.Queue()
+    per = [world // procs + (1 if i < world % procs else 0) for i in range(procs)]
+    ps = [ctx.Process(target=_rendezvous_proc, args=(server.url, "rdv", world, n, go, out)) for n in per]
+    for p in ps:
+        p.start()
+    time.sleep(2.0)  # interpreters up and imports done before the clock starts
+    t0 = time.monotonic()
+    go.set()
+    res = [out.get(timeout=300) for _ in ps]
+    for p in ps:
+        p.join(30)
+    server.close()
+    took = max(r[0] for r in res) - t0
+    good = sum(r[1] for r in res)
+    errs = [e for r in res for e in r[2]]
+    return {"ranks": world, "seconds": took, "verified_members": good, "errors": errs}
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m memfabric_hybrid.bench store", description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=1.0, help="measuring time per cell")
+    p.add_argument("--clients", default="1,8")
+    p.add_argument("--sizes", default="64,1048576", help="value sizes in bytes")
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--ranks", type=int, default=1024, help="ranks for the rendezvous test (0: skip)")
+    p.add_argument("--no-torch", action="store_true", help="skip the TCPStore column")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    clients = [int(x) for x in a.clients.split(",") if x]
+    sizes = [int(x) for x in a.sizes.split(",") if x]
+    ops = [o for o in a.ops.split(",") if o]
+    torch_missing = "skipped by --no-torch" if a.no_torch else _torch_available()
+    backends = ["memfabric"] + ([] if torch_missing else ["tcpstore"])
+    if torch_missing:
+        print(f"TCPStore column: {torch_missing}")
+
+    rows, figures = [], []
+    for op in ops:
+        for size in sizes:
+            if op == "add" and size != sizes[0]:
+                continue  # a counter has one size
+            for n in clients:
+                cell: dict[str, Any] = {"op": op, "value_bytes": size if op != "add" else 8, "clients": n}
+                for b in backends:
+                    srv = _Server(b)
+                    if op == "get":
+                        srv.set("bench/get", b"g" * size)
+                    cell[b] = _measure(b, srv.port, op, size, n, a.seconds)
+                    srv.close()
+                figures.append(cell)
+                ours = cell["memfabric"]
+                theirs = cell.get("tcpstore")
+                ratio = ours["ops_per_s"] / theirs["ops_per_s"] if theirs else float("nan")
+                rows.append([op, cell["value_bytes"], n, ours["ops_per_s"], ours["p50_us"], ours["p99_us"],
+                             theirs["ops_per_s"] if theirs else float("nan"),
+                             theirs["p50_us"] if theirs else float("nan"),
+                             theirs["p99_us"] if theirs else float("nan"), ratio])
+                print(f"  measured {op} {cell['value_bytes']} B x{n}", flush=True)
+    print()
+    print(table(["op", "value B", "clients", "ours ops/s", "p50 us", "p99 us",
+                 "TCPStore ops/s", "p50 us", "p99 us", "ours/TCPStore"], rows))
+    result: dict[str, Any] = {"cells": figures, "tcpstore": torch_missing or "measured"}
+    if a.ranks > 0:
+        r = rendezvous(a.ranks)
+        result["rendezvous"] = r
+        print(f"\nrendezvous + all_gather(64 B) of {r['ranks']} ranks (one connection each): "
+              f"{r['seconds']:.3f} s, {r['verified_members']} members verified"
+              + (f", errors: {r['errors']}" if r["errors"] else ""))
+    write_json(a.json, result)
+    return 0
