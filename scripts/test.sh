@@ -13,5 +13,8 @@ cargo clippy --workspace --all-targets -q -- -D warnings
 echo "== cargo test"
 cargo test -p memfabric -p memfabric-cli -q 2>&1 | tail -n 40
 
+echo "== stubs (mypy.stubtest against the built module)"
+python -m mypy.stubtest memfabric_hybrid._native --allowlist .stubtest-allowlist
+
 echo "== pytest"
 python -m pytest tests -q

@@ -1,0 +1,125 @@
+"""Type stubs of memfabric_hybrid._native (the Rust extension). Checked by mypy.stubtest."""
+
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+from typing import final
+
+__version__: str
+
+_BytesLike = Union[bytes, bytearray, memoryview, str]
+
+ERROR_NAMES: Dict[int, str]
+SMEM_OK: int
+SMEM_ERROR: int
+SMEM_INVALID_PARAM: int
+SMEM_MALLOC_FAILED: int
+SMEM_NO_RESOURCES: int
+SMEM_NOT_STARTED: int
+SMEM_TIMEOUT: int
+SMEM_REPEAT_INVOKE: int
+SMEM_DUPLICATED: int
+SMEM_NOT_EXIST: int
+SMEM_NOT_INIT: int
+SMEM_RES_IN_USE: int
+SMEM_RECONNECTED: int
+SMEM_PARTIAL_FAILED: int
+SMEM_NOT_CONNECTED: int
+SMEM_BUFFER_TOO_SMALL: int
+MF_PEER_GONE: int
+MF_OUT_OF_BOUNDS: int
+MF_REFUSED: int
+MF_TLS: int
+MF_PROTOCOL: int
+MF_UNSUPPORTED: int
+MF_IO: int
+
+class StoreError(RuntimeError):
+    """A config store call failed; `code` holds the library's numeric error code."""
+
+    code: int
+
+class StoreTimeoutError(StoreError):
+    """A config store call did not finish within its timeout."""
+
+def initialize(flags: int = 0) -> int:
+    """Initialize the runtime environment. Returns 0 on success, otherwise an error code."""
+
+def uninitialize() -> None:
+    """Exit the runtime environment: stops the config stores this process created."""
+
+def set_log_level(level: int) -> int:
+    """Set the log level: 0 debug, 1 info, 2 warn (default), 3 error. Returns 0 or -2000."""
+
+def set_extern_logger(log_fn: Optional[Callable[[int, str], None]]) -> int:
+    """Send every log message at or above the log level to ``log_fn(level, message)``."""
+
+def set_conf_store_tls_key(tls_pk: str, tls_pk_pw: str, py_decrypt_func: Callable[[str], str]) -> int:
+    """Register the private key (path or PEM) and its encrypted pass phrase for store TLS."""
+
+def set_conf_store_tls(enable: bool, tls_info: str) -> int:
+    """Enable or disable TLS for config stores and clients created afterwards."""
+
+def get_last_err_msg() -> str:
+    """The last error message of this thread ("" when none)."""
+
+def get_and_clear_last_err_msg() -> str:
+    """The last error message of this thread; clears it."""
+
+def create_config_store(store_url: str) -> int:
+    """Create (start) a config store server in this process at ``store_url``."""
+
+def start_config_store(store_url: str = "tcp://127.0.0.1:0") -> ConfigStoreServer:
+    """Start a config store server and return it (port 0 picks a free port)."""
+
+@final
+class ConfigStoreServer:
+    """A config store server owned by a Python object; stops on ``close()``."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> ConfigStoreServer: ...
+    def __exit__(self, *_args: object) -> None: ...
+
+@final
+class StoreClient:
+    """A client of a config store, named like torch's ``TCPStore`` where the operations match."""
+
+    def __new__(cls, url: str, timeout: float = 30.0) -> StoreClient: ...
+    @property
+    def url(self) -> str: ...
+    def set(self, key: str, value: _BytesLike, ephemeral: bool = False) -> None: ...
+    def get(self, key: str, wait: bool = True, timeout: Optional[float] = None) -> bytes: ...
+    def add(self, key: str, amount: int = 1) -> int: ...
+    def compare_set(self, key: str, expected: _BytesLike, desired: _BytesLike) -> bytes: ...
+    def delete(self, key: str) -> bool: ...
+    def delete_key(self, key: str) -> bool: ...
+    def append(self, key: str, value: _BytesLike) -> int: ...
+    def exists(self, key: str) -> bool: ...
+    def check(self, keys: Sequence[str]) -> bool: ...
+    def multi_get(self, keys: Sequence[str], wait: bool = True, timeout: Optional[float] = None) -> List[bytes]: ...
+    def multi_set(self, keys: Sequence[str], values: Sequence[_BytesLike], ephemeral: bool = False) -> None: ...
+    def list(self, prefix: str = ...) -> List[str]: ...
+    def num_keys(self) -> int: ...
+    def wait(self, keys: Sequence[str], timeout: Optional[float] = None) -> None: ...
+    def ping(self) -> float: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> StoreClient: ...
+    def __exit__(self, *_args: object) -> None: ...
+
+@final
+class StoreGroup:
+    """Membership in a group of ranks coordinated through a config store."""
+
+    def __new__(
+        cls, store_url: str, name: str, world_size: int, rank: Optional[int] = None, timeout: float = 120.0
+    ) -> StoreGroup: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world_size(self) -> int: ...
+    def barrier(self, timeout: Optional[float] = None) -> None: ...
+    def all_gather(self, data: _BytesLike, timeout: Optional[float] = None) -> List[bytes]: ...
+    def leave(self) -> None: ...
