@@ -12,7 +12,9 @@
 
 pub mod error;
 pub mod log;
+pub mod mem;
 pub mod runtime;
 pub mod store;
+pub mod transport;
 
 pub use error::{Error, Result};
