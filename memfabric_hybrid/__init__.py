@@ -10,6 +10,11 @@ Common interface (this module):
     get_last_err_msg() -> str, get_and_clear_last_err_msg() -> str
     create_config_store(store_url) -> int
 
+Transfer Engine:
+    TransferEngine(): initialize(store_url, session_id, role, device_id), register_memory,
+    transfer_sync_write/read, batch_*, transfer_async_*_submit(..., stream), destroy
+    TransferOpcode, TransDataOpType, Stream (host work queue for async submits)
+
 Beyond the seed:
     start_config_store(url) -> ConfigStoreServer   (port 0 picks a free port)
     StoreClient(url, timeout)                      (set/get/add/compare_set/... like TCPStore)
@@ -21,6 +26,8 @@ and get_last_err_msg() explains the last failure of the calling thread.
 
 from ._native import (  # noqa: F401
     ERROR_NAMES,
+    Stream,
+    TransferEngine,
     ConfigStoreServer,
     StoreClient,
     StoreError,
@@ -64,7 +71,17 @@ from ._native import (  # noqa: F401  error code constants
     SMEM_TIMEOUT,
 )
 
+from ._types import TransDataOpType, TransferOpcode
+
+# SGLang writes TransferEngine.TransDataOpType.SDMA: reachable from the class too.
+TransferEngine.TransDataOpType = TransDataOpType
+TransferEngine.TransferOpcode = TransferOpcode
+
 __all__ = [
+    "TransferEngine",
+    "TransferOpcode",
+    "TransDataOpType",
+    "Stream",
     "initialize",
     "uninitialize",
     "set_log_level",

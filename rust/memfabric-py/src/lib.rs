@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 mod common;
 mod error;
 mod store;
+mod trans;
 
 #[pymodule]
 #[pyo3(name = "_native")]
@@ -21,5 +22,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     common::register(m)?;
     store::register(m)?;
+    trans::register(m)?;
     Ok(())
 }

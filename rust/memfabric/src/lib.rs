@@ -15,6 +15,8 @@ pub mod log;
 pub mod mem;
 pub mod runtime;
 pub mod store;
+pub mod stream;
+pub mod trans;
 pub mod transport;
 
 pub use error::{Error, Result};

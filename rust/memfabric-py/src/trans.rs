@@ -1,0 +1,585 @@
+//! `TransferEngine` and `Stream`: the seed's TRANSFER interface plus the 1.3 extensions.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use memfabric::stream::HostStream;
+use memfabric::trans::{self, Direction, EngineConfig, Role};
+use memfabric::transport::Op;
+use memfabric::Error;
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+
+use crate::error::code;
+
+fn fail(e: Error) -> i32 {
+    code::<()>(Err(e))
+}
+
+/// An ordered host work queue for asynchronous transfers (the role an ACL/CUDA stream plays
+/// on a device). Work runs in submission order; ``synchronize()`` waits for it and returns the
+/// first error (0 when all succeeded), so an async failure is never lost.
+///
+/// Example:
+///     >>> s = mf.Stream()
+///     >>> engine.transfer_async_write_submit(peer, buf, peer_buf, n, s)
+///     0
+///     >>> s.synchronize()
+///     0
+#[pyclass(module = "memfabric_hybrid", frozen)]
+pub struct Stream {
+    inner: Arc<HostStream>,
+}
+
+#[pymethods]
+impl Stream {
+    #[new]
+    fn new() -> PyResult<Self> {
+        HostStream::new()
+            .map(|s| Stream { inner: Arc::new(s) })
+            .map_err(crate::error::to_pyerr)
+    }
+
+    /// Wait for all submitted work (up to ``timeout`` seconds, default 600). Returns 0, or the
+    /// error code of the first failed job since the last report (see ``get_last_err_msg()``).
+    #[pyo3(signature = (timeout = 600.0))]
+    fn synchronize(&self, py: Python<'_>, timeout: f64) -> i32 {
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return fail(Error::InvalidParam(format!(
+                "timeout {timeout} must be a positive number of seconds"
+            )));
+        }
+        let s = self.inner.clone();
+        code(py.detach(move || s.synchronize(Duration::from_secs_f64(timeout))))
+    }
+
+    /// 0 when all submitted work is done, 1 while some is running, or the error code of the
+    /// first failed job.
+    fn query(&self) -> i32 {
+        match self.inner.query() {
+            Ok(true) => 0,
+            Ok(false) => 1,
+            Err(e) => fail(e),
+        }
+    }
+}
+
+/// The stream argument of async submits: None/0 (run now), a Stream, or a device handle.
+enum StreamArg {
+    Now,
+    Host(Arc<HostStream>),
+    Device(u64),
+}
+
+fn stream_arg(obj: Option<&Bound<'_, PyAny>>) -> PyResult<StreamArg> {
+    let Some(obj) = obj else {
+        return Ok(StreamArg::Now);
+    };
+    if obj.is_none() {
+        return Ok(StreamArg::Now);
+    }
+    if let Ok(s) = obj.cast::<Stream>() {
+        return Ok(StreamArg::Host(s.get().inner.clone()));
+    }
+    if let Ok(h) = obj.extract::<u64>() {
+        return Ok(if h == 0 {
+            StreamArg::Now
+        } else {
+            StreamArg::Device(h)
+        });
+    }
+    // torch.cuda.Stream and friends expose their handle as `cuda_stream`.
+    if let Ok(h) = obj.getattr("cuda_stream").and_then(|h| h.extract::<u64>()) {
+        return Ok(StreamArg::Device(h));
+    }
+    Err(PyTypeError::new_err(format!(
+        "stream must be None, 0, a memfabric_hybrid.Stream or a device stream handle, not {}",
+        obj.get_type().name()?
+    )))
+}
+
+/// The Transfer Engine: point-to-point writes and reads between engines' registered memory.
+///
+/// Every method returns 0 on success or an error code (see ``get_last_err_msg()``). Addresses
+/// are ints; the local buffer of a transfer must be inside memory registered with this engine,
+/// the peer's inside one region the peer registered.
+///
+/// Example:
+///     >>> engine = mf.TransferEngine()
+///     >>> engine.initialize("tcp://10.0.0.1:8570", "10.0.0.2:0", "Prefill", 0)
+///     0
+///     >>> engine.register_memory(addr, nbytes)
+///     0
+///     >>> engine.transfer_sync_write("10.0.0.3:16000", addr, peer_addr, nbytes)
+///     0
+#[pyclass(module = "memfabric_hybrid", subclass)]
+pub struct TransferEngine {
+    engine: Mutex<Option<Arc<trans::TransferEngine>>>,
+    reserved: Mutex<Option<std::net::TcpListener>>,
+    transfer_timeout: Mutex<Duration>,
+}
+
+impl TransferEngine {
+    fn engine(&self) -> Result<Arc<trans::TransferEngine>, Error> {
+        self.engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                Error::NotInit(
+                    "the TransferEngine is not initialized: call initialize() first".into(),
+                )
+            })
+    }
+
+    fn run(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&trans::TransferEngine) -> memfabric::Result<()> + Send,
+    ) -> i32 {
+        match self.engine() {
+            Ok(e) => code(py.detach(move || f(&e))),
+            Err(e) => fail(e),
+        }
+    }
+
+    fn submit(
+        &self,
+        py: Python<'_>,
+        dest: String,
+        dir: Direction,
+        ops: Vec<Op>,
+        stream: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<i32> {
+        let stream = stream_arg(stream)?;
+        let engine = match self.engine() {
+            Ok(e) => e,
+            Err(e) => return Ok(fail(e)),
+        };
+        Ok(match stream {
+            StreamArg::Now => code(py.detach(move || engine.transfer_batch(&dest, dir, ops))),
+            StreamArg::Host(s) => code(s.submit(move || engine.transfer_batch(&dest, dir, ops))),
+            StreamArg::Device(h) => fail(Error::Unsupported(format!(
+                "device stream handle {h:#x} given, but no device backend is present on this host; \
+                 pass a memfabric_hybrid.Stream or None"
+            ))),
+        })
+    }
+}
+
+fn batch_ops(buffers: Vec<u64>, peers: Vec<u64>, lengths: Vec<u64>) -> Result<Vec<Op>, Error> {
+    if buffers.len() != peers.len() || buffers.len() != lengths.len() {
+        return Err(Error::InvalidParam(format!(
+            "batch lists differ in length: {} buffers, {} peer buffers, {} lengths",
+            buffers.len(),
+            peers.len(),
+            lengths.len()
+        )));
+    }
+    Ok(buffers
+        .into_iter()
+        .zip(peers)
+        .zip(lengths)
+        .map(|((l, r), n)| Op::new(l, r, n))
+        .collect())
+}
+
+#[pymethods]
+impl TransferEngine {
+    #[new]
+    fn new() -> Self {
+        TransferEngine {
+            engine: Mutex::new(None),
+            reserved: Mutex::new(None),
+            transfer_timeout: Mutex::new(trans::DEFAULT_TRANSFER_TIMEOUT),
+        }
+    }
+
+    /// Start the engine and publish it in the config store.
+    ///
+    /// Args:
+    ///     store_url: the config store, ``tcp://ip:port``.
+    ///     session_id: ``ip:port`` (``unique_id`` in the seed): the ip peers reach this engine
+    ///         at; the port its data server listens on (``ip`` or ``ip:0``: picked here, see
+    ///         ``get_rpc_port()``).
+    ///     role: ``"Prefill"`` or ``"Decode"`` (any letter case).
+    ///     device_id: the device of this engine (recorded; hosts have none).
+    ///     data_op_type: a TransDataOpType; on a host every kind maps to the real host paths.
+    ///     store_server_role: the engine of this role starts the config store at store_url
+    ///         when nobody serves it yet.
+    ///     nic: accepted for compatibility; the session ip selects the interface.
+    ///
+    /// Returns:
+    ///     0 on success, otherwise an error code. When it returns, peers can use this engine.
+    #[pyo3(signature = (store_url, session_id = None, role = None, device_id = 0, data_op_type = 1, store_server_role = "Decode", nic = "", *, unique_id = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn initialize(
+        &self,
+        py: Python<'_>,
+        store_url: &str,
+        session_id: Option<&str>,
+        role: Option<&str>,
+        device_id: i64,
+        data_op_type: i64,
+        store_server_role: &str,
+        nic: &str,
+        unique_id: Option<&str>,
+    ) -> i32 {
+        let _ = nic;
+        if self
+            .engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            return fail(Error::RepeatInvoke(
+                "this TransferEngine is already initialized".into(),
+            ));
+        }
+        let Some(session) = session_id.or(unique_id) else {
+            return fail(Error::InvalidParam(
+                "session_id (unique_id) is required".into(),
+            ));
+        };
+        let Some(role) = role else {
+            return fail(Error::InvalidParam(
+                "role is required: \"Prefill\" or \"Decode\"".into(),
+            ));
+        };
+        if ![1, 2, 4, 8, 16, 32, 64, 128].contains(&data_op_type) {
+            return fail(Error::InvalidParam(format!(
+                "data_op_type {data_op_type} is not a TransDataOpType"
+            )));
+        }
+        let role = match Role::parse(role) {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        };
+        let server_role = if store_server_role.trim().is_empty() {
+            None
+        } else {
+            Role::parse(store_server_role).ok()
+        };
+        let device_id = match i32::try_from(device_id) {
+            Ok(d) if d >= 0 => d,
+            _ => {
+                return fail(Error::InvalidParam(format!(
+                    "device_id {device_id} is out of range"
+                )))
+            }
+        };
+        let cfg = EngineConfig {
+            store_url: store_url.to_string(),
+            session_id: session.to_string(),
+            role,
+            device_id,
+            store_server_role: server_role,
+            transfer_timeout: *self
+                .transfer_timeout
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+            store_timeout: Duration::from_secs(120),
+            reserved_listener: self
+                .reserved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        };
+        match py.detach(move || trans::TransferEngine::start(cfg)) {
+            Ok(e) => {
+                *self.engine.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(e));
+                0
+            }
+            Err(e) => fail(e),
+        }
+    }
+
+    /// The engine's data port. Before ``initialize`` it reserves a free port in
+    /// [15000, 25000] for the caller to put in its session id (that port is then used);
+    /// after, the port actually listened on. 0 on failure.
+    fn get_rpc_port(&self) -> u16 {
+        if let Ok(e) = self.engine() {
+            return e.rpc_port();
+        }
+        let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = r.as_ref() {
+            return l.local_addr().map(|a| a.port()).unwrap_or(0);
+        }
+        match trans::reserve_rpc_port() {
+            Ok(l) => {
+                let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+                *r = Some(l);
+                port
+            }
+            Err(e) => {
+                fail(e);
+                0
+            }
+        }
+    }
+
+    /// This engine's session id (``ip:port`` with the real port); "" before initialize.
+    #[getter]
+    fn session_id(&self) -> String {
+        self.engine()
+            .map(|e| e.session_id().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Seconds each transfer call may take before it fails with SMEM_TIMEOUT (default 30).
+    /// Set it before ``initialize``.
+    #[getter]
+    fn get_transfer_timeout(&self) -> f64 {
+        self.transfer_timeout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_secs_f64()
+    }
+
+    #[setter]
+    fn set_transfer_timeout(&self, seconds: f64) -> PyResult<()> {
+        if !(seconds.is_finite() && seconds > 0.0 && seconds < 1e9) {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "transfer_timeout must be a positive number of seconds",
+            ));
+        }
+        *self
+            .transfer_timeout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Duration::from_secs_f64(seconds);
+        Ok(())
+    }
+
+    /// The data path to ``dest_session``: "local", "cma" or "tcp" (raises on failure).
+    fn transport_for(&self, py: Python<'_>, dest_session: String) -> PyResult<String> {
+        let e = self.engine().map_err(crate::error::to_pyerr)?;
+        py.detach(move || e.transport_for(&dest_session))
+            .map(str::to_string)
+            .map_err(crate::error::to_pyerr)
+    }
+
+    /// Register ``[buffer_addr, buffer_addr + capacity)`` for peers to write and read.
+    fn register_memory(&self, py: Python<'_>, buffer_addr: u64, capacity: u64) -> i32 {
+        self.run(py, move |e| e.register(buffer_addr, capacity))
+    }
+
+    /// Unregister the region starting at ``buffer_addr``; peers see it gone when this returns.
+    fn unregister_memory(&self, py: Python<'_>, buffer_addr: u64) -> i32 {
+        self.run(py, move |e| e.unregister(buffer_addr))
+    }
+
+    /// Register several regions at once (all or nothing).
+    fn batch_register_memory(
+        &self,
+        py: Python<'_>,
+        buffer_addrs: Vec<u64>,
+        capacities: Vec<u64>,
+    ) -> i32 {
+        if buffer_addrs.len() != capacities.len() {
+            return fail(Error::InvalidParam(format!(
+                "{} addresses but {} capacities",
+                buffer_addrs.len(),
+                capacities.len()
+            )));
+        }
+        let list: Vec<(u64, u64)> = buffer_addrs.into_iter().zip(capacities).collect();
+        self.run(py, move |e| e.register_batch(&list))
+    }
+
+    /// Write ``length`` bytes from local ``buffer`` to ``peer_buffer_address`` in ``destflag``.
+    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length, flags = 0))]
+    fn transfer_sync_write(
+        &self,
+        py: Python<'_>,
+        destflag: String,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: u64,
+        flags: i64,
+    ) -> i32 {
+        let _ = flags;
+        self.run(py, move |e| {
+            e.transfer(
+                &destflag,
+                Direction::Write,
+                buffer,
+                peer_buffer_address,
+                length,
+            )
+        })
+    }
+
+    /// Read ``length`` bytes from ``peer_buffer_address`` in ``destflag`` into local ``buffer``.
+    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length, flags = 0))]
+    fn transfer_sync_read(
+        &self,
+        py: Python<'_>,
+        destflag: String,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: u64,
+        flags: i64,
+    ) -> i32 {
+        let _ = flags;
+        self.run(py, move |e| {
+            e.transfer(
+                &destflag,
+                Direction::Read,
+                buffer,
+                peer_buffer_address,
+                length,
+            )
+        })
+    }
+
+    /// Write many blocks in one call (lists of equal length; adjacent blocks are coalesced).
+    #[pyo3(signature = (destflag, buffers, peer_buffer_addresses, lengths, flags = 0))]
+    fn batch_transfer_sync_write(
+        &self,
+        py: Python<'_>,
+        destflag: String,
+        buffers: Vec<u64>,
+        peer_buffer_addresses: Vec<u64>,
+        lengths: Vec<u64>,
+        flags: i64,
+    ) -> i32 {
+        let _ = flags;
+        match batch_ops(buffers, peer_buffer_addresses, lengths) {
+            Ok(ops) => self.run(py, move |e| {
+                e.transfer_batch(&destflag, Direction::Write, ops)
+            }),
+            Err(e) => fail(e),
+        }
+    }
+
+    /// Read many blocks in one call (lists of equal length).
+    #[pyo3(signature = (destflag, buffers, peer_buffer_addresses, lengths, flags = 0))]
+    fn batch_transfer_sync_read(
+        &self,
+        py: Python<'_>,
+        destflag: String,
+        buffers: Vec<u64>,
+        peer_buffer_addresses: Vec<u64>,
+        lengths: Vec<u64>,
+        flags: i64,
+    ) -> i32 {
+        let _ = flags;
+        match batch_ops(buffers, peer_buffer_addresses, lengths) {
+            Ok(ops) => self.run(py, move |e| {
+                e.transfer_batch(&destflag, Direction::Read, ops)
+            }),
+            Err(e) => fail(e),
+        }
+    }
+
+    /// Queue a write on ``stream`` (None/0: run now; a ``Stream``: queued, errors reported by
+    /// its ``synchronize()``; a device stream handle: needs a device backend).
+    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length, stream = None, flags = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn transfer_async_write_submit(
+        &self,
+        py: Python<'_>,
+        destflag: String,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: u64,
+        stream: Option<&Bound<'_, PyAny>>,
+        flags: i64,
+    ) -> PyResult<i32> {
+        let _ = flags;
+        if length == 0 {
+            return Ok(fail(Error::InvalidParam("length 0".into())));
+        }
+        self.submit(
+            py,
+            destflag,
+            Direction::Write,
+            vec![Op::new(buffer, peer_buffer_address, length)],
+            stream,
+        )
+    }
+
+    /// Queue a read on ``stream`` (see ``transfer_async_write_submit``).
+    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length, stream = None, flags = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn transfer_async_read_submit(
+        &self,
+        py: Python<'_>,
+        destflag: String,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: u64,
+        stream: Option<&Bound<'_, PyAny>>,
+        flags: i64,
+    ) -> PyResult<i32> {
+        let _ = flags;
+        if length == 0 {
+            return Ok(fail(Error::InvalidParam("length 0".into())));
+        }
+        self.submit(
+            py,
+            destflag,
+            Direction::Read,
+            vec![Op::new(buffer, peer_buffer_address, length)],
+            stream,
+        )
+    }
+
+    /// Queue a batch of writes on ``stream``.
+    #[pyo3(signature = (dest_session, buffers, peer_buffers, lengths, stream = None, flags = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn batch_transfer_async_write_submit(
+        &self,
+        py: Python<'_>,
+        dest_session: String,
+        buffers: Vec<u64>,
+        peer_buffers: Vec<u64>,
+        lengths: Vec<u64>,
+        stream: Option<&Bound<'_, PyAny>>,
+        flags: i64,
+    ) -> PyResult<i32> {
+        let _ = flags;
+        match batch_ops(buffers, peer_buffers, lengths) {
+            Ok(ops) => self.submit(py, dest_session, Direction::Write, ops, stream),
+            Err(e) => Ok(fail(e)),
+        }
+    }
+
+    /// Queue a batch of reads on ``stream``.
+    #[pyo3(signature = (dest_session, buffers, peer_buffers, lengths, stream = None, flags = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn batch_transfer_async_read_submit(
+        &self,
+        py: Python<'_>,
+        dest_session: String,
+        buffers: Vec<u64>,
+        peer_buffers: Vec<u64>,
+        lengths: Vec<u64>,
+        stream: Option<&Bound<'_, PyAny>>,
+        flags: i64,
+    ) -> PyResult<i32> {
+        let _ = flags;
+        match batch_ops(buffers, peer_buffers, lengths) {
+            Ok(ops) => self.submit(py, dest_session, Direction::Read, ops, stream),
+            Err(e) => Ok(fail(e)),
+        }
+    }
+
+    /// Stop the engine: unpublish it, stop its data server, forget its registrations.
+    fn destroy(&self, py: Python<'_>) {
+        let e = self.engine.lock().unwrap_or_else(|p| p.into_inner()).take();
+        py.detach(move || drop(e));
+    }
+
+    /// Same as ``destroy()`` (the seed's name).
+    #[allow(non_snake_case)]
+    fn unInitialize(&self, py: Python<'_>) {
+        self.destroy(py)
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<TransferEngine>()?;
+    m.add_class::<Stream>()?;
+    Ok(())
+}
