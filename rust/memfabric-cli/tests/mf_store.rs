@@ -15,11 +15,25 @@ fn serves_and_stops_on_sigterm() {
         .expect("mf-store starts");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
-    let url = first.strip_prefix("mf-store listening on ").expect(&first).trim().to_string();
-    let c = StoreClient::connect(&url, ClientOptions { timeout: Duration::from_secs(5), ..Default::default() }).unwrap();
+    let url = first
+        .strip_prefix("mf-store listening on ")
+        .expect(&first)
+        .trim()
+        .to_string();
+    let c = StoreClient::connect(
+        &url,
+        ClientOptions {
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     c.set("k", b"v").unwrap();
     assert_eq!(c.get("k").unwrap().unwrap(), b"v");
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let code = child.wait().unwrap();
     assert!(code.success(), "{code:?}");
@@ -28,9 +42,15 @@ fn serves_and_stops_on_sigterm() {
 
 #[test]
 fn bad_arguments_exit_with_a_message() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mf-store")).args(["--listen", "tcp://nowhere"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mf-store"))
+        .args(["--listen", "tcp://nowhere"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("store url"));
-    let out = Command::new(env!("CARGO_BIN_EXE_mf-store")).args(["--bogus"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mf-store"))
+        .args(["--bogus"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
