@@ -655,7 +655,8 @@ fn spin_recv(tcp: &TcpStream, buf: &mut [u8], budget: Duration) -> Result<Option
         if start.elapsed() >= budget {
             return Ok(None);
         }
-        std::hint::spin_loop();
+        // Yield rather than spin: on a small machine the thread we wait for may share our core.
+        std::thread::yield_now();
     }
 }
 
