@@ -26,6 +26,7 @@ and get_last_err_msg() explains the last failure of the calling thread.
 
 from ._native import (  # noqa: F401
     ERROR_NAMES,
+    MemFabricError,
     Stream,
     TransferEngine,
     ConfigStoreServer,
@@ -71,6 +72,7 @@ from ._native import (  # noqa: F401  error code constants
     SMEM_TIMEOUT,
 )
 
+from . import shm  # noqa: E402  (submodule: mf.shm)
 from ._types import TransDataOpType, TransferOpcode
 
 # SGLang writes TransferEngine.TransDataOpType.SDMA: reachable from the class too.
@@ -95,6 +97,8 @@ __all__ = [
     "ConfigStoreServer",
     "StoreClient",
     "StoreGroup",
+    "MemFabricError",
+    "shm",
     "StoreError",
     "StoreTimeoutError",
     "ERROR_NAMES",

@@ -63,3 +63,39 @@ def tls_store_client(url: str, tls_info: str, key: str, enc_pw: str, out) -> Non
             out.put(("ok", 0, c.get("tls-key").decode()))
     except mf.StoreError as e:
         out.put(("refused", e.code, str(e)))
+
+
+def shm_rank(url: str, world: int, rank: int, size: int, out, victim: int = -1) -> None:
+    """Writes its rank into its own part, then reads every part through the GVA."""
+    import ctypes
+
+    import memfabric_hybrid as mf
+
+    rc = mf.shm.initialize(url, world, rank, 0, mf.shm.ShmConfig())
+    assert rc == 0, mf.get_last_err_msg()
+    s = mf.shm.create(0, world, rank, size)
+    mine = s.gva + rank * s.stride
+    ctypes.memset(mine, rank + 1, size)
+    assert s.barrier() == 0, mf.get_last_err_msg()
+    seen = []
+    for r in range(world):
+        part = ctypes.string_at(s.gva + r * s.stride, size)
+        seen.append(part == bytes([r + 1]) * size)
+    gathered = s.all_gather(bytes([rank]) * 4)
+    if rank == 0:
+        assert s.set_context(b"ctx-from-0") == 0
+    assert s.barrier() == 0
+    ctx = s.get_context()
+    reach = [s.topology_can_reach(r) for r in range(world)]
+    out.put((rank, s.gva, seen, gathered, ctx, reach, s.query_support_data_operation()))
+    if victim >= 0:
+        if rank == victim:
+            import time
+            time.sleep(60)
+        t = __import__("time").monotonic()
+        rc = s.barrier()
+        out.put(("after-kill", rank, rc, __import__("time").monotonic() - t, mf.get_last_err_msg()))
+        return
+    assert s.barrier() == 0
+    s.destroy()
+    mf.shm.uninitialize()

@@ -12,8 +12,14 @@ use pyo3::prelude::*;
 
 create_exception!(
     memfabric_hybrid,
-    StoreError,
+    MemFabricError,
     PyRuntimeError,
+    "A call that returns an object failed; `code` holds the library's numeric error code."
+);
+create_exception!(
+    memfabric_hybrid,
+    StoreError,
+    MemFabricError,
     "A config store call failed; `code` holds the library's numeric error code."
 );
 create_exception!(
@@ -38,6 +44,17 @@ pub fn to_pyerr(e: Error) -> PyErr {
         } else {
             StoreError::new_err(msg)
         };
+        let _ = err.value(py).setattr("code", code);
+        err
+    })
+}
+
+/// Converts a core error into `MemFabricError` (for calls that return objects).
+pub fn to_fabric_err(e: Error) -> PyErr {
+    let code = memfabric::error::record(&e);
+    let msg = e.to_string();
+    Python::attach(|py| {
+        let err = MemFabricError::new_err(msg);
         let _ = err.value(py).setattr("code", code);
         err
     })

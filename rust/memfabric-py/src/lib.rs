@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 mod common;
 mod error;
+mod shm;
 mod store;
 mod trans;
 
@@ -15,6 +16,7 @@ mod trans;
 #[pyo3(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MemFabricError", m.py().get_type::<error::MemFabricError>())?;
     m.add("StoreError", m.py().get_type::<error::StoreError>())?;
     m.add(
         "StoreTimeoutError",
@@ -23,5 +25,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     common::register(m)?;
     store::register(m)?;
     trans::register(m)?;
+    shm::register(m)?;
     Ok(())
 }

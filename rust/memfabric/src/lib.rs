@@ -11,9 +11,11 @@
 //! Nothing here knows about Python; the `memfabric-py` crate converts at the boundary.
 
 pub mod error;
+pub mod fabric;
 pub mod log;
 pub mod mem;
 pub mod runtime;
+pub mod shm;
 pub mod store;
 pub mod stream;
 pub mod trans;

@@ -162,6 +162,17 @@ impl StoreClient {
         self.opts.timeout
     }
 
+    /// This side's address of the connection: the interface through which the store (and so,
+    /// presumably, the other ranks) is reached.
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        let inner = self.lock();
+        inner
+            .conn
+            .as_ref()
+            .and_then(|c| c.stream.tcp().local_addr().ok())
+            .map(|a| a.ip())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -381,12 +392,26 @@ impl StoreClient {
 
     /// Sends `req` and reads its answer. `server_wait` is how long the server may hold it.
     fn call(&self, req: Request, server_wait: Option<Duration>) -> Result<Response> {
+        let limit = self
+            .opts
+            .timeout
+            .max(server_wait.map(|w| w + WAIT_GRACE).unwrap_or_default());
+        self.call_within(req, limit)
+    }
+
+    /// Deletes `key` within `limit` (shorter than the client's timeout): for teardown, where
+    /// a store that is already gone must not hold the caller for the whole timeout.
+    pub fn delete_within(&self, key: &str, limit: Duration) -> Result<bool> {
+        self.lock().ephemeral.remove(key);
+        match self.call_within(Request::Delete { key: key.into() }, limit)? {
+            Response::Int(v) => Ok(v != 0),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    fn call_within(&self, req: Request, limit: Duration) -> Result<Response> {
         let started = Instant::now();
-        let deadline = started
-            + self
-                .opts
-                .timeout
-                .max(server_wait.map(|w| w + WAIT_GRACE).unwrap_or_default());
+        let deadline = started + limit;
         let mut inner = self.lock();
         let inner = &mut *inner;
         inner.outbuf.clear();

@@ -194,9 +194,26 @@ impl Group {
 
     /// Leaves the group: others' waits that watch membership fail from now on.
     pub fn leave(&self) -> Result<()> {
-        self.client
-            .delete(&format!("{}alive/{}", self.prefix, self.rank))?;
+        // Short deadline: leaving happens at teardown, possibly after the store has gone.
+        self.client.delete_within(
+            &format!("{}alive/{}", self.prefix, self.rank),
+            Duration::from_secs(2),
+        )?;
         Ok(())
+    }
+
+    /// Waits up to `limit` until no other member is alive (used by the process that hosts the
+    /// store, so that it does not take the store away from ranks still finishing).
+    pub fn wait_others_left(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        let mine = format!("{}alive/{}", self.prefix, self.rank);
+        while std::time::Instant::now() < deadline {
+            match self.client.list(&format!("{}alive/", self.prefix)) {
+                Ok(keys) if keys.iter().all(|k| *k == mine) => return,
+                Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+                Err(_) => return,
+            }
+        }
     }
 }
 

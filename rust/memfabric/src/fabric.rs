@@ -1,0 +1,307 @@
+//! Symmetric memory: the one mechanism under Share Memory and Big Memory.
+//!
+//! Every rank of an object contributes a memfd segment of the same size. The ranks agree on a
+//! global virtual address range (see [`crate::mem::gva`]) and each maps its own segment, and
+//! the segments of its same-host peers, into their parts of it: a GVA there is an ordinary
+//! pointer in every process. Parts of ranks on other hosts stay unmapped; `copy` reaches them
+//! through a Transfer Engine whose registered region is the rank's own part, at the same
+//! address in every process, so a GVA is also the address to give the peer's data server.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::mem::gva::{self, Gva, Segment};
+use crate::store::{Group, StoreClient};
+use crate::trans::{Direction, EngineConfig, Role, TransferEngine};
+use crate::transport::{host_id, Op};
+
+/// How a rank's part can be reached from here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// This rank's own part.
+    Own,
+    /// Mapped here (same host): plain loads and stores.
+    Mapped,
+    /// Another host: copies go over the network path to this engine session.
+    Remote(String),
+}
+
+/// Data operation bits reported by `query_support_data_operation` / `topology_can_reach`.
+pub mod ops {
+    /// Direct load/store through the GVA (the role MTE plays on Ascend).
+    pub const LOAD_STORE: u32 = 1;
+    /// Same-host copy engine (the role SDMA plays): memcpy between mapped parts.
+    pub const SAME_HOST_COPY: u32 = 2;
+    /// Network copy (the role RDMA plays): tcp to the peer's data server.
+    pub const NETWORK: u32 = 4;
+}
+
+/// What a rank contributes to object `name`.
+#[derive(Clone, Debug)]
+pub struct ObjectSpec {
+    /// Group name of the object in the store (unique per object).
+    pub name: String,
+    pub world: u32,
+    pub rank: u32,
+    /// Bytes this rank contributes (the same on every rank).
+    pub local_size: u64,
+}
+
+/// One object's symmetric memory in this process.
+pub struct SymmetricMemory {
+    group: Group,
+    gva: Gva,
+    reach: Vec<Reach>,
+    local_size: u64,
+    /// Present when some rank is on another host.
+    engine: Option<TransferEngine>,
+    timeout: Duration,
+    // Mapped segments must outlive nothing: the mappings keep the memfds alive. The own
+    // segment is kept so its fd stays open for peers that have not opened it yet.
+    _own: Segment,
+}
+
+impl SymmetricMemory {
+    /// Joins object `name` as `rank` of `world`, contributes `local_size` bytes and maps what
+    /// can be mapped. Returns when every rank has done the same.
+    ///
+    /// `advertise_ip` is the address remote ranks reach this one at (its data server).
+    pub fn create(
+        client: Arc<StoreClient>,
+        store_url: &str,
+        spec: &ObjectSpec,
+        advertise_ip: std::net::IpAddr,
+        timeout: Duration,
+    ) -> Result<SymmetricMemory> {
+        let ObjectSpec {
+            name,
+            world,
+            rank,
+            local_size,
+        } = spec;
+        let (name, world, rank, local_size) = (name.as_str(), *world, *rank, *local_size);
+        if local_size == 0 {
+            return Err(Error::InvalidParam("local memory size 0".into()));
+        }
+        let deadline = Instant::now() + timeout;
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
+        let group = Group::join(client, name, world, Some(rank), left())?;
+        let own = Segment::create(local_size, name)?;
+        let gva = gva::negotiate(&group, local_size, left())?;
+        gva.map_part(rank, &own)?;
+
+        // Who is where: pid, segment fd, host identity.
+        let me = format!("{};{};{}", std::process::id(), own.fd(), host_id());
+        let infos = group.all_gather(me.as_bytes(), left())?;
+        let mut reach = Vec::with_capacity(world as usize);
+        let mut remote_needed = false;
+        for (r, raw) in infos.iter().enumerate() {
+            let r = r as u32;
+            if r == rank {
+                reach.push(Reach::Own);
+                continue;
+            }
+            let text = String::from_utf8_lossy(raw);
+            let mut f = text.splitn(3, ';');
+            let (pid, fd, host) = match (f.next(), f.next(), f.next()) {
+                (Some(p), Some(d), Some(h)) => {
+                    (p.parse::<u32>().ok(), d.parse::<i32>().ok(), h.to_string())
+                }
+                _ => (None, None, String::new()),
+            };
+            let (Some(pid), Some(fd)) = (pid, fd) else {
+                return Err(Error::Protocol(format!(
+                    "rank {r}'s segment record {text:?} is malformed"
+                )));
+            };
+            if !host.is_empty() && host == host_id() {
+                let seg = Segment::open_peer(pid, fd, local_size)?;
+                gva.map_part(r, &seg)?;
+                reach.push(Reach::Mapped);
+            } else {
+                remote_needed = true;
+                reach.push(Reach::Remote(String::new()));
+            }
+        }
+
+        // Remote ranks: every rank that has one runs an engine serving its own part; sessions
+        // are exchanged by all ranks (an all_gather needs everybody) even when all are local.
+        let any_remote = group
+            .all_gather(&[remote_needed as u8], left())?
+            .iter()
+            .any(|v| v.first() == Some(&1));
+        let engine = if any_remote {
+            let e = TransferEngine::start(EngineConfig {
+                store_url: store_url.to_string(),
+                session_id: advertise_ip.to_string(),
+                role: Role::Decode,
+                device_id: 0,
+                store_server_role: None,
+                transfer_timeout: timeout,
+                store_timeout: left(),
+                reserved_listener: None,
+            })?;
+            e.register(gva.part(rank), local_size)?;
+            let sessions = group.all_gather(e.session_id().as_bytes(), left())?;
+            for (r, s) in sessions.into_iter().enumerate() {
+                if let Reach::Remote(slot) = &mut reach[r] {
+                    *slot = String::from_utf8_lossy(&s).into_owned();
+                }
+            }
+            Some(e)
+        } else {
+            None
+        };
+        // Everyone has mapped (and registered) before anyone uses the memory.
+        group.barrier(left())?;
+        Ok(SymmetricMemory {
+            group,
+            gva,
+            reach,
+            local_size,
+            engine,
+            timeout,
+            _own: own,
+        })
+    }
+
+    pub fn rank(&self) -> u32 {
+        self.group.rank()
+    }
+    pub fn world(&self) -> u32 {
+        self.group.world()
+    }
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+    pub fn base(&self) -> u64 {
+        self.gva.base()
+    }
+    pub fn stride(&self) -> u64 {
+        self.gva.stride()
+    }
+    pub fn local_size(&self) -> u64 {
+        self.local_size
+    }
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The GVA of rank `r`'s part.
+    pub fn part(&self, r: u32) -> Result<u64> {
+        if r >= self.world() {
+            return Err(Error::InvalidParam(format!(
+                "rank {r} is outside [0, {})",
+                self.world()
+            )));
+        }
+        Ok(self.gva.part(r))
+    }
+
+    pub fn reach(&self, r: u32) -> Result<&Reach> {
+        self.reach.get(r as usize).ok_or_else(|| {
+            Error::InvalidParam(format!("rank {r} is outside [0, {})", self.world()))
+        })
+    }
+
+    /// Bits of [`ops`] that reach rank `r` from here.
+    pub fn can_reach(&self, r: u32) -> Result<u32> {
+        Ok(match self.reach(r)? {
+            Reach::Own | Reach::Mapped => ops::LOAD_STORE | ops::SAME_HOST_COPY,
+            Reach::Remote(_) => ops::NETWORK,
+        })
+    }
+
+    /// Bits of [`ops`] this object can use at all.
+    pub fn supported_ops(&self) -> u32 {
+        let mut bits = ops::LOAD_STORE | ops::SAME_HOST_COPY;
+        if self.engine.is_some() {
+            bits |= ops::NETWORK;
+        }
+        bits
+    }
+
+    /// The rank whose part holds `[gva, gva+len)`, refusing ranges that leave the part's
+    /// contributed bytes or cross into another rank's part.
+    pub fn locate(&self, gva: u64, len: u64) -> Result<u32> {
+        let r = self.gva.rank_of(gva).ok_or_else(|| {
+            Error::OutOfBounds(format!(
+                "{gva:#x} is outside the global address space [{:#x}, +{:#x})",
+                self.base(),
+                self.gva.len()
+            ))
+        })?;
+        let start = gva - self.gva.part(r);
+        if len == 0
+            || start
+                .checked_add(len)
+                .is_none_or(|end| end > self.local_size)
+        {
+            return Err(Error::OutOfBounds(format!(
+                "[{gva:#x}, +{len}) leaves rank {r}'s {} bytes (or crosses into the next rank)",
+                self.local_size
+            )));
+        }
+        Ok(r)
+    }
+
+    /// Copies `len` bytes between a GVA and memory of this process (`local`), or between two
+    /// GVAs. `to_gva`: local -> gva. Mapped parts use memcpy; remote parts the network path.
+    pub fn copy_with_gva(&self, gva: u64, local: u64, len: u64, to_gva: bool) -> Result<()> {
+        let r = self.locate(gva, len)?;
+        match self.reach(r)? {
+            Reach::Own | Reach::Mapped => {
+                let (src, dst) = if to_gva { (local, gva) } else { (gva, local) };
+                copy_in_process(src, dst, len, Instant::now() + self.timeout)
+            }
+            Reach::Remote(session) => {
+                let engine = self
+                    .engine
+                    .as_ref()
+                    .ok_or_else(|| Error::NotInit("no network engine".into()))?;
+                let dir = if to_gva {
+                    Direction::Write
+                } else {
+                    Direction::Read
+                };
+                engine.transfer_batch(session, dir, vec![Op::new(local, gva, len)])
+            }
+        }
+    }
+
+    /// Registers caller memory that network copies may use as their local side.
+    pub fn register_local(&self, addr: u64, len: u64) -> Result<()> {
+        match &self.engine {
+            Some(e) => e.register(addr, len),
+            None => Ok(()),
+        }
+    }
+
+    /// Undoes [`register_local`](Self::register_local).
+    pub fn unregister_local(&self, addr: u64) -> Result<()> {
+        match &self.engine {
+            Some(e) => e.unregister(addr),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Copies within this process through the kernel (CMA to our own pid) rather than memcpy: the
+/// caller's address is an unchecked int, and the kernel answers EFAULT for a bad one where a
+/// memcpy would crash the process.
+pub fn copy_in_process(src: u64, dst: u64, len: u64, deadline: Instant) -> Result<()> {
+    use crate::transport::{cma::CmaTransport, CheckedOps, Transport};
+    if src == 0 || dst == 0 {
+        return Err(Error::InvalidParam("null address".into()));
+    }
+    let me = CmaTransport::new(std::process::id())?;
+    // SAFETY: no byte is touched by us: the kernel validates both ranges and fails with
+    // EFAULT (reported as OutOfBounds) when either is not mapped with the needed access.
+    let ops = unsafe { CheckedOps::assume_checked(vec![Op::new(src, dst, len)], true) };
+    me.write(&ops, deadline)
+}

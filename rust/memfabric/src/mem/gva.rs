@@ -1,0 +1,276 @@
+//! Global virtual address space: one range reserved at the same address in every rank.
+//!
+//! A range of `world * stride` bytes is reserved PROT_NONE; rank r's part is
+//! `[base + r*stride, base + (r+1)*stride)`. Each rank backs its own part with a memfd segment
+//! and maps the segments of same-host peers into their parts, so a GVA there is a plain
+//! pointer. Parts of ranks on other hosts stay reserved and unmapped: touching them is a
+//! fault, copies to them go over the network path.
+//!
+//! The base is agreed through the group: rank 0 proposes an address (one the kernel found free
+//! in its own process), every rank tries to reserve it with MAP_FIXED_NOREPLACE, and if any
+//! rank cannot, rank 0 proposes another. Nobody maps over anything: NOREPLACE fails instead.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::store::Group;
+
+/// Parts are aligned to this (huge-page size, the seed's SHM granularity).
+pub const ALIGN: u64 = 2 << 20;
+const ROUNDS: usize = 16;
+
+/// A memfd-backed segment: this rank's contribution, shareable with same-host peers through
+/// `/proc/<pid>/fd/<fd>`.
+pub struct Segment {
+    fd: OwnedFd,
+    len: u64,
+}
+
+impl Segment {
+    pub fn create(len: u64, name: &str) -> Result<Segment> {
+        let cname = std::ffi::CString::new(name)
+            .map_err(|_| Error::InvalidParam("segment name has a NUL".into()))?;
+        // SAFETY: valid NUL-terminated name; returns a new fd or -1.
+        let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(Error::io(
+                "memfd_create for a segment",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `raw` is a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our own memfd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(Error::MallocFailed(format!(
+                "cannot size a {len}-byte segment: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(Segment { fd, len })
+    }
+
+    /// Opens a same-host peer's segment.
+    pub fn open_peer(pid: u32, fd: i32, len: u64) -> Result<Segment> {
+        let path = format!("/proc/{pid}/fd/{fd}");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    Error::PeerGone(format!("{path} is gone: the peer process exited"))
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    Error::Refused(format!("cannot open peer segment {path}: {e}"))
+                }
+                _ => Error::io(format!("open peer segment {path}"), e),
+            })?;
+        let size = file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {path}"), e))?
+            .len();
+        if size < len {
+            return Err(Error::Protocol(format!(
+                "peer segment {path} has {size} bytes, {len} expected"
+            )));
+        }
+        Ok(Segment {
+            fd: file.into(),
+            len,
+        })
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A reserved GVA range. Unmapped (reservation and slots alike) on drop.
+pub struct Gva {
+    base: u64,
+    stride: u64,
+    parts: u32,
+}
+
+impl Gva {
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+    pub fn stride(&self) -> u64 {
+        self.stride
+    }
+    pub fn parts(&self) -> u32 {
+        self.parts
+    }
+    pub fn len(&self) -> u64 {
+        self.stride * self.parts as u64
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rank whose part holds `addr`, if inside the range.
+    pub fn rank_of(&self, addr: u64) -> Option<u32> {
+        if addr < self.base || addr >= self.base + self.len() {
+            return None;
+        }
+        Some(((addr - self.base) / self.stride) as u32)
+    }
+
+    /// The start of rank `r`'s part.
+    pub fn part(&self, r: u32) -> u64 {
+        self.base + r as u64 * self.stride
+    }
+
+    /// Maps `seg` over rank `r`'s part (shared, read-write).
+    pub fn map_part(&self, r: u32, seg: &Segment) -> Result<()> {
+        if r >= self.parts || seg.len() > self.stride {
+            return Err(Error::InvalidParam(format!(
+                "segment of {} bytes does not fit part {r}",
+                seg.len()
+            )));
+        }
+        let len = seg.len().div_ceil(page()) * page();
+        // SAFETY: the target range lies inside our own PROT_NONE reservation, which nothing
+        // else uses; MAP_FIXED replaces exactly those reserved pages with the segment.
+        let p = unsafe {
+            libc::mmap(
+                self.part(r) as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                seg.fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::MallocFailed(format!(
+                "cannot map the segment of rank {r} at {:#x}: {}",
+                self.part(r),
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Returns rank `r`'s part to the unmapped reservation.
+    pub fn unmap_part(&self, r: u32) {
+        if r < self.parts {
+            let _ = reserve_at(self.part(r), self.stride, true);
+        }
+    }
+}
+
+impl Drop for Gva {
+    fn drop(&mut self) {
+        // SAFETY: the whole range is ours (reservation and the segments mapped into it).
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len() as usize) };
+    }
+}
+
+fn page() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+/// Reserves `len` bytes PROT_NONE at exactly `addr` (`replace`: over our own mapping), or
+/// anywhere when `addr` is 0. Returns the address.
+fn reserve_at(addr: u64, len: u64, replace: bool) -> Result<u64> {
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    if addr != 0 {
+        flags |= if replace {
+            libc::MAP_FIXED
+        } else {
+            libc::MAP_FIXED_NOREPLACE
+        };
+    }
+    // SAFETY: an anonymous PROT_NONE mapping; with MAP_FIXED_NOREPLACE the kernel refuses to
+    // touch existing mappings, and MAP_FIXED is only used over our own reservation.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len as usize,
+            libc::PROT_NONE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Error::NoResources(format!(
+            "cannot reserve {len} bytes of address space at {addr:#x}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if addr != 0 && p as u64 != addr {
+        // Old kernels ignore MAP_FIXED_NOREPLACE and treat the address as a hint.
+        // SAFETY: unmapping what this call just mapped.
+        unsafe { libc::munmap(p, len as usize) };
+        return Err(Error::NoResources(format!(
+            "address {addr:#x} is not free here"
+        )));
+    }
+    Ok(p as u64)
+}
+
+/// Agrees on a base through `group` and reserves `parts * stride` bytes there in this rank.
+/// `tag` keeps concurrent negotiations (different objects) apart.
+pub fn negotiate(group: &Group, stride: u64, timeout: Duration) -> Result<Gva> {
+    let stride = stride.div_ceil(ALIGN) * ALIGN;
+    let parts = group.world();
+    let len = stride
+        .checked_mul(parts as u64)
+        .ok_or_else(|| Error::InvalidParam("global address space too large".into()))?;
+    for round in 0..ROUNDS {
+        // Rank 0 proposes an address free in its own process (aligned, with slack to align).
+        let proposal = if group.rank() == 0 {
+            let slack = reserve_at(0, len + ALIGN, false)?;
+            // SAFETY: releasing the probe mapping we just made.
+            unsafe { libc::munmap(slack as *mut libc::c_void, (len + ALIGN) as usize) };
+            let mut aligned = slack.div_ceil(ALIGN) * ALIGN;
+            // Later rounds move away from places that failed elsewhere.
+            aligned += round as u64 * len.div_ceil(ALIGN) * ALIGN;
+            aligned.to_be_bytes().to_vec()
+        } else {
+            Vec::new()
+        };
+        let proposals = group.all_gather(&proposal, timeout)?;
+        let base_bytes: [u8; 8] = proposals[0]
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Protocol("rank 0's GVA proposal is malformed".into()))?;
+        let base = u64::from_be_bytes(base_bytes);
+        let mine = reserve_at(base, len, false);
+        let ok = [mine.is_ok() as u8];
+        let votes = group.all_gather(&ok, timeout)?;
+        if votes.iter().all(|v| v.first() == Some(&1)) {
+            return Ok(Gva {
+                base,
+                stride,
+                parts,
+            });
+        }
+        if mine.is_ok() {
+            // SAFETY: releasing the reservation we made this round.
+            unsafe { libc::munmap(base as *mut libc::c_void, len as usize) };
+        }
+    }
+    Err(Error::NoResources(format!(
+        "no address range of {len} bytes is free in every rank after {ROUNDS} proposals"
+    )))
+}
