@@ -72,7 +72,7 @@ from ._native import (  # noqa: F401  error code constants
     SMEM_TIMEOUT,
 )
 
-from . import shm  # noqa: E402  (submodule: mf.shm)
+from . import bm, shm  # noqa: E402  (submodules mf.bm, mf.shm)
 from ._types import TransDataOpType, TransferOpcode
 
 # SGLang writes TransferEngine.TransDataOpType.SDMA: reachable from the class too.
@@ -98,6 +98,7 @@ __all__ = [
     "StoreClient",
     "StoreGroup",
     "MemFabricError",
+    "bm",
     "shm",
     "StoreError",
     "StoreTimeoutError",

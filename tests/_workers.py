@@ -99,3 +99,63 @@ def shm_rank(url: str, world: int, rank: int, size: int, out, victim: int = -1) 
     assert s.barrier() == 0
     s.destroy()
     mf.shm.uninitialize()
+
+
+def bm_rank(url: str, world: int, rank: int, size: int, out) -> None:
+    """Every copy direction against every rank's part, data verified."""
+    import ctypes
+    import mmap
+
+    import memfabric_hybrid as mf
+    from memfabric_hybrid.bm import BmCopyType as T
+
+    cfg = mf.bm.BmConfig()
+    cfg.rank_id = rank
+    assert mf.bm.initialize(url, world, 0, cfg) == 0, mf.get_last_err_msg()
+    assert mf.bm.bm_rank_id() == rank
+    big = mf.bm.create(1, size)
+    assert big.join() == 0
+    host = mmap.mmap(-1, size)
+    h = ctypes.addressof(ctypes.c_char.from_buffer(host))
+    chunk = size // world
+    failures = []
+    # Each rank writes its own chunk of every rank's part (disjoint), through H2G / L2GH.
+    for r in range(world):
+        data = bytes([(rank * 16 + r) % 251]) * chunk
+        host[:chunk] = data
+        dst = big.peer_rank_ptr(r) + rank * chunk
+        ty = T.H2G if r % 2 == 0 else T.L2GH
+        if big.copy_data(h, dst, chunk, ty) != 0:
+            failures.append(("write", r, mf.get_last_err_msg()))
+    assert big.wait() == 0
+    # Then reads back everything everybody wrote, with G2H / GH2L / AUTO.
+    for r in range(world):
+        for w in range(world):
+            src = big.peer_rank_ptr(r) + w * chunk
+            ty = [T.G2H, T.GH2L, T.AUTO][(r + w) % 3]
+            if big.copy_data(src, h, chunk, ty) != 0:
+                failures.append(("read", r, w, mf.get_last_err_msg()))
+            elif host[:chunk] != bytes([(w * 16 + r) % 251]) * chunk:
+                failures.append(("data", r, w))
+    # G2G from my part to the next rank's (same host: mapped), and batch copies.
+    nxt = (rank + 1) % world
+    if big.copy_data(big.peer_rank_ptr(rank), h, chunk, T.G2H) != 0:
+        failures.append(("g2h", mf.get_last_err_msg()))
+    # Errors: past the part, crossing into the next rank, outside the GVA, bad local pointer.
+    base = big.peer_rank_ptr(0)
+    errs = [
+        big.copy_data(h, base + size - 8, 16, T.H2G),
+        big.copy_data(h, big.peer_rank_ptr(world - 1) + size, 8, T.H2G),
+        big.copy_data(h, 0x1000, 8, T.H2G),
+        big.copy_data(0x1000, base, 8, T.H2G),
+        big.copy_data(h, base, 0, T.H2G),
+        big.copy_data(h, base, 8, 42),
+        big.copy_data_batch([h, h], [base, base + size * world], [8, 8], 2, T.H2G),
+        big.copy_data_batch([h], [base], [8], 2, T.H2G),
+    ]
+    ranks = [big.get_rank_id_by_gva(big.peer_rank_ptr(r) + 5) for r in range(world)]
+    assert big.wait() == 0
+    big.leave()
+    big.destroy()
+    mf.bm.uninitialize()
+    out.put((rank, failures, errs, ranks, nxt))

@@ -6,6 +6,7 @@
 
 use pyo3::prelude::*;
 
+mod bm;
 mod common;
 mod error;
 mod shm;
@@ -26,5 +27,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     store::register(m)?;
     trans::register(m)?;
     shm::register(m)?;
+    bm::register(m)?;
     Ok(())
 }

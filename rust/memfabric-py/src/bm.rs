@@ -1,0 +1,366 @@
+//! Big Memory (`memfabric_hybrid.bm`): runtime, `BmConfig` and `BigMemory`.
+
+use std::sync::{Arc, Mutex};
+
+use memfabric::bm::{self as core, BmRuntime, CopyType};
+use memfabric::Error;
+use pyo3::prelude::*;
+
+use crate::error::{code, to_fabric_err};
+
+static RUNTIME: Mutex<Option<Arc<BmRuntime>>> = Mutex::new(None);
+
+fn runtime() -> Result<Arc<BmRuntime>, Error> {
+    RUNTIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or_else(|| Error::NotInit("bm is not initialized: call bm.initialize() first".into()))
+}
+
+fn fail(e: Error) -> i32 {
+    code::<()>(Err(e))
+}
+
+/// Configuration of ``bm.initialize`` (timeouts in seconds, 1 .. 4294967295).
+#[pyclass(module = "memfabric_hybrid.bm", name = "BmConfig", get_all, set_all)]
+#[derive(Clone)]
+pub struct BmConfig {
+    /// Timeout of initialize, seconds (default 120).
+    init_timeout: u32,
+    /// Timeout of create, seconds (default 120).
+    create_timeout: u32,
+    /// Timeout of copies and control operations, seconds (default 120).
+    operation_timeout: u32,
+    /// This process may start the config store (rank 0, or with auto_ranking the first
+    /// process on the store's host). Default True.
+    start_store: bool,
+    /// Only start the config store; this process takes no rank.
+    start_store_only: bool,
+    /// Accepted; membership is fixed at world_size in this version.
+    dynamic_world_size: bool,
+    /// SVM unified addressing: the GVA is the same in every rank (always true here).
+    unified_address_space: bool,
+    /// Let the store assign ranks in join order (default False, as the seed says).
+    auto_ranking: bool,
+    /// This rank when auto_ranking is False.
+    rank_id: u32,
+    /// Reserved.
+    flags: u32,
+    /// The interface named with set_nic.
+    network_interface: String,
+}
+
+#[pymethods]
+impl BmConfig {
+    #[new]
+    fn new() -> Self {
+        let d = core::BmConfig::default();
+        BmConfig {
+            init_timeout: d.init_timeout,
+            create_timeout: d.create_timeout,
+            operation_timeout: d.operation_timeout,
+            start_store: d.start_store,
+            start_store_only: d.start_store_only,
+            dynamic_world_size: d.dynamic_world_size,
+            unified_address_space: d.unified_address_space,
+            auto_ranking: d.auto_ranking,
+            rank_id: d.rank_id,
+            flags: d.flags,
+            network_interface: String::new(),
+        }
+    }
+
+    /// Name the network interface (accepted; the route to the store picks the interface).
+    fn set_nic(&mut self, nic: String) {
+        self.network_interface = nic;
+    }
+}
+
+/// Initialize Big Memory: connect to (or start) the config store and join as one of
+/// ``world_size`` ranks (at most 1024). Returns 0 on success, otherwise an error code.
+#[pyfunction]
+#[pyo3(signature = (store_url, world_size, device_id, config = None))]
+fn bm_initialize(
+    py: Python<'_>,
+    store_url: &str,
+    world_size: u32,
+    device_id: i32,
+    config: Option<PyRef<'_, BmConfig>>,
+) -> i32 {
+    if RUNTIME.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+        return fail(Error::RepeatInvoke(
+            "bm is already initialized in this process".into(),
+        ));
+    }
+    let c = config.map(|c| c.clone()).unwrap_or_else(BmConfig::new);
+    let cfg = core::BmConfig {
+        init_timeout: c.init_timeout,
+        create_timeout: c.create_timeout,
+        operation_timeout: c.operation_timeout,
+        start_store: c.start_store,
+        start_store_only: c.start_store_only,
+        dynamic_world_size: c.dynamic_world_size,
+        unified_address_space: c.unified_address_space,
+        auto_ranking: c.auto_ranking,
+        rank_id: c.rank_id,
+        flags: c.flags,
+    };
+    let url = store_url.to_string();
+    match py.detach(move || BmRuntime::initialize(&url, world_size, device_id, cfg)) {
+        Ok(r) => {
+            *RUNTIME.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(r));
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// Leave Big Memory (``flags`` reserved).
+#[pyfunction]
+#[pyo3(signature = (flags = 0))]
+fn bm_uninitialize(py: Python<'_>, flags: i64) {
+    let _ = flags;
+    let r = RUNTIME.lock().unwrap_or_else(|p| p.into_inner()).take();
+    py.detach(move || drop(r));
+}
+
+/// This process's rank, or 4294967295 (u32 max) when Big Memory is not initialized.
+#[pyfunction]
+fn bm_rank_id() -> u32 {
+    match runtime().map(|r| r.rank()) {
+        Ok(Some(r)) => r,
+        Ok(None) => u32::MAX,
+        Err(e) => {
+            fail(e);
+            u32::MAX
+        }
+    }
+}
+
+/// Create Big Memory object ``id`` (0..63): every rank contributes ``local_dram_size`` bytes
+/// (``local_hbm_size`` needs a device). Collective: returns when all ranks have created it.
+/// Raises MemFabricError (``.code``) on failure.
+#[pyfunction]
+#[pyo3(signature = (id, local_dram_size, local_hbm_size = 0, data_op_type = 1, flags = 0))]
+fn bm_create(
+    py: Python<'_>,
+    id: u32,
+    local_dram_size: u64,
+    local_hbm_size: u64,
+    data_op_type: u32,
+    flags: u32,
+) -> PyResult<BigMemory> {
+    let _ = flags;
+    if data_op_type == 0 || data_op_type > 255 {
+        return Err(to_fabric_err(Error::InvalidParam(format!(
+            "data_op_type {data_op_type} is not a BmDataOpType"
+        ))));
+    }
+    let rt = runtime().map_err(to_fabric_err)?;
+    let obj = py
+        .detach(move || rt.create(id, local_dram_size, local_hbm_size))
+        .map_err(to_fabric_err)?;
+    Ok(BigMemory {
+        inner: Mutex::new(Some(Arc::new(obj))),
+        joined: Mutex::new(false),
+    })
+}
+
+/// A Big Memory object: the GVA space over every rank's DRAM.
+#[pyclass(module = "memfabric_hybrid.bm", name = "BigMemory", frozen)]
+pub struct BigMemory {
+    inner: Mutex<Option<Arc<core::BigMemory>>>,
+    joined: Mutex<bool>,
+}
+
+impl BigMemory {
+    fn get(&self) -> Result<Arc<core::BigMemory>, Error> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| Error::NotInit("this BigMemory was destroyed".into()))
+    }
+
+    fn run(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&core::BigMemory) -> memfabric::Result<()> + Send,
+    ) -> i32 {
+        match self.get() {
+            Ok(b) => code(py.detach(move || f(&b))),
+            Err(e) => fail(e),
+        }
+    }
+}
+
+#[pymethods]
+impl BigMemory {
+    /// Join the object (peers are mapped at create; this marks the rank ready). Returns 0.
+    #[pyo3(signature = (flags = 0))]
+    fn join(&self, flags: i64) -> i32 {
+        let _ = flags;
+        match self.get() {
+            Ok(_) => {
+                *self.joined.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                0
+            }
+            Err(e) => fail(e),
+        }
+    }
+
+    /// Leave the object. Returns 0.
+    #[pyo3(signature = (flags = 0))]
+    fn leave(&self, flags: i64) -> i32 {
+        let _ = flags;
+        *self.joined.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        0
+    }
+
+    /// Bytes this rank contributed (``mem_type`` accepted; host DRAM is the part that exists).
+    #[pyo3(signature = (mem_type = 2))]
+    fn local_mem_size(&self, mem_type: i64) -> u64 {
+        let _ = mem_type;
+        self.get().map(|b| b.local_mem_size()).unwrap_or(0)
+    }
+
+    /// The GVA of ``peer_rank``'s part (0 and an error message for a bad rank).
+    #[pyo3(signature = (peer_rank, mem_type = 2))]
+    fn peer_rank_ptr(&self, peer_rank: u32, mem_type: i64) -> u64 {
+        let _ = mem_type;
+        match self.get().and_then(|b| b.peer_rank_ptr(peer_rank)) {
+            Ok(p) => p,
+            Err(e) => {
+                fail(e);
+                0
+            }
+        }
+    }
+
+    /// The rank whose part holds ``gva`` (negative error code when none does).
+    fn get_rank_id_by_gva(&self, gva: u64) -> i64 {
+        match self.get().and_then(|b| b.rank_of_gva(gva)) {
+            Ok(r) => r as i64,
+            Err(e) => fail(e) as i64,
+        }
+    }
+
+    /// The address of ``gva`` in this process (same-host parts: the GVA itself); 0 and an
+    /// error message for parts on other hosts.
+    #[pyo3(signature = (gva, mem_type = 1))]
+    fn gva_to_va(&self, gva: u64, mem_type: i64) -> u64 {
+        let _ = mem_type;
+        match self.get().and_then(|b| b.gva_to_va(gva)) {
+            Ok(v) => v,
+            Err(e) => {
+                fail(e);
+                0
+            }
+        }
+    }
+
+    /// Register memory of this process for copies to ranks on other hosts. Returns 0 or a code.
+    fn register(&self, py: Python<'_>, addr: u64, size: u64) -> i32 {
+        self.run(py, move |b| b.register(addr, size))
+    }
+
+    /// Undo ``register``. Returns 0 or a code.
+    fn unregister(&self, py: Python<'_>, addr: u64) -> i32 {
+        self.run(py, move |b| b.unregister(addr))
+    }
+
+    /// A barrier over the object's ranks. Returns 0 or a code.
+    fn wait(&self, py: Python<'_>) -> i32 {
+        self.run(py, |b| b.wait())
+    }
+
+    /// Growing a contribution after create is not supported in this version.
+    #[pyo3(signature = (mem_type = 3, size = 0))]
+    fn extend_local_mem(&self, mem_type: i64, size: u64) -> i32 {
+        let _ = mem_type;
+        fail(Error::Unsupported(format!(
+            "extend_local_mem({size}): contributions are fixed at create in this version"
+        )))
+    }
+
+    /// Copy ``size`` bytes from ``src_ptr`` to ``dst_ptr`` (GVAs or addresses of this process,
+    /// per ``type``: a BmCopyType). ``stream`` 0 only (copies are synchronous on a host).
+    /// Returns 0 or an error code (MF_OUT_OF_BOUNDS for a range outside a rank's part or
+    /// crossing into the next rank; a bad local address is an error, never a crash).
+    #[pyo3(signature = (src_ptr, dst_ptr, size, r#type, flags = 0, stream = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn copy_data(
+        &self,
+        py: Python<'_>,
+        src_ptr: u64,
+        dst_ptr: u64,
+        size: u64,
+        r#type: i64,
+        flags: i64,
+        stream: u64,
+    ) -> i32 {
+        let _ = flags;
+        if stream != 0 {
+            return fail(Error::Unsupported(
+                "a device stream was given, but no device backend is present".into(),
+            ));
+        }
+        let ty = match CopyType::from_value(r#type) {
+            Ok(t) => t,
+            Err(e) => return fail(e),
+        };
+        self.run(py, move |b| b.copy(src_ptr, dst_ptr, size, ty))
+    }
+
+    /// Copy many ranges in one call (lists of ``count`` entries).
+    #[pyo3(signature = (src_addrs, dst_addrs, sizes, count, r#type, flags = 0, stream = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn copy_data_batch(
+        &self,
+        py: Python<'_>,
+        src_addrs: Vec<u64>,
+        dst_addrs: Vec<u64>,
+        sizes: Vec<u64>,
+        count: usize,
+        r#type: i64,
+        flags: i64,
+        stream: u64,
+    ) -> i32 {
+        let _ = flags;
+        if stream != 0 {
+            return fail(Error::Unsupported(
+                "a device stream was given, but no device backend is present".into(),
+            ));
+        }
+        if count != src_addrs.len() {
+            return fail(Error::InvalidParam(format!(
+                "count {count} differs from the {} addresses given",
+                src_addrs.len()
+            )));
+        }
+        let ty = match CopyType::from_value(r#type) {
+            Ok(t) => t,
+            Err(e) => return fail(e),
+        };
+        self.run(py, move |b| {
+            b.copy_batch(&src_addrs, &dst_addrs, &sizes, ty)
+        })
+    }
+
+    /// Release the object.
+    fn destroy(&self, py: Python<'_>) {
+        let b = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        py.detach(move || drop(b));
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<BmConfig>()?;
+    m.add_class::<BigMemory>()?;
+    m.add_function(wrap_pyfunction!(bm_initialize, m)?)?;
+    m.add_function(wrap_pyfunction!(bm_uninitialize, m)?)?;
+    m.add_function(wrap_pyfunction!(bm_rank_id, m)?)?;
+    m.add_function(wrap_pyfunction!(bm_create, m)?)?;
+    Ok(())
+}

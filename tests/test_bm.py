@@ -1,0 +1,70 @@
+"""Big Memory with real processes: every copy direction, data verified, and the errors."""
+
+from __future__ import annotations
+
+import pytest
+
+import memfabric_hybrid as mf
+import _workers
+from conftest import free_port
+
+MiB = 1 << 20
+
+
+def test_four_ranks_copy_in_every_direction(spawn):
+    world, size = 4, 4 * MiB
+    url = f"tcp://127.0.0.1:{free_port()}"
+    out = spawn.Queue()
+    procs = [spawn.Process(target=_workers.bm_rank, args=(url, world, r, size, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    for rank, failures, errs, ranks, _ in results:
+        assert failures == [], failures
+        oob, inv = mf.MF_OUT_OF_BOUNDS, mf.SMEM_INVALID_PARAM
+        assert errs == [oob, oob, oob, oob, inv, inv, oob, inv], errs
+        assert ranks == list(range(world))
+
+
+def test_bm_argument_errors(store):
+    assert mf.bm.bm_rank_id() == 4294967295
+    with pytest.raises(mf.MemFabricError) as ei:
+        mf.bm.create(0, MiB)
+    assert ei.value.code == mf.SMEM_NOT_INIT
+    cfg = mf.bm.BmConfig()
+    assert (cfg.init_timeout, cfg.operation_timeout, cfg.auto_ranking, cfg.start_store) == (120, 120, False, True)
+    cfg.rank_id = 3
+    assert mf.bm.initialize(store.url, 2, 0, cfg) == mf.SMEM_INVALID_PARAM
+    assert mf.bm.initialize(store.url, 1025, 0, mf.bm.BmConfig()) == mf.SMEM_INVALID_PARAM
+    cfg = mf.bm.BmConfig()
+    cfg.auto_ranking = True
+    cfg.set_nic("lo")
+    assert mf.bm.initialize(store.url, 1, 0, cfg) == 0, mf.get_last_err_msg()
+    try:
+        assert mf.bm.bm_rank_id() == 0
+        with pytest.raises(mf.MemFabricError) as ei:
+            mf.bm.create(0, MiB, local_hbm_size=MiB)
+        assert ei.value.code == mf.MF_UNSUPPORTED
+        assert "no device memory here" in str(ei.value)
+        for bad in [(64, MiB), (0, 0)]:
+            with pytest.raises(mf.MemFabricError) as ei:
+                mf.bm.create(*bad)
+            assert ei.value.code == mf.SMEM_INVALID_PARAM
+        big = mf.bm.create(0, 2 * MiB)
+        with pytest.raises(mf.MemFabricError) as ei:
+            mf.bm.create(0, 2 * MiB)
+        assert ei.value.code == mf.SMEM_DUPLICATED
+        assert big.local_mem_size() == 2 * MiB
+        assert big.peer_rank_ptr(1) == 0 and "outside" in mf.get_last_err_msg()
+        assert big.gva_to_va(big.peer_rank_ptr(0)) == big.peer_rank_ptr(0)
+        assert big.copy_data(0, 0, 8, mf.bm.BmCopyType.L2G) != 0
+        assert big.copy_data(1, 2, 8, mf.bm.BmCopyType.H2G, 0, 0x1234) == mf.MF_UNSUPPORTED
+        assert big.extend_local_mem(3, MiB) == mf.MF_UNSUPPORTED
+        big.destroy()
+        assert big.wait() == mf.SMEM_NOT_INIT
+    finally:
+        mf.bm.uninitialize()
+    assert mf.bm.bm_rank_id() == 4294967295
