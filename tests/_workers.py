@@ -159,3 +159,49 @@ def bm_rank(url: str, world: int, rank: int, size: int, out) -> None:
     big.destroy()
     mf.bm.uninitialize()
     out.put((rank, failures, errs, ranks, nxt))
+
+
+def bm_netns_rank(url: str | None, world: int, rank: int, size: int, ip: str, out) -> None:
+    """A BM rank on its own test host: writes to and reads from the other rank's part."""
+    import ctypes
+    import mmap
+    import os
+
+    os.environ["MF_TRANSPORT"] = "tcp"
+    import memfabric_hybrid as mf
+    from memfabric_hybrid.bm import BmCopyType as T
+
+    server = None
+    if url is None:
+        server = mf.start_config_store(f"tcp://{ip}:0")
+        url = server.url
+        out.put(("url", url))
+    cfg = mf.bm.BmConfig()
+    cfg.rank_id = rank
+    cfg.start_store = False
+    assert mf.bm.initialize(url, world, 0, cfg) == 0, mf.get_last_err_msg()
+    big = mf.bm.create(2, size)
+    host = mmap.mmap(-1, size)
+    h = ctypes.addressof(ctypes.c_char.from_buffer(host))
+    assert big.register(h, size) == 0, mf.get_last_err_msg()
+    peer = 1 - rank
+    data = bytes([rank + 7]) * size
+    host[:] = data
+    rc_w = big.copy_data(h, big.peer_rank_ptr(peer), size, T.H2G)
+    msg_w = mf.get_last_err_msg()
+    assert big.wait() == 0
+    host[:] = b"\0" * size
+    rc_r = big.copy_data(big.peer_rank_ptr(rank), h, size, T.G2H)  # what the peer wrote into mine
+    got_mine = host[:] == bytes([peer + 7]) * size
+    rc_r2 = big.copy_data(big.peer_rank_ptr(peer), h, size, T.G2H)  # remote read of my writes
+    got_remote = host[:] == data
+    va = big.gva_to_va(big.peer_rank_ptr(peer))
+    oob = big.copy_data(h, big.peer_rank_ptr(peer) + size - 4, 8, T.H2G)
+    assert big.wait() == 0
+    big.destroy()
+    mf.bm.uninitialize()
+    out.put((rank, rc_w, msg_w, rc_r, got_mine, rc_r2, got_remote, va, oob))
+    if server is not None:
+        import time
+        time.sleep(1.0)
+        server.close()

@@ -95,3 +95,27 @@ def test_transfers_cross_a_veth_link(spawn):
         pt.join(30)
         pi.join(30)
         assert pi.exitcode == 0 and pt.exitcode == 0
+
+
+def test_big_memory_across_a_veth_link(spawn):
+    import _workers
+
+    size = 8 << 20
+    with _netns.TwoHosts() as hosts:
+        out = spawn.Queue()
+        pa = spawn.Process(target=_netns.run_in, args=(hosts.a, _workers.bm_netns_rank, None, 2, 0, size, hosts.ip_a, out))
+        pa.start()
+        tag, url = out.get(timeout=60)
+        assert tag == "url"
+        pb = spawn.Process(target=_netns.run_in, args=(hosts.b, _workers.bm_netns_rank, url, 2, 1, size, hosts.ip_b, out))
+        pb.start()
+        results = sorted([out.get(timeout=120), out.get(timeout=120)])
+        pa.join(30)
+        pb.join(30)
+        for rank, rc_w, msg_w, rc_r, got_mine, rc_r2, got_remote, va, oob in results:
+            assert rc_w == 0, msg_w
+            assert rc_r == 0 and got_mine, f"rank {rank} did not find its peer's bytes"
+            assert rc_r2 == 0 and got_remote
+            assert va == 0  # the peer's part has no address here
+            assert oob == -3002
+        assert pa.exitcode == 0 and pb.exitcode == 0

@@ -98,6 +98,10 @@ impl SymmetricMemory {
         // Who is where: pid, segment fd, host identity.
         let me = format!("{};{};{}", std::process::id(), own.fd(), host_id());
         let infos = group.all_gather(me.as_bytes(), left())?;
+        // MF_TRANSPORT=tcp: treat every other rank as remote (tests of the network path on
+        // one machine, e.g. across network namespaces).
+        let force_network =
+            std::env::var("MF_TRANSPORT").is_ok_and(|v| v.trim().eq_ignore_ascii_case("tcp"));
         let mut reach = Vec::with_capacity(world as usize);
         let mut remote_needed = false;
         for (r, raw) in infos.iter().enumerate() {
@@ -119,7 +123,7 @@ impl SymmetricMemory {
                     "rank {r}'s segment record {text:?} is malformed"
                 )));
             };
-            if !host.is_empty() && host == host_id() {
+            if !host.is_empty() && host == host_id() && !force_network {
                 let seg = Segment::open_peer(pid, fd, local_size)?;
                 gva.map_part(r, &seg)?;
                 reach.push(Reach::Mapped);
