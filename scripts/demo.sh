@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Sets up everything, then runs the main demo: an embedded config store and N local ranks
-# that rendezvous, barrier and all_gather, printing what happened.
+# Sets up everything, then runs the main demo: an embedded config store and N local ranks that
+# rendezvous, barrier and all_gather; then Big Memory (two ranks copying into each other's part
+# of the global address space) and Share Memory (four ranks sharing one address range).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh >/dev/null
 . .venv/bin/activate
+echo "== store: rendezvous, barrier, all_gather"
 python examples/demo.py "$@"
+echo
+echo "== Big Memory: two ranks"
+python examples/bm_two_ranks.py
+echo
+echo "== Share Memory: four ranks"
+python examples/shm_barrier_allgather.py
