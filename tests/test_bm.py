@@ -63,6 +63,20 @@ def test_bm_argument_errors(store):
         assert big.copy_data(0, 0, 8, mf.bm.BmCopyType.L2G) != 0
         assert big.copy_data(1, 2, 8, mf.bm.BmCopyType.H2G, 0, 0x1234) == mf.MF_UNSUPPORTED
         assert big.extend_local_mem(3, MiB) == mf.MF_UNSUPPORTED
+        # A registered host buffer takes the memcpy path; data still verified both ways.
+        import ctypes
+        import mmap
+        buf = mmap.mmap(-1, 2 * MiB)
+        a = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        assert big.register(a, 2 * MiB) == 0
+        assert big.register(a, 2 * MiB) == mf.SMEM_DUPLICATED
+        buf[:] = bytes(range(256)) * (2 * MiB // 256)
+        g = big.peer_rank_ptr(0)
+        assert big.copy_data(a, g, 2 * MiB, mf.bm.BmCopyType.H2G) == 0
+        buf[:] = b"\0" * (2 * MiB)
+        assert big.copy_data(g + 256, a, MiB, mf.bm.BmCopyType.G2H) == 0
+        assert buf[:MiB] == bytes(range(256)) * (MiB // 256)
+        assert big.unregister(a) == 0 and big.unregister(a) == mf.SMEM_NOT_EXIST
         big.destroy()
         assert big.wait() == mf.SMEM_NOT_INIT
     finally:

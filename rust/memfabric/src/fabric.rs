@@ -56,6 +56,9 @@ pub struct SymmetricMemory {
     local_size: u64,
     /// Present when some rank is on another host.
     engine: Option<TransferEngine>,
+    /// Caller memory registered with the object: same-host copies from or to it skip the
+    /// kernel-checked path and run as (parallel) memcpy, since registration proved it mapped.
+    registered: crate::mem::RegionTable,
     timeout: Duration,
     // Mapped segments must outlive nothing: the mappings keep the memfds alive. The own
     // segment is kept so its fd stays open for peers that have not opened it yet.
@@ -170,6 +173,7 @@ impl SymmetricMemory {
             local_size,
             engine,
             timeout,
+            registered: crate::mem::RegionTable::new(),
             _own: own,
         })
     }
@@ -261,7 +265,7 @@ impl SymmetricMemory {
         match self.reach(r)? {
             Reach::Own | Reach::Mapped => {
                 let (src, dst) = if to_gva { (local, gva) } else { (gva, local) };
-                copy_in_process(src, dst, len, Instant::now() + self.timeout)
+                self.copy_mapped(src, dst, len, local)
             }
             Reach::Remote(session) => {
                 let engine = self
@@ -280,18 +284,38 @@ impl SymmetricMemory {
 
     /// Registers caller memory that network copies may use as their local side.
     pub fn register_local(&self, addr: u64, len: u64) -> Result<()> {
-        match &self.engine {
-            Some(e) => e.register(addr, len),
-            None => Ok(()),
+        self.registered.register(addr, len)?;
+        if let Some(e) = &self.engine {
+            if let Err(err) = e.register(addr, len) {
+                let _ = self.registered.unregister(addr);
+                return Err(err);
+            }
         }
+        Ok(())
     }
 
     /// Undoes [`register_local`](Self::register_local).
     pub fn unregister_local(&self, addr: u64) -> Result<()> {
+        self.registered.unregister(addr)?;
         match &self.engine {
             Some(e) => e.unregister(addr),
             None => Ok(()),
         }
+    }
+
+    /// Copies between a mapped part and this process: memcpy when the local side is
+    /// registered, else through the kernel so that a bad address is an error, not a crash.
+    fn copy_mapped(&self, src: u64, dst: u64, len: u64, local: u64) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        if self.registered.check(local, len).is_ok() {
+            use crate::transport::{local::LocalTransport, CheckedOps, Transport};
+            // SAFETY: the GVA side lies in a part mapped in this process (checked by locate);
+            // the local side lies in a registered region, which registration found mapped
+            // read-write and which the caller keeps mapped until it unregisters.
+            let ops = unsafe { CheckedOps::assume_checked(vec![Op::new(src, dst, len)], true) };
+            return LocalTransport::new().write(&ops, deadline);
+        }
+        copy_in_process(src, dst, len, deadline)
     }
 }
 
