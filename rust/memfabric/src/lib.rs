@@ -15,6 +15,7 @@ pub mod error;
 pub mod fabric;
 pub mod log;
 pub mod mem;
+pub mod net;
 pub mod runtime;
 pub mod shm;
 pub mod store;

@@ -22,8 +22,6 @@ use crate::error::{Error, Result};
 use crate::log::{DEBUG, INFO, WARN};
 use crate::mf_log;
 
-/// Backlog for the listening socket: a thousand ranks connect at once at rendezvous.
-pub const LISTEN_BACKLOG: i32 = 4096;
 /// Longest wait a client may ask for (a day); longer asks are clamped.
 const MAX_WAIT: Duration = Duration::from_secs(86_400);
 
@@ -86,7 +84,7 @@ impl StoreServer {
     pub fn start(addr: SocketAddr, tls: Option<Arc<rustls::ServerConfig>>) -> Result<StoreServer> {
         let rt = crate::runtime::runtime()?;
         crate::runtime::raise_fd_limit();
-        let std_listener = bind_listener(addr)?;
+        let std_listener = crate::net::bind_listener(addr, "config store", None)?;
         let addr = std_listener
             .local_addr()
             .map_err(|e| Error::io("store listener address", e))?;
@@ -123,62 +121,15 @@ impl Drop for StoreServer {
     }
 }
 
-fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let ctx = |what: &str| format!("config store {what} {addr}");
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(|e| Error::io(ctx("socket for"), e))?;
-    sock.set_reuse_address(true)
-        .map_err(|e| Error::io(ctx("SO_REUSEADDR on"), e))?;
-    if addr.is_ipv6() {
-        let _ = sock.set_only_v6(false);
-    }
-    sock.bind(&addr.into())
-        .map_err(|e| Error::io(ctx("cannot bind"), e))?;
-    sock.listen(LISTEN_BACKLOG)
-        .map_err(|e| Error::io(ctx("cannot listen on"), e))?;
-    sock.set_nonblocking(true)
-        .map_err(|e| Error::io(ctx("nonblocking"), e))?;
-    Ok(sock.into())
-}
-
-/// Keepalive so that a host that vanishes without closing its sockets is noticed in ~5 s.
-fn tune_accepted(stream: &tokio::net::TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let sock = socket2::SockRef::from(stream);
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(2))
-        .with_interval(Duration::from_secs(1))
-        .with_retries(3);
-    let _ = sock.set_tcp_keepalive(&ka);
-}
-
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(1);
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.changed() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => {
-                backoff = Duration::from_millis(1);
-                x
-            }
-            Err(e) => {
-                // Out of fds or similar: back off instead of spinning; existing sessions go on.
-                mf_log!(WARN, "config store accept failed: {e}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        tune_accepted(&stream);
+    while let Some((stream, peer)) =
+        crate::net::accept(&listener, &mut shutdown, "config store").await
+    {
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();

@@ -90,8 +90,6 @@ const ACK_EVERY: u64 = 1 << 20;
 const IOV_BATCH: usize = 128;
 /// A client must complete the handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Listen backlog: every peer opens several connections at once when a job starts.
-const LISTEN_BACKLOG: i32 = 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Frames
@@ -283,7 +281,7 @@ impl TcpDataServer {
     pub fn start(bind: SocketAddr, regions: Arc<RegionTable>) -> Result<Self> {
         let rt = crate::runtime::runtime()?;
         crate::runtime::raise_fd_limit();
-        let std_listener = bind_listener(bind)?;
+        let std_listener = crate::net::bind_listener(bind, "data server", Some(SOCK_BUF))?;
         let addr = std_listener
             .local_addr()
             .map_err(|e| Error::io("data server listener address", e))?;
@@ -329,62 +327,14 @@ impl Drop for TcpDataServer {
     }
 }
 
-fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let ctx = |what: &str| format!("data server: {what} {addr}");
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(|e| Error::io(ctx("socket for"), e))?;
-    sock.set_reuse_address(true)
-        .map_err(|e| Error::io(ctx("SO_REUSEADDR on"), e))?;
-    if addr.is_ipv6() {
-        let _ = sock.set_only_v6(false);
-    }
-    // Set on the listener so accepted sockets inherit them before the window is negotiated.
-    let _ = sock.set_recv_buffer_size(SOCK_BUF);
-    let _ = sock.set_send_buffer_size(SOCK_BUF);
-    sock.bind(&addr.into())
-        .map_err(|e| Error::io(ctx("cannot bind"), e))?;
-    sock.listen(LISTEN_BACKLOG)
-        .map_err(|e| Error::io(ctx("cannot listen on"), e))?;
-    sock.set_nonblocking(true)
-        .map_err(|e| Error::io(ctx("nonblocking"), e))?;
-    Ok(sock.into())
-}
-
-fn keepalive() -> socket2::TcpKeepalive {
-    // A host that vanishes without closing its sockets is noticed in ~5 s even when idle.
-    socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(2))
-        .with_interval(Duration::from_secs(1))
-        .with_retries(3)
-}
-
 async fn accept_loop(
     listener: TcpListener,
     regions: Arc<RegionTable>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(1);
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.changed() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => {
-                backoff = Duration::from_millis(1);
-                x
-            }
-            Err(e) => {
-                // Out of fds or similar: back off instead of spinning; live connections go on.
-                mf_log!(WARN, "data server accept failed: {e}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive());
+    while let Some((stream, peer)) =
+        crate::net::accept(&listener, &mut shutdown, "data server").await
+    {
         let regions = regions.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -897,7 +847,7 @@ fn connect(peer: SocketAddr, deadline: Instant) -> Result<Conn> {
     // Before connect, so the window scale is negotiated for the large buffers.
     let _ = sock.set_send_buffer_size(SOCK_BUF);
     let _ = sock.set_recv_buffer_size(SOCK_BUF);
-    let _ = sock.set_tcp_keepalive(&keepalive());
+    let _ = sock.set_tcp_keepalive(&crate::net::keepalive());
     sock.connect_timeout(&peer.into(), left).map_err(|e| {
         if e.kind() == std::io::ErrorKind::ConnectionRefused {
             Error::PeerGone(format!(
