@@ -6,15 +6,12 @@
 //! without a device; "G" and "GH" are GVAs (the DRAM parts, the only parts that exist here).
 //! Device (HBM) contributions need a device backend and are refused with `Unsupported`.
 
-use std::collections::HashSet;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::fabric::{copy_in_process, ObjectSpec, Reach, SymmetricMemory};
-use crate::shm::start_store_if_ours;
-use crate::store::{ClientOptions, Group, StoreClient, StoreServer};
+use crate::fabric::{copy_in_process, Reach, Runtime, RuntimeSpec, SymmetricMemory};
+use crate::shm::secs;
 
 pub const MAX_RANKS: u32 = 1024;
 pub const MAX_OBJECT_ID: u32 = 63;
@@ -102,23 +99,9 @@ impl CopyType {
 
 /// A process's membership in the BM runtime.
 pub struct BmRuntime {
-    store: Arc<StoreClient>,
-    store_url: String,
-    /// None with `start_store_only`.
-    group: Option<Group>,
+    core: Runtime,
     cfg: BmConfig,
     device_id: i32,
-    ids: Mutex<HashSet<u32>>,
-    server: Option<StoreServer>,
-}
-
-fn secs(what: &str, v: u32) -> Result<Duration> {
-    if v == 0 {
-        return Err(Error::InvalidParam(format!(
-            "{what} must be at least 1 second"
-        )));
-    }
-    Ok(Duration::from_secs(v as u64))
 }
 
 impl BmRuntime {
@@ -144,59 +127,42 @@ impl BmRuntime {
         secs("operation_timeout", cfg.operation_timeout)?;
         // With explicit ranks rank 0 hosts the store; with auto-ranking, the first process on
         // the store's host to bind its address does.
-        let may_host =
+        let host_store =
             cfg.start_store && (cfg.auto_ranking || cfg.rank_id == 0 || cfg.start_store_only);
-        let server = if may_host {
-            start_store_if_ours(store_url)?
-        } else {
-            None
-        };
-        if cfg.start_store_only && server.is_none() {
+        let rank = (!cfg.auto_ranking).then_some(cfg.rank_id);
+        let core = Runtime::start(RuntimeSpec {
+            store_url,
+            host_store,
+            group: (!cfg.start_store_only).then_some(("mf-bm", world, rank)),
+            timeout: init,
+            linger: Duration::from_secs(cfg.operation_timeout.min(30) as u64),
+            object_prefix: "mf-bm-obj",
+        })?;
+        if cfg.start_store_only && !core.hosts_store() {
             return Err(Error::NotStarted(format!(
                 "start_store_only: cannot serve {store_url} from this host"
             )));
         }
-        let store = Arc::new(StoreClient::connect(
-            store_url,
-            ClientOptions {
-                timeout: init,
-                ..Default::default()
-            },
-        )?);
-        let group = if cfg.start_store_only {
-            None
-        } else {
-            let rank = (!cfg.auto_ranking).then_some(cfg.rank_id);
-            Some(Group::join(store.clone(), "mf-bm", world, rank, init)?)
-        };
         Ok(BmRuntime {
-            store,
-            store_url: store_url.to_string(),
-            group,
+            core,
             cfg,
             device_id,
-            ids: Mutex::new(HashSet::new()),
-            server,
         })
     }
 
     /// This process's rank (`None` with start_store_only).
     pub fn rank(&self) -> Option<u32> {
-        self.group.as_ref().map(|g| g.rank())
+        self.core.group().map(|g| g.rank())
     }
 
     pub fn device_id(&self) -> i32 {
         self.device_id
     }
 
-    fn ids(&self) -> MutexGuard<'_, HashSet<u32>> {
-        self.ids.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Creates object `id`: every rank contributes `dram` bytes (and `hbm` bytes of device
     /// memory, which needs a device backend).
     pub fn create(self: &Arc<Self>, id: u32, dram: u64, hbm: u64) -> Result<BigMemory> {
-        let group = self.group.as_ref().ok_or_else(|| {
+        let group = self.core.group().ok_or_else(|| {
             Error::NotInit(
                 "this process only hosts the store (start_store_only); it has no rank".into(),
             )
@@ -216,46 +182,15 @@ impl BmRuntime {
                 "local_dram_size must be positive".into(),
             ));
         }
-        if !self.ids().insert(id) {
-            return Err(Error::Duplicated(format!(
-                "big memory object {id} already exists in this process"
-            )));
-        }
-        let ip = self
-            .store
-            .local_ip()
-            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        let spec = ObjectSpec {
-            name: format!("mf-bm-obj{id}"),
-            world: group.world(),
-            rank: group.rank(),
-            local_size: dram,
-        };
         let timeout = Duration::from_secs(self.cfg.create_timeout as u64);
-        match SymmetricMemory::create(self.store.clone(), &self.store_url, &spec, ip, timeout) {
-            Ok(mem) => Ok(BigMemory {
-                id,
-                mem,
-                runtime: self.clone(),
-            }),
-            Err(e) => {
-                self.ids().remove(&id);
-                Err(e)
-            }
-        }
-    }
-}
-
-impl Drop for BmRuntime {
-    fn drop(&mut self) {
-        if let Some(g) = &self.group {
-            if self.server.is_some() {
-                g.wait_others_left(Duration::from_secs(
-                    self.cfg.operation_timeout.min(30) as u64
-                ));
-            }
-            let _ = g.leave();
-        }
+        let mem = self
+            .core
+            .create_object(id, group.world(), group.rank(), dram, timeout)?;
+        Ok(BigMemory {
+            id,
+            mem,
+            runtime: self.clone(),
+        })
     }
 }
 
@@ -377,6 +312,6 @@ impl BigMemory {
 impl Drop for BigMemory {
     fn drop(&mut self) {
         let _ = self.mem.group().leave();
-        self.runtime.ids().remove(&self.id);
+        self.runtime.core.release(self.id);
     }
 }

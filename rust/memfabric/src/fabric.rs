@@ -7,12 +7,14 @@
 //! through a Transfer Engine whose registered region is the rank's own part, at the same
 //! address in every process, so a GVA is also the address to give the peer's data server.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::mem::gva::{self, Gva, Segment};
-use crate::store::{Group, StoreClient};
+use crate::store::{ClientOptions, Group, StoreClient, StoreServer};
 use crate::trans::{Direction, EngineConfig, Role, TransferEngine};
 use crate::transport::{host_id, Op};
 
@@ -332,4 +334,130 @@ pub fn copy_in_process(src: u64, dst: u64, len: u64, deadline: Instant) -> Resul
     // EFAULT (reported as OutOfBounds) when either is not mapped with the needed access.
     let ops = unsafe { CheckedOps::assume_checked(vec![Op::new(src, dst, len)], true) };
     me.write(&ops, deadline)
+}
+
+/// What the BM and SHM runtimes share: this process's store connection, the store it may
+/// host, its membership in the product's process group, and the object ids in use.
+pub struct Runtime {
+    store: Arc<StoreClient>,
+    store_url: String,
+    group: Option<Group>,
+    ids: Mutex<HashSet<u32>>,
+    server: Option<StoreServer>,
+    /// How long a store-hosting process waits at exit for the other members to leave.
+    linger: Duration,
+    object_prefix: &'static str,
+}
+
+/// How a product runtime joins.
+pub struct RuntimeSpec<'a> {
+    pub store_url: &'a str,
+    /// Host the store here (when its address is free on this host).
+    pub host_store: bool,
+    /// Process group (name, world, rank or None for auto-ranking); None: store only.
+    pub group: Option<(&'a str, u32, Option<u32>)>,
+    pub timeout: Duration,
+    pub linger: Duration,
+    /// Objects are named `<object_prefix><id>` in the store.
+    pub object_prefix: &'static str,
+}
+
+impl Runtime {
+    pub fn start(spec: RuntimeSpec<'_>) -> Result<Runtime> {
+        let server = if spec.host_store {
+            StoreServer::start_if_free(spec.store_url)?
+        } else {
+            None
+        };
+        let store = Arc::new(StoreClient::connect(
+            spec.store_url,
+            ClientOptions {
+                timeout: spec.timeout,
+                ..Default::default()
+            },
+        )?);
+        let group = match spec.group {
+            Some((name, world, rank)) => {
+                Some(Group::join(store.clone(), name, world, rank, spec.timeout)?)
+            }
+            None => None,
+        };
+        Ok(Runtime {
+            store,
+            store_url: spec.store_url.to_string(),
+            group,
+            ids: Mutex::new(HashSet::new()),
+            server,
+            linger: spec.linger,
+            object_prefix: spec.object_prefix,
+        })
+    }
+
+    pub fn store(&self) -> &Arc<StoreClient> {
+        &self.store
+    }
+
+    pub fn group(&self) -> Option<&Group> {
+        self.group.as_ref()
+    }
+
+    pub fn hosts_store(&self) -> bool {
+        self.server.is_some()
+    }
+
+    fn ids(&self) -> MutexGuard<'_, HashSet<u32>> {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates object `id` (unique in this process while it lives; release it with
+    /// [`release`](Self::release)).
+    pub fn create_object(
+        &self,
+        id: u32,
+        world: u32,
+        rank: u32,
+        local_size: u64,
+        timeout: Duration,
+    ) -> Result<SymmetricMemory> {
+        if !self.ids().insert(id) {
+            return Err(Error::Duplicated(format!(
+                "object {id} already exists in this process"
+            )));
+        }
+        let ip = self
+            .store
+            .local_ip()
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let spec = ObjectSpec {
+            name: format!("{}{id}", self.object_prefix),
+            world,
+            rank,
+            local_size,
+        };
+        SymmetricMemory::create(self.store.clone(), &self.store_url, &spec, ip, timeout)
+            .inspect_err(|_| {
+                self.ids().remove(&id);
+            })
+    }
+
+    /// The object key `suffix` of object `id` in the store.
+    pub fn object_key(&self, id: u32, suffix: &str) -> String {
+        format!("{}{id}/{suffix}", self.object_prefix)
+    }
+
+    pub fn release(&self, id: u32) {
+        self.ids().remove(&id);
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(g) = &self.group {
+            if self.server.is_some() {
+                // The store lives in this process: keep it until the other members have left.
+                g.wait_others_left(self.linger);
+            }
+            let _ = g.leave();
+        }
+    }
 }

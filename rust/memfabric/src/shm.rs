@@ -5,14 +5,11 @@
 //! address is free on this host and `start_store` is set) and joins the process group;
 //! `create` builds an object on [`SymmetricMemory`] with the seed's limits.
 
-use std::collections::HashSet;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::fabric::{ObjectSpec, SymmetricMemory};
-use crate::store::{ClientOptions, Group, StoreClient, StoreServer};
+use crate::fabric::{Runtime, RuntimeSpec, SymmetricMemory};
 
 pub const MAX_RANKS: u32 = 1024;
 pub const MAX_OBJECT_ID: u32 = 63;
@@ -43,41 +40,19 @@ impl Default for ShmConfig {
 
 /// A process's membership in the SHM runtime.
 pub struct ShmRuntime {
-    store: Arc<StoreClient>,
-    store_url: String,
-    group: Group,
+    core: Runtime,
     cfg: ShmConfig,
     device_id: i32,
-    ids: Mutex<HashSet<u32>>,
-    _server: Option<StoreServer>,
 }
 
-fn secs(what: &str, v: u32) -> Result<Duration> {
+/// A timeout of the seed's configs: seconds in [1, u32::MAX].
+pub(crate) fn secs(what: &str, v: u32) -> Result<Duration> {
     if v == 0 {
         return Err(Error::InvalidParam(format!(
             "{what} must be at least 1 second"
         )));
     }
     Ok(Duration::from_secs(v as u64))
-}
-
-/// Starts a store at `url` when the address is ours and free; `None` when it is served
-/// elsewhere (another process or host).
-pub fn start_store_if_ours(url: &str) -> Result<Option<StoreServer>> {
-    let addr = crate::store::url::parse_store_url(url, false)?;
-    let tls = crate::store::tls::current()?.map(|m| m.server.clone());
-    match StoreServer::start(addr, tls) {
-        Ok(s) => Ok(Some(s)),
-        Err(Error::Io { source, .. })
-            if matches!(
-                source.kind(),
-                std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
-            ) =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
 }
 
 impl ShmRuntime {
@@ -101,44 +76,31 @@ impl ShmRuntime {
         let init = secs("init_timeout", cfg.init_timeout)?;
         secs("create_timeout", cfg.create_timeout)?;
         secs("operation_timeout", cfg.operation_timeout)?;
-        // Rank 0 hosts the store (when its address is free on this host): one well-known
-        // process, so the others know whose exit takes the store away.
-        let server = if cfg.start_store && rank == 0 {
-            start_store_if_ours(store_url)?
-        } else {
-            None
-        };
-        let store = Arc::new(StoreClient::connect(
+        let core = Runtime::start(RuntimeSpec {
             store_url,
-            ClientOptions {
-                timeout: init,
-                ..Default::default()
-            },
-        )?);
-        let group = Group::join(store.clone(), "mf-shm", world, Some(rank), init)?;
+            // Rank 0 hosts the store (when its address is free on this host): one well-known
+            // process, so the others know whose exit takes the store away.
+            host_store: cfg.start_store && rank == 0,
+            group: Some(("mf-shm", world, Some(rank))),
+            timeout: init,
+            linger: Duration::from_secs(cfg.operation_timeout.min(30) as u64),
+            object_prefix: "mf-shm-obj",
+        })?;
         Ok(ShmRuntime {
-            store,
-            store_url: store_url.to_string(),
-            group,
+            core,
             cfg,
             device_id,
-            ids: Mutex::new(HashSet::new()),
-            _server: server,
         })
     }
 
     pub fn rank(&self) -> u32 {
-        self.group.rank()
+        self.core.group().map(|g| g.rank()).unwrap_or(0)
     }
     pub fn world(&self) -> u32 {
-        self.group.world()
+        self.core.group().map(|g| g.world()).unwrap_or(0)
     }
     pub fn device_id(&self) -> i32 {
         self.device_id
-    }
-
-    fn ids(&self) -> MutexGuard<'_, HashSet<u32>> {
-        self.ids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Creates object `id` of `rank_size` ranks, this one being `rank_id`, each contributing
@@ -172,45 +134,15 @@ impl ShmRuntime {
                 "local_mem_size {local_mem_size} must be a multiple of 2 MiB in [2 MiB, 4 GiB]"
             )));
         }
-        if !self.ids().insert(id) {
-            return Err(Error::Duplicated(format!(
-                "share memory object {id} already exists in this process"
-            )));
-        }
         let timeout = Duration::from_secs(self.cfg.create_timeout as u64);
-        let ip = self
-            .store
-            .local_ip()
-            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        let spec = ObjectSpec {
-            name: format!("mf-shm-obj{id}"),
-            world: rank_size,
-            rank: rank_id,
-            local_size: local_mem_size,
-        };
-        match SymmetricMemory::create(self.store.clone(), &self.store_url, &spec, ip, timeout) {
-            Ok(mem) => Ok(ShareMemory {
-                id,
-                mem,
-                runtime: self.clone(),
-            }),
-            Err(e) => {
-                self.ids().remove(&id);
-                Err(e)
-            }
-        }
-    }
-}
-
-impl Drop for ShmRuntime {
-    fn drop(&mut self) {
-        if self._server.is_some() {
-            // The store lives in this process: keep it until the other ranks have left.
-            self.group.wait_others_left(Duration::from_secs(
-                self.cfg.operation_timeout.min(30) as u64
-            ));
-        }
-        let _ = self.group.leave();
+        let mem = self
+            .core
+            .create_object(id, rank_size, rank_id, local_mem_size, timeout)?;
+        Ok(ShareMemory {
+            id,
+            mem,
+            runtime: self.clone(),
+        })
     }
 }
 
@@ -267,19 +199,20 @@ impl ShareMemory {
     }
 
     fn context_key(&self) -> String {
-        format!("mf-shm-obj{}/context", self.id)
+        self.runtime.core.object_key(self.id, "context")
     }
 
     /// Attaches user context to the object; every rank reads it with [`context`](Self::context).
     pub fn set_context(&self, context: &[u8]) -> Result<()> {
-        self.runtime.store.set(&self.context_key(), context)
+        self.runtime.core.store().set(&self.context_key(), context)
     }
 
     /// The context last set by any rank (empty when none).
     pub fn context(&self) -> Result<Vec<u8>> {
         Ok(self
             .runtime
-            .store
+            .core
+            .store()
             .get(&self.context_key())?
             .unwrap_or_default())
     }
@@ -296,6 +229,6 @@ impl ShareMemory {
 impl Drop for ShareMemory {
     fn drop(&mut self) {
         let _ = self.mem.group().leave();
-        self.runtime.ids().remove(&self.id);
+        self.runtime.core.release(self.id);
     }
 }

@@ -103,6 +103,26 @@ impl StoreServer {
         Ok(StoreServer { addr, shutdown: tx })
     }
 
+    /// Starts a server at `url` (with the process-wide TLS setting) when that address is on
+    /// this host and free; `Ok(None)` when it is served already or belongs to another host.
+    pub fn start_if_free(url: &str) -> Result<Option<StoreServer>> {
+        let addr = super::url::parse_store_url(url, false)?;
+        let tls = super::tls::current()?.map(|m| m.server.clone());
+        match StoreServer::start(addr, tls) {
+            Ok(s) => Ok(Some(s)),
+            Err(Error::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+                ) =>
+            {
+                mf_log!(INFO, "config store {url} is served elsewhere; using it");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr

@@ -210,7 +210,7 @@ impl TransferEngine {
             )));
         }
         let store_server = match cfg.store_server_role {
-            Some(r) if r == cfg.role => start_store_if_free(&cfg.store_url)?,
+            Some(r) if r == cfg.role => StoreServer::start_if_free(&cfg.store_url)?,
             _ => None,
         };
         let store = Arc::new(StoreClient::connect(
@@ -577,23 +577,6 @@ fn with_index(e: Error, i: usize) -> Error {
         Error::InvalidParam(m) => Error::InvalidParam(format!("region {i}: {m}")),
         Error::Duplicated(m) => Error::Duplicated(format!("region {i}: {m}")),
         other => other,
-    }
-}
-
-fn start_store_if_free(url: &str) -> Result<Option<StoreServer>> {
-    let addr = crate::store::url::parse_store_url(url, false)?;
-    let tls = crate::store::tls::current()?.map(|m| m.server.clone());
-    match StoreServer::start(addr, tls) {
-        Ok(s) => Ok(Some(s)),
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AddrInUse => {
-            mf_log!(INFO, "config store {url} is already served; using it");
-            Ok(None)
-        }
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AddrNotAvailable => {
-            // The store's address is another host's: this engine is a client only.
-            Ok(None)
-        }
-        Err(e) => Err(e),
     }
 }
 
