@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-import _netns
+from memfabric_hybrid import _netns
 import _te_target
 
 REASON = _netns.unavailable_reason()

@@ -46,15 +46,13 @@ import multiprocessing as mp
 import os
 import platform
 import random
-import shutil
 import socket
 import struct
-import subprocess
 import tempfile
 import time
-import uuid
 from typing import Any, Callable
 
+from .. import _netns
 from ._util import percentile, table, write_json
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -68,7 +66,6 @@ MOONCAKE_ENV = {
     "MC_TCP_MAX_PENDING_ADMISSIONS_PER_PEER": "65535",
     "MC_LOG_LEVEL": "ERROR",
 }
-CLONE_NEWNET = 0x40000000
 
 
 def _addr(buf: mmap.mmap) -> int:
@@ -89,69 +86,18 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-# ---- network namespaces (as tests/_netns.py does) -----------------------------------------------
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
+# ---- network namespaces -------------------------------------------------------------------------
 
 def netns_unavailable() -> str | None:
     """None when two namespaces can be created here, else why not."""
-    if shutil.which("ip") is None:
-        return "the ip command (iproute2) is not installed"
-    if os.geteuid() != 0:
-        return "creating network namespaces needs root"
-    probe = f"mfbp{uuid.uuid4().hex[:6]}"
-    try:
-        _ip("netns", "add", probe)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        err = getattr(e, "stderr", b"") or b""
-        return f"ip netns add failed here: {err.decode(errors='replace').strip()}"
-    _ip("netns", "del", probe)
-    return None
+    return _netns.unavailable_reason()
 
 
-class TwoHosts:
-    """Namespaces `a` and `b` with addresses `ip_a`, `ip_b` on one veth link; removed on exit."""
-
-    def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:6]
-        self.a, self.b = f"mfba{tag}", f"mfbb{tag}"
-        self.veth_a, self.veth_b = f"vba{tag}", f"vbb{tag}"
-        octet = int(tag[:2], 16)
-        self.ip_a, self.ip_b = f"10.214.{octet}.1", f"10.214.{octet}.2"
-        self.created: list[str] = []
-
-    def __enter__(self) -> "TwoHosts":
-        try:
-            for ns in (self.a, self.b):
-                _ip("netns", "add", ns)
-                self.created.append(ns)
-                _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("link", "add", self.veth_a, "netns", self.a, "type", "veth", "peer", "name", self.veth_b, "netns", self.b)
-            _ip("-n", self.a, "addr", "add", f"{self.ip_a}/30", "dev", self.veth_a)
-            _ip("-n", self.b, "addr", "add", f"{self.ip_b}/30", "dev", self.veth_b)
-            _ip("-n", self.a, "link", "set", self.veth_a, "up")
-            _ip("-n", self.b, "link", "set", self.veth_b, "up")
-        except Exception:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for ns in self.created:  # deleting a namespace deletes its end of the veth pair too
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
-        self.created.clear()
+def TwoHosts() -> _netns.TwoHosts:  # noqa: N802  (kept as the name callers use)
+    return _netns.TwoHosts(net=214)
 
 
-def _enter(ns: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
-    finally:
-        os.close(fd)
+_enter = _netns.enter
 
 
 def _child(ns: str | None, env: dict[str, str | None], log: str | None, fn: Callable[..., None], *args: Any) -> None:

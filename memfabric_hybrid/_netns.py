@@ -1,6 +1,6 @@
-"""Test hosts in network namespaces: two namespaces joined by a veth pair.
+"""Test hosts in network namespaces: two namespaces joined by a veth pair (tests, benchmarks).
 
-The namespaces, the veth pair and the addresses are created by the test and removed after it.
+The namespaces, the veth pair and the addresses are created by the caller and removed after.
 Processes enter a namespace with setns(2) at the start of a spawned child, before anything
 opens a socket.
 """
@@ -36,15 +36,17 @@ def unavailable_reason() -> str | None:
 
 
 class TwoHosts:
-    """Namespaces `a` and `b` with addresses `ip_a`, `ip_b` on one veth link."""
+    """Namespaces `a` and `b` with addresses `ip_a`, `ip_b` on one veth link.
 
-    def __init__(self) -> None:
+    `net`: the second octet of the 10.x.y.0/30 link, so tests and benchmarks running at the
+    same time use different subnets; the namespaces are our own and reach nothing else."""
+
+    def __init__(self, net: int = 213) -> None:
         tag = uuid.uuid4().hex[:6]
         self.a, self.b = f"mfa{tag}", f"mfb{tag}"
         self.veth_a, self.veth_b = f"va{tag}", f"vb{tag}"
-        # 10.213.x.0/30 inside namespaces of our own, unreachable from anywhere else.
         octet = int(tag[:2], 16)
-        self.ip_a, self.ip_b = f"10.213.{octet}.1", f"10.213.{octet}.2"
+        self.ip_a, self.ip_b = f"10.{net}.{octet}.1", f"10.{net}.{octet}.2"
         self.created: list[str] = []
 
     def __enter__(self) -> "TwoHosts":
