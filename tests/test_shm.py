@@ -89,5 +89,10 @@ def test_limits_and_bad_arguments(store):
         assert s.topology_can_reach(1) == mf.SMEM_INVALID_PARAM
         assert s.destroy() == 0
         assert s.barrier() == mf.SMEM_NOT_INIT
+        # The same id again: a fresh object (its own barriers and context).
+        s2 = mf.shm.create(5, 1, 0, 2 * MiB)
+        assert s2.barrier() == 0 and s2.barrier() == 0
+        assert s2.get_context() == b""
+        assert s2.destroy() == 0
     finally:
         mf.shm.uninitialize()

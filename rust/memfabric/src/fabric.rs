@@ -7,7 +7,7 @@
 //! through a Transfer Engine whose registered region is the rank's own part, at the same
 //! address in every process, so a GVA is also the address to give the peer's data server.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -342,7 +342,8 @@ pub struct Runtime {
     store: Arc<StoreClient>,
     store_url: String,
     group: Option<Group>,
-    ids: Mutex<HashSet<u32>>,
+    /// Object id -> (alive now, how many times this process created it).
+    ids: Mutex<HashMap<u32, (bool, u32)>>,
     server: Option<StoreServer>,
     /// How long a store-hosting process waits at exit for the other members to leave.
     linger: Duration,
@@ -386,7 +387,7 @@ impl Runtime {
             store,
             store_url: spec.store_url.to_string(),
             group,
-            ids: Mutex::new(HashSet::new()),
+            ids: Mutex::new(HashMap::new()),
             server,
             linger: spec.linger,
             object_prefix: spec.object_prefix,
@@ -405,7 +406,7 @@ impl Runtime {
         self.server.is_some()
     }
 
-    fn ids(&self) -> MutexGuard<'_, HashSet<u32>> {
+    fn ids(&self) -> MutexGuard<'_, HashMap<u32, (bool, u32)>> {
         self.ids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -419,34 +420,39 @@ impl Runtime {
         local_size: u64,
         timeout: Duration,
     ) -> Result<SymmetricMemory> {
-        if !self.ids().insert(id) {
-            return Err(Error::Duplicated(format!(
-                "object {id} already exists in this process"
-            )));
-        }
+        // Each creation of an id gets a store namespace of its own ("<prefix><id>.<n>"), so an
+        // object destroyed and created again never meets the keys of its predecessor. Ranks
+        // create objects collectively, so they agree on n.
+        let generation = {
+            let mut ids = self.ids();
+            let slot = ids.entry(id).or_insert((false, 0));
+            if slot.0 {
+                return Err(Error::Duplicated(format!(
+                    "object {id} already exists in this process"
+                )));
+            }
+            *slot = (true, slot.1 + 1);
+            slot.1
+        };
         let ip = self
             .store
             .local_ip()
             .unwrap_or(IpAddr::from([127, 0, 0, 1]));
         let spec = ObjectSpec {
-            name: format!("{}{id}", self.object_prefix),
+            name: format!("{}{id}.{generation}", self.object_prefix),
             world,
             rank,
             local_size,
         };
         SymmetricMemory::create(self.store.clone(), &self.store_url, &spec, ip, timeout)
-            .inspect_err(|_| {
-                self.ids().remove(&id);
-            })
+            .inspect_err(|_| self.release(id))
     }
 
-    /// The object key `suffix` of object `id` in the store.
-    pub fn object_key(&self, id: u32, suffix: &str) -> String {
-        format!("{}{id}/{suffix}", self.object_prefix)
-    }
-
+    /// Marks object `id` destroyed in this process.
     pub fn release(&self, id: u32) {
-        self.ids().remove(&id);
+        if let Some(slot) = self.ids().get_mut(&id) {
+            slot.0 = false;
+        }
     }
 }
 

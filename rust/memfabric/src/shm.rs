@@ -199,7 +199,7 @@ impl ShareMemory {
     }
 
     fn context_key(&self) -> String {
-        self.runtime.core.object_key(self.id, "context")
+        format!("{}context", self.mem.group().prefix())
     }
 
     /// Attaches user context to the object; every rank reads it with [`context`](Self::context).
