@@ -20,5 +20,5 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q "maturin>=1.5,<2" "pytest>=7" "pytest-timeout>=2" "numpy>=1.22" "mypy>=1.18"
-maturin develop --release -q 2>&1 | grep -v "^📦\|^🔗\|^🐍\|^💻\|^📡" || true
+maturin develop --release -q
 python -c "import memfabric_hybrid as mf; print('memfabric_hybrid', mf.__version__, 'ready')"
