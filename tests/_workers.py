@@ -207,3 +207,29 @@ def bm_netns_rank(url: str | None, world: int, rank: int, size: int, ip: str, ou
         import time
         time.sleep(1.0)
         server.close()
+
+
+def bm_doomed_rank(url: str, world: int, rank: int, victim: int, out) -> None:
+    """Creates a BM object; the victim then waits to be killed, the others wait() and report."""
+    import time
+
+    import memfabric_hybrid as mf
+
+    cfg = mf.bm.BmConfig()
+    cfg.rank_id = rank
+    cfg.operation_timeout = 60
+    assert mf.bm.initialize(url, world, 0, cfg) == 0, mf.get_last_err_msg()
+    big = mf.bm.create(3, 2 << 20)
+    out.put(("created", rank))
+    if rank == victim:
+        time.sleep(120)
+        return
+    t = time.monotonic()
+    rc = big.wait()
+    out.put(("waited", rank, rc, time.monotonic() - t, mf.get_last_err_msg()))
+    # A copy into the dead rank's part (mapped here, memory still valid) does not crash.
+    import ctypes
+    import mmap
+    buf = mmap.mmap(-1, 4096)
+    a = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    out.put(("copied", rank, big.copy_data(a, big.peer_rank_ptr(victim), 4096, mf.bm.BmCopyType.H2G)))

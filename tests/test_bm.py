@@ -82,3 +82,28 @@ def test_bm_argument_errors(store):
     finally:
         mf.bm.uninitialize()
     assert mf.bm.bm_rank_id() == 4294967295
+
+
+def test_killed_rank_fails_the_others_wait(spawn):
+    import time
+
+    world, victim = 3, 2
+    url = f"tcp://127.0.0.1:{free_port()}"
+    out = spawn.Queue()
+    procs = [spawn.Process(target=_workers.bm_doomed_rank, args=(url, world, r, victim, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    assert sorted(out.get(timeout=120) for _ in procs) == [("created", r) for r in range(world)]
+    time.sleep(0.5)
+    procs[victim].kill()
+    reports = [out.get(timeout=60) for _ in range(2 * (world - 1))]
+    waited = [r for r in reports if r[0] == "waited"]
+    assert len(waited) == world - 1
+    for _, rank, rc, took, msg in waited:
+        assert rc == mf.MF_PEER_GONE, msg
+        assert took < 10
+    # Its segment stays mapped in the survivors (shared memory outlives the process): no crash.
+    assert all(r[2] == 0 for r in reports if r[0] == "copied")
+    for p in procs:
+        p.join(60)
+        assert p.exitcode in (0, -9)
