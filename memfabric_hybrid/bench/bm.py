@@ -2,9 +2,13 @@
 other rank's part of the global address space, per size, with single-thread memcpy of the
 same sizes in the same run.
 
-    python -m memfabric_hybrid.bench bm [--sizes 4096,65536,1048576,16777216,67108864] [--seconds 0.5] [--json FILE]
+    python -m memfabric_hybrid.bench bm [--sizes 4096,65536,1048576,16777216,67108864] [--seconds 0.5]
+                                        [--no-cross-host] [--json FILE]
 
-Two ranks on this host (spawned processes); rank 0 measures, rank 1 holds its part.
+Two ranks (spawned processes); rank 0 measures, rank 1 holds its part. Same host: the part is
+mapped (memory copies). Cross host: the ranks live in two network namespaces joined by a veth
+pair and reach each other's parts over tcp (skipped with the reason where namespaces cannot be
+made).
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from typing import Any
 from ._util import free_port, percentile, table, write_json
 
 
-def _rank(url: str, rank: int, sizes: list[int], seconds: float, out) -> None:
+def _rank(url: str, rank: int, sizes: list[int], seconds: float, out, cross_host: bool = False) -> None:
+    import os
+
+    if cross_host:
+        os.environ["MF_TRANSPORT"] = "tcp"
     import memfabric_hybrid as mf
     from memfabric_hybrid.bm import BmCopyType
 
@@ -40,9 +48,11 @@ def _rank(url: str, rank: int, sizes: list[int], seconds: float, out) -> None:
         rows = []
         for n in sizes:
             cell: dict[str, Any] = {"bytes": n}
-            for name, fn in [
+            unregistered = [] if cross_host else [  # remote parts need a registered buffer
                 ("H2G", lambda: big.copy_data(h, peer, n, BmCopyType.H2G)),
                 ("G2H", lambda: big.copy_data(peer, h, n, BmCopyType.G2H)),
+            ]
+            for name, fn in unregistered + [
                 ("H2G reg", lambda: big.copy_data(o, peer, n, BmCopyType.H2G)),
                 ("G2H reg", lambda: big.copy_data(peer, o, n, BmCopyType.G2H)),
                 ("memcpy", lambda: ctypes.memmove(o, h, n)),
@@ -70,29 +80,64 @@ def _rank(url: str, rank: int, sizes: list[int], seconds: float, out) -> None:
     mf.bm.uninitialize()
 
 
+def _run(sizes: list[int], seconds: float, cross_host: bool) -> list[dict[str, Any]] | str:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    if not cross_host:
+        url = f"tcp://127.0.0.1:{free_port()}"
+        procs = [ctx.Process(target=_rank, args=(url, r, sizes, seconds, out)) for r in range(2)]
+        for pr in procs:
+            pr.start()
+        rows = out.get(timeout=600)
+        for pr in procs:
+            pr.join(60)
+        return rows
+    from .. import _netns
+
+    why = _netns.unavailable_reason()
+    if why:
+        return f"skipped: network namespaces unavailable ({why})"
+    with _netns.TwoHosts(net=215) as hosts:
+        url = f"tcp://{hosts.ip_a}:{free_port()}"
+        procs = [
+            ctx.Process(target=_netns.run_in, args=(hosts.a, _rank, url, 0, sizes, seconds, out, True)),
+            ctx.Process(target=_netns.run_in, args=(hosts.b, _rank, url, 1, sizes, seconds, out, True)),
+        ]
+        for pr in procs:
+            pr.start()
+        rows = out.get(timeout=600)
+        for pr in procs:
+            pr.join(60)
+        return rows
+
+
+def _gb(c: dict[str, Any], k: str) -> float:
+    return c[k]["gb_s"] if k in c else float("nan")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m memfabric_hybrid.bench bm", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="4096,65536,1048576,16777216,67108864")
     p.add_argument("--seconds", type=float, default=0.5)
+    p.add_argument("--no-cross-host", action="store_true")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     sizes = [int(x) for x in a.sizes.split(",") if x]
-    url = f"tcp://127.0.0.1:{free_port()}"
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(url, r, sizes, a.seconds, out)) for r in range(2)]
-    for pr in procs:
-        pr.start()
-    rows = out.get(timeout=600)
-    for pr in procs:
-        pr.join(60)
+    result: dict[str, Any] = {}
     print("H2G/G2H: unregistered host buffer (kernel-checked copy); 'reg': buffer registered with")
-    print("BigMemory.register (memcpy, parallel from 4 MiB). memcpy: one thread, same sizes.\n")
-    print(table(
-        ["bytes", "H2G GB/s", "G2H GB/s", "H2G reg GB/s", "G2H reg GB/s", "memcpy GB/s", "H2G p50 us",
-         "H2G reg p50 us", "reg H2G/memcpy", "reg G2H/memcpy"],
-        [[c["bytes"], c["H2G"]["gb_s"], c["G2H"]["gb_s"], c["H2G reg"]["gb_s"], c["G2H reg"]["gb_s"],
-          c["memcpy"]["gb_s"], c["H2G"]["p50_us"], c["H2G reg"]["p50_us"],
-          c["H2G reg"]["gb_s"] / c["memcpy"]["gb_s"], c["G2H reg"]["gb_s"] / c["memcpy"]["gb_s"]] for c in rows]))
-    write_json(a.json, {"same_host": rows})
+    print("BigMemory.register (memcpy, parallel from 4 MiB; tcp across hosts). memcpy: one thread.")
+    for path in ["same-host"] + ([] if a.no_cross_host else ["cross-host"]):
+        rows = _run(sizes, a.seconds, path == "cross-host")
+        result[path] = rows
+        print(f"\n{path}:")
+        if isinstance(rows, str):
+            print(rows)
+            continue
+        print(table(
+            ["bytes", "H2G GB/s", "G2H GB/s", "H2G reg GB/s", "G2H reg GB/s", "memcpy GB/s", "H2G reg p50 us",
+             "G2H reg p50 us", "reg H2G/memcpy", "reg G2H/memcpy"],
+            [[c["bytes"], _gb(c, "H2G"), _gb(c, "G2H"), _gb(c, "H2G reg"), _gb(c, "G2H reg"), _gb(c, "memcpy"),
+              c["H2G reg"]["p50_us"], c["G2H reg"]["p50_us"],
+              _gb(c, "H2G reg") / _gb(c, "memcpy"), _gb(c, "G2H reg") / _gb(c, "memcpy")] for c in rows]))
+    write_json(a.json, result)
     return 0
