@@ -233,3 +233,41 @@ def bm_doomed_rank(url: str, world: int, rank: int, victim: int, out) -> None:
     buf = mmap.mmap(-1, 4096)
     a = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     out.put(("copied", rank, big.copy_data(a, big.peer_rank_ptr(victim), 4096, mf.bm.BmCopyType.H2G)))
+
+
+def bm_dynamic_rank(url: str, rank: int, size: int, cmds, out) -> None:
+    """A member of a dynamic BM object (max 4 ranks) driven by commands from the test."""
+    import ctypes
+    import mmap
+
+    import memfabric_hybrid as mf
+    from memfabric_hybrid.bm import BmCopyType as T
+
+    cfg = mf.bm.BmConfig()
+    cfg.rank_id = rank
+    cfg.dynamic_world_size = True
+    cfg.operation_timeout = 30
+    assert mf.bm.initialize(url, 4, 0, cfg) == 0, mf.get_last_err_msg()
+    big = mf.bm.create(7, size)
+    events = []
+    big.set_group_event_handler(lambda r, ev: events.append((r, int(ev))))
+    buf = mmap.mmap(-1, size)
+    a = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    out.put(("ready", rank))
+    while True:
+        cmd = cmds.get(timeout=60)
+        if cmd[0] == "write":
+            _, peer, byte = cmd
+            buf[:] = bytes([byte]) * size
+            rc = big.copy_data(a, big.peer_rank_ptr(peer), size, T.H2G)
+            out.put(("write", rank, peer, rc, mf.get_last_err_msg()))
+        elif cmd[0] == "read-own":
+            rc = big.copy_data(big.peer_rank_ptr(rank), a, size, T.G2H)
+            out.put(("read-own", rank, rc, buf[:4]))
+        elif cmd[0] == "state":
+            out.put(("state", rank, big.members(), list(events), big.wait()))
+        elif cmd[0] == "leave":
+            big.destroy()
+            mf.bm.uninitialize()
+            out.put(("left", rank))
+            return

@@ -107,3 +107,52 @@ def test_killed_rank_fails_the_others_wait(spawn):
     for p in procs:
         p.join(60)
         assert p.exitcode in (0, -9)
+
+
+def test_dynamic_membership(spawn):
+    """Ranks join and leave a live object; the others see it; copies to a departed rank fail."""
+    import time
+
+    size = 2 * MiB
+    url = f"tcp://127.0.0.1:{free_port()}"
+    out = spawn.Queue()
+    cmds = [spawn.Queue() for _ in range(3)]
+
+    def start(r):
+        p = spawn.Process(target=_workers.bm_dynamic_rank, args=(url, r, size, cmds[r], out))
+        p.start()
+        assert out.get(timeout=60) == ("ready", r)
+        return p
+
+    def ask(r, *cmd):
+        cmds[r].put(cmd)
+        return out.get(timeout=60)
+
+    p0 = start(0)
+    # Rank 1 has not joined yet: copies to it fail cleanly.
+    tag, _, _, rc, msg = ask(0, "write", 1, 0x11)
+    assert rc == mf.MF_PEER_GONE, msg
+    p1 = start(1)
+    time.sleep(0.4)  # the watcher period is 100 ms
+    _, _, members, events, wait_rc = ask(0, "state")
+    assert members == [0, 1] and (1, 0) in events  # JOIN_EVENT for rank 1
+    assert wait_rc == mf.MF_UNSUPPORTED
+    assert ask(0, "write", 1, 0x22)[3] == 0
+    assert ask(1, "read-own")[2:] == (0, b"\x22" * 4)
+    assert ask(1, "write", 0, 0x33)[3] == 0
+    assert ask(0, "read-own")[2:] == (0, b"\x33" * 4)
+    assert ask(1, "leave") == ("left", 1)
+    p1.join(30)
+    time.sleep(0.4)
+    _, _, members, events, _ = ask(0, "state")
+    assert members == [0] and (1, 1) in events  # LEAVE_EVENT for rank 1
+    tag, _, _, rc, msg = ask(0, "write", 1, 0x44)
+    assert rc == mf.MF_PEER_GONE, msg
+    # A rank can join again (a new process, a new segment) and is reachable.
+    p1 = start(1)
+    assert ask(0, "write", 1, 0x55)[3] == 0
+    assert ask(1, "read-own")[2:] == (0, b"\x55" * 4)
+    for r, p in ((1, p1), (0, p0)):
+        assert ask(r, "leave") == ("left", r)
+        p.join(30)
+        assert p.exitcode == 0

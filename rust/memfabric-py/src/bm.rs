@@ -270,6 +270,37 @@ impl BigMemory {
         self.run(py, move |b| b.unregister(addr))
     }
 
+    /// Ranks that are members of the object now (with dynamic_world_size: as last seen, at
+    /// most 100 ms ago).
+    fn members(&self) -> PyResult<Vec<u32>> {
+        self.get().map(|b| b.members()).map_err(to_fabric_err)
+    }
+
+    /// Call ``handler(rank, event)`` (event: BmGroupEvent JOIN_EVENT 0 / LEAVE_EVENT 1) when a
+    /// rank joins or leaves an object created with ``dynamic_world_size``; None removes it.
+    /// The handler runs on a library thread; an exception in it is printed, not raised.
+    fn set_group_event_handler(&self, handler: Bound<'_, PyAny>) -> PyResult<()> {
+        let b = self.get().map_err(to_fabric_err)?;
+        let h: Option<memfabric::fabric::GroupEventHandler> = if handler.is_none() {
+            None
+        } else {
+            if !handler.is_callable() {
+                return Err(pyo3::exceptions::PyTypeError::new_err(
+                    "the group event handler must be callable (rank, event)",
+                ));
+            }
+            let f: Py<PyAny> = handler.unbind();
+            Some(Arc::new(move |rank, joined| {
+                let _ = Python::try_attach(|py| {
+                    if let Err(e) = f.call1(py, (rank, if joined { 0 } else { 1 })) {
+                        e.print(py);
+                    }
+                });
+            }))
+        };
+        b.set_group_event_handler(h).map_err(to_fabric_err)
+    }
+
     /// A barrier over the object's ranks. Returns 0 or a code.
     fn wait(&self, py: Python<'_>) -> i32 {
         self.run(py, |b| b.wait())

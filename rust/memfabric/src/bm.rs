@@ -137,6 +137,7 @@ impl BmRuntime {
             timeout: init,
             linger: Duration::from_secs(cfg.operation_timeout.min(30) as u64),
             object_prefix: "mf-bm-obj",
+            dynamic: cfg.dynamic_world_size,
         })?;
         if cfg.start_store_only && !core.hosts_store() {
             return Err(Error::NotStarted(format!(
@@ -241,8 +242,26 @@ impl BigMemory {
         self.mem.unregister_local(addr)
     }
 
+    /// Ranks that are members now.
+    pub fn members(&self) -> Vec<u32> {
+        self.mem.members()
+    }
+
+    /// Calls `handler(rank, joined)` as ranks join and leave (dynamic_world_size objects).
+    pub fn set_group_event_handler(
+        &self,
+        handler: Option<crate::fabric::GroupEventHandler>,
+    ) -> Result<()> {
+        self.mem.set_event_handler(handler)
+    }
+
     /// A barrier over the object's ranks.
     pub fn wait(&self) -> Result<()> {
+        if self.mem.is_dynamic() {
+            return Err(Error::Unsupported(
+                "wait() needs a fixed set of ranks; this object has dynamic_world_size".into(),
+            ));
+        }
         self.mem.group().barrier(Duration::from_secs(
             self.runtime.cfg.operation_timeout as u64,
         ))

@@ -7,9 +7,9 @@
 //! through a Transfer Engine whose registered region is the rank's own part, at the same
 //! address in every process, so a GVA is also the address to give the peer's data server.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -48,13 +48,19 @@ pub struct ObjectSpec {
     pub rank: u32,
     /// Bytes this rank contributes (the same on every rank).
     pub local_size: u64,
+    /// Members come and go (`world` is the most there may be): no collective creation; peers
+    /// are found when first used and watched for arrivals and departures.
+    pub dynamic: bool,
 }
 
 /// One object's symmetric memory in this process.
 pub struct SymmetricMemory {
     group: Group,
     gva: Gva,
-    reach: Vec<Reach>,
+    /// Per rank: how it is reached (None: not resolved yet) and whether it is a member now.
+    peers: Arc<RwLock<Vec<PeerSlot>>>,
+    /// Present for objects whose members come and go.
+    dynamic: Option<Dynamic>,
     local_size: u64,
     /// Present when some rank is on another host.
     engine: Option<TransferEngine>,
@@ -84,10 +90,14 @@ impl SymmetricMemory {
             world,
             rank,
             local_size,
+            ..
         } = spec;
         let (name, world, rank, local_size) = (name.as_str(), *world, *rank, *local_size);
         if local_size == 0 {
             return Err(Error::InvalidParam("local memory size 0".into()));
+        }
+        if spec.dynamic {
+            return Self::create_dynamic(client, store_url, spec, advertise_ip, timeout);
         }
         let deadline = Instant::now() + timeout;
         let left = || {
@@ -105,8 +115,7 @@ impl SymmetricMemory {
         let infos = group.all_gather(me.as_bytes(), left())?;
         // MF_TRANSPORT=tcp: treat every other rank as remote (tests of the network path on
         // one machine, e.g. across network namespaces).
-        let force_network =
-            std::env::var("MF_TRANSPORT").is_ok_and(|v| v.trim().eq_ignore_ascii_case("tcp"));
+        let force_network = force_network();
         let mut reach = Vec::with_capacity(world as usize);
         let mut remote_needed = false;
         for (r, raw) in infos.iter().enumerate() {
@@ -168,10 +177,18 @@ impl SymmetricMemory {
         };
         // Everyone has mapped (and registered) before anyone uses the memory.
         group.barrier(left())?;
+        let peers = reach
+            .into_iter()
+            .map(|r| PeerSlot {
+                reach: Some(r),
+                live: true,
+            })
+            .collect();
         Ok(SymmetricMemory {
             group,
             gva,
-            reach,
+            peers: Arc::new(RwLock::new(peers)),
+            dynamic: None,
             local_size,
             engine,
             timeout,
@@ -213,10 +230,90 @@ impl SymmetricMemory {
         Ok(self.gva.part(r))
     }
 
-    pub fn reach(&self, r: u32) -> Result<&Reach> {
-        self.reach.get(r as usize).ok_or_else(|| {
-            Error::InvalidParam(format!("rank {r} is outside [0, {})", self.world()))
-        })
+    /// How rank `r` is reached; for a dynamic object, looks the rank up (and maps its part)
+    /// the first time. `PeerGone` for a rank that is not a member now.
+    pub fn reach(&self, r: u32) -> Result<Reach> {
+        {
+            let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+            let slot = peers.get(r as usize).ok_or_else(|| {
+                Error::InvalidParam(format!("rank {r} is outside [0, {})", self.world()))
+            })?;
+            if let (true, Some(reach)) = (slot.live, &slot.reach) {
+                return Ok(reach.clone());
+            }
+            if self.dynamic.is_none() {
+                return Err(Error::PeerGone(format!("rank {r} is not reachable")));
+            }
+        }
+        self.resolve(r)
+    }
+
+    /// Reads rank `r`'s member record and maps (same host) or records (remote) its part.
+    fn resolve(&self, r: u32) -> Result<Reach> {
+        let d = self
+            .dynamic
+            .as_ref()
+            .ok_or_else(|| Error::PeerGone(format!("rank {r} is not reachable")))?;
+        let gone = || {
+            Error::PeerGone(format!(
+                "rank {r} is not a member of {:?} now (not joined yet, or left)",
+                d.prefix
+            ))
+        };
+        let Some(raw) = d.client.get(&format!("{}member/{r}", d.prefix))? else {
+            self.set_slot(r, None, false);
+            return Err(gone());
+        };
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let f: Vec<&str> = text.splitn(4, ';').collect();
+        let (pid, fd) = match (
+            f.first().and_then(|p| p.parse::<u32>().ok()),
+            f.get(1).and_then(|d| d.parse::<i32>().ok()),
+        ) {
+            (Some(p), Some(d)) if f.len() == 4 => (p, d),
+            _ => {
+                return Err(Error::Protocol(format!(
+                    "member record of rank {r} is malformed: {text:?}"
+                )))
+            }
+        };
+        let reach = if f[2] == host_id() && !force_network() {
+            let seg = Segment::open_peer(pid, fd, self.local_size)?;
+            self.gva.map_part(r, &seg)?;
+            Reach::Mapped
+        } else {
+            Reach::Remote(f[3].to_string())
+        };
+        self.set_slot(r, Some(reach.clone()), true);
+        Ok(reach)
+    }
+
+    fn set_slot(&self, r: u32, reach: Option<Reach>, live: bool) {
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = peers.get_mut(r as usize) {
+            *slot = PeerSlot { reach, live };
+        }
+    }
+
+    /// Ranks that are members now (dynamic objects: as last seen by the watcher).
+    pub fn members(&self) -> Vec<u32> {
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        (0..peers.len() as u32)
+            .filter(|&r| peers[r as usize].live)
+            .collect()
+    }
+
+    /// Calls `handler(rank, joined)` when a rank joins or leaves (dynamic objects).
+    pub fn set_event_handler(&self, handler: Option<GroupEventHandler>) -> Result<()> {
+        let d = self.dynamic.as_ref().ok_or_else(|| {
+            Error::Unsupported("group events need an object created with dynamic_world_size".into())
+        })?;
+        *d.handler.lock().unwrap_or_else(|p| p.into_inner()) = handler;
+        Ok(())
+    }
+
+    pub fn is_dynamic(&self) -> bool {
+        self.dynamic.is_some()
     }
 
     /// Bits of [`ops`] that reach rank `r` from here.
@@ -279,7 +376,7 @@ impl SymmetricMemory {
                 } else {
                     Direction::Read
                 };
-                engine.transfer_batch(session, dir, vec![Op::new(local, gva, len)])
+                engine.transfer_batch(&session, dir, vec![Op::new(local, gva, len)])
             }
         }
     }
@@ -348,6 +445,8 @@ pub struct Runtime {
     /// How long a store-hosting process waits at exit for the other members to leave.
     linger: Duration,
     object_prefix: &'static str,
+    /// Members come and go: no rendezvous at start, objects created without a collective.
+    dynamic: bool,
 }
 
 /// How a product runtime joins.
@@ -361,6 +460,8 @@ pub struct RuntimeSpec<'a> {
     pub linger: Duration,
     /// Objects are named `<object_prefix><id>` in the store.
     pub object_prefix: &'static str,
+    /// Members come and go (`group`'s world is the most there may be).
+    pub dynamic: bool,
 }
 
 impl Runtime {
@@ -378,6 +479,9 @@ impl Runtime {
             },
         )?);
         let group = match spec.group {
+            Some((name, world, rank)) if spec.dynamic => {
+                Some(Group::join_member(store.clone(), name, world, rank)?)
+            }
             Some((name, world, rank)) => {
                 Some(Group::join(store.clone(), name, world, rank, spec.timeout)?)
             }
@@ -391,6 +495,7 @@ impl Runtime {
             server,
             linger: spec.linger,
             object_prefix: spec.object_prefix,
+            dynamic: spec.dynamic,
         })
     }
 
@@ -443,6 +548,7 @@ impl Runtime {
             world,
             rank,
             local_size,
+            dynamic: self.dynamic,
         };
         SymmetricMemory::create(self.store.clone(), &self.store_url, &spec, ip, timeout)
             .inspect_err(|_| self.release(id))
@@ -465,5 +571,169 @@ impl Drop for Runtime {
             }
             let _ = g.leave();
         }
+    }
+}
+
+/// `handler(rank, joined)`: a member appeared (true) or left (false).
+pub type GroupEventHandler = Arc<dyn Fn(u32, bool) + Send + Sync>;
+
+#[derive(Clone, Default)]
+struct PeerSlot {
+    reach: Option<Reach>,
+    live: bool,
+}
+
+/// MF_TRANSPORT=tcp: treat every other rank as remote (tests of the network path on one
+/// machine, e.g. across network namespaces).
+fn force_network() -> bool {
+    std::env::var("MF_TRANSPORT").is_ok_and(|v| v.trim().eq_ignore_ascii_case("tcp"))
+}
+
+/// Membership watching of a dynamic object: a thread lists the member records every
+/// [`WATCH_PERIOD`], so arrivals and departures are seen within it, and reports them.
+struct Dynamic {
+    client: Arc<StoreClient>,
+    prefix: String,
+    rank: u32,
+    handler: Arc<Mutex<Option<GroupEventHandler>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const WATCH_PERIOD: Duration = Duration::from_millis(100);
+
+impl Drop for Dynamic {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = self.client.delete_within(
+            &format!("{}member/{}", self.prefix, self.rank),
+            Duration::from_secs(2),
+        );
+    }
+}
+
+impl SymmetricMemory {
+    fn create_dynamic(
+        client: Arc<StoreClient>,
+        store_url: &str,
+        spec: &ObjectSpec,
+        advertise_ip: std::net::IpAddr,
+        timeout: Duration,
+    ) -> Result<SymmetricMemory> {
+        let (world, rank, local_size) = (spec.world, spec.rank, spec.local_size);
+        let group = Group::join_member(client.clone(), &spec.name, world, Some(rank))?;
+        let prefix = group.prefix().to_string();
+        let own = Segment::create(local_size, &spec.name)?;
+        let gva = gva::claim(&client, &format!("{prefix}gva"), local_size, world)?;
+        gva.map_part(rank, &own)?;
+        // Members may arrive from other hosts at any time: always serve our part.
+        let engine = TransferEngine::start(EngineConfig {
+            store_url: store_url.to_string(),
+            session_id: advertise_ip.to_string(),
+            role: Role::Decode,
+            device_id: 0,
+            store_server_role: None,
+            transfer_timeout: timeout,
+            store_timeout: timeout,
+            reserved_listener: None,
+        })?;
+        engine.register(gva.part(rank), local_size)?;
+        let record = format!(
+            "{};{};{};{}",
+            std::process::id(),
+            own.fd(),
+            host_id(),
+            engine.session_id()
+        );
+        client.set_ephemeral(&format!("{prefix}member/{rank}"), record.as_bytes())?;
+
+        let mut slots = vec![PeerSlot::default(); world as usize];
+        slots[rank as usize] = PeerSlot {
+            reach: Some(Reach::Own),
+            live: true,
+        };
+        let peers = Arc::new(RwLock::new(slots));
+        let handler: Arc<Mutex<Option<GroupEventHandler>>> = Arc::new(Mutex::new(None));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (client, peers, handler, stop, prefix) = (
+                client.clone(),
+                peers.clone(),
+                handler.clone(),
+                stop.clone(),
+                prefix.clone(),
+            );
+            std::thread::Builder::new()
+                .name("mf-members".into())
+                .spawn(move || watch_members(&client, &prefix, rank, &peers, &handler, &stop))
+                .map_err(|e| {
+                    Error::NoResources(format!("cannot start the membership watcher: {e}"))
+                })?
+        };
+        Ok(SymmetricMemory {
+            group,
+            gva,
+            peers,
+            dynamic: Some(Dynamic {
+                client,
+                prefix,
+                rank,
+                handler,
+                stop,
+                thread: Some(thread),
+            }),
+            local_size,
+            engine: Some(engine),
+            timeout,
+            registered: crate::mem::RegionTable::new(),
+            _own: own,
+        })
+    }
+}
+
+fn watch_members(
+    client: &StoreClient,
+    prefix: &str,
+    me: u32,
+    peers: &RwLock<Vec<PeerSlot>>,
+    handler: &Mutex<Option<GroupEventHandler>>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let members = format!("{prefix}member/");
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        if let Ok(keys) = client.list(&members) {
+            let now: HashSet<u32> = keys
+                .iter()
+                .filter_map(|k| k.strip_prefix(&members)?.parse().ok())
+                .collect();
+            let mut events = Vec::new();
+            {
+                let mut slots = peers.write().unwrap_or_else(|p| p.into_inner());
+                for (r, slot) in slots.iter_mut().enumerate() {
+                    let r = r as u32;
+                    let present = now.contains(&r);
+                    if r == me || present == slot.live {
+                        continue;
+                    }
+                    slot.live = present;
+                    if !present {
+                        // Forget how it was reached: a rank that comes back is looked up anew.
+                        // Its old part stays mapped (no copy in flight can fault).
+                        slot.reach = None;
+                    }
+                    events.push((r, present));
+                }
+            }
+            let h = handler.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(h) = h {
+                for (r, joined) in events {
+                    h(r, joined);
+                }
+            }
+        }
+        std::thread::sleep(WATCH_PERIOD);
     }
 }

@@ -85,6 +85,7 @@ impl ShmRuntime {
             timeout: init,
             linger: Duration::from_secs(cfg.operation_timeout.min(30) as u64),
             object_prefix: "mf-shm-obj",
+            dynamic: false,
         })?;
         Ok(ShmRuntime {
             core,

@@ -274,3 +274,38 @@ pub fn negotiate(group: &Group, stride: u64, timeout: Duration) -> Result<Gva> {
         "no address range of {len} bytes is free in every rank after {ROUNDS} proposals"
     )))
 }
+
+/// Agrees on a base without a collective, for objects whose members come and go: the first
+/// member stores its proposal under `key`; everyone (first included) reserves at the stored
+/// base. A member that cannot take that range fails with `NoResources` (the others are using
+/// it already, so the range cannot move).
+pub fn claim(
+    client: &crate::store::StoreClient,
+    key: &str,
+    stride: u64,
+    parts: u32,
+) -> Result<Gva> {
+    let stride = stride.div_ceil(ALIGN) * ALIGN;
+    let len = stride
+        .checked_mul(parts as u64)
+        .ok_or_else(|| Error::InvalidParam("global address space too large".into()))?;
+    let probe = reserve_at(0, len + ALIGN, false)?;
+    // SAFETY: releasing the probe mapping we just made.
+    unsafe { libc::munmap(probe as *mut libc::c_void, (len + ALIGN) as usize) };
+    let proposal = (probe.div_ceil(ALIGN) * ALIGN).to_string();
+    let agreed = client.compare_set(key, b"", proposal.as_bytes())?;
+    let base: u64 = std::str::from_utf8(&agreed)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::Protocol(format!("GVA record {key:?} is malformed")))?;
+    reserve_at(base, len, false).map_err(|e| {
+        Error::NoResources(format!(
+            "the object's address range {base:#x} (+{len:#x}) is not free in this process: {e}"
+        ))
+    })?;
+    Ok(Gva {
+        base,
+        stride,
+        parts,
+    })
+}

@@ -41,6 +41,13 @@ impl Group {
         rank: Option<u32>,
         timeout: Duration,
     ) -> Result<Group> {
+        let g = Self::claim(client, name, world, rank)?; // Rendezvous: a barrier that does not yet watch membership (not everybody is there).
+        g.barrier_inner(timeout, false)?;
+        Ok(g)
+    }
+
+    /// Checks the world size, takes a rank and publishes this member's liveness key.
+    fn claim(client: Arc<StoreClient>, name: &str, world: u32, rank: Option<u32>) -> Result<Group> {
         if world == 0 || world > MAX_WORLD {
             return Err(Error::InvalidParam(format!(
                 "world size {world} is outside [1, {MAX_WORLD}]"
@@ -91,17 +98,25 @@ impl Group {
             &format!("{prefix}alive/{rank}"),
             &std::process::id().to_le_bytes(),
         )?;
-        let g = Group {
+        Ok(Group {
             client,
             prefix,
             rank,
             world,
             barriers: AtomicU64::new(0),
             gathers: AtomicU64::new(0),
-        };
-        // Rendezvous: a barrier that does not yet watch membership (not everybody is there).
-        g.barrier_inner(timeout, false)?;
-        Ok(g)
+        })
+    }
+
+    /// Joins like [`join`](Self::join) but without waiting for the others: for groups whose
+    /// members come and go (`world` is then the most ranks there may be).
+    pub fn join_member(
+        client: Arc<StoreClient>,
+        name: &str,
+        world: u32,
+        rank: Option<u32>,
+    ) -> Result<Group> {
+        Self::claim(client, name, world, rank)
     }
 
     pub fn rank(&self) -> u32 {
