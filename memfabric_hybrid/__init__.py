@@ -72,7 +72,7 @@ from ._native import (  # noqa: F401  error code constants
     SMEM_TIMEOUT,
 )
 
-from . import bm, shm  # noqa: E402  (submodules mf.bm, mf.shm)
+from . import bm, buffers, shm  # noqa: E402  (submodules mf.bm, mf.buffers, mf.shm)
 from ._types import TransDataOpType, TransferOpcode
 
 # SGLang writes TransferEngine.TransDataOpType.SDMA: reachable from the class too.
@@ -99,6 +99,7 @@ __all__ = [
     "StoreGroup",
     "MemFabricError",
     "bm",
+    "buffers",
     "shm",
     "StoreError",
     "StoreTimeoutError",

@@ -7,6 +7,7 @@
 use pyo3::prelude::*;
 
 mod bm;
+mod buffers;
 mod common;
 mod error;
 mod shm;

@@ -10,6 +10,7 @@ use memfabric::Error;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 
+use crate::buffers;
 use crate::error::code;
 
 fn fail(e: Error) -> i32 {
@@ -115,6 +116,8 @@ fn stream_arg(obj: Option<&Bound<'_, PyAny>>) -> PyResult<StreamArg> {
 #[pyclass(module = "memfabric_hybrid", subclass)]
 pub struct TransferEngine {
     engine: Mutex<Option<Arc<trans::TransferEngine>>>,
+    /// Memory objects registered with the engine, kept alive until unregistered.
+    owners: Mutex<std::collections::HashMap<u64, Py<PyAny>>>,
     reserved: Mutex<Option<std::net::TcpListener>>,
     transfer_timeout: Mutex<Duration>,
 }
@@ -143,6 +146,7 @@ impl TransferEngine {
         }
     }
 
+    /// Runs or queues a transfer; `owner` (a memory object) lives until the transfer is done.
     fn submit(
         &self,
         py: Python<'_>,
@@ -150,6 +154,7 @@ impl TransferEngine {
         dir: Direction,
         ops: Vec<Op>,
         stream: Option<&Bound<'_, PyAny>>,
+        owner: Option<Py<PyAny>>,
     ) -> PyResult<i32> {
         let stream = stream_arg(stream)?;
         let engine = match self.engine() {
@@ -158,7 +163,11 @@ impl TransferEngine {
         };
         Ok(match stream {
             StreamArg::Now => code(py.detach(move || engine.transfer_batch(&dest, dir, ops))),
-            StreamArg::Host(s) => code(s.submit(move || engine.transfer_batch(&dest, dir, ops))),
+            StreamArg::Host(s) => code(s.submit(move || {
+                let r = engine.transfer_batch(&dest, dir, ops);
+                drop(owner);
+                r
+            })),
             StreamArg::Device(h) => fail(Error::Unsupported(format!(
                 "device stream handle {h:#x} given, but no device backend is present on this host; \
                  pass a memfabric_hybrid.Stream or None"
@@ -190,6 +199,7 @@ impl TransferEngine {
     fn new() -> Self {
         TransferEngine {
             engine: Mutex::new(None),
+            owners: Mutex::new(std::collections::HashMap::new()),
             reserved: Mutex::new(None),
             transfer_timeout: Mutex::new(trans::DEFAULT_TRANSFER_TIMEOUT),
         }
@@ -358,78 +368,119 @@ impl TransferEngine {
             .map_err(crate::error::to_pyerr)
     }
 
-    /// Register ``[buffer_addr, buffer_addr + capacity)`` for peers to write and read.
-    fn register_memory(&self, py: Python<'_>, buffer_addr: u64, capacity: u64) -> i32 {
-        self.run(py, move |e| e.register(buffer_addr, capacity))
+    /// Register memory for peers to write and read: ``buffer_addr`` is an int address (then
+    /// ``capacity`` is required) or a tensor/array/writable buffer (``capacity`` defaults to its
+    /// size), which is kept alive until ``unregister_memory``.
+    #[pyo3(signature = (buffer_addr, capacity = None))]
+    fn register_memory(
+        &self,
+        py: Python<'_>,
+        buffer_addr: &Bound<'_, PyAny>,
+        capacity: Option<u64>,
+    ) -> PyResult<i32> {
+        let buf = buffers::resolve(buffer_addr, true)?;
+        let len = buffers::length(&buf, capacity)?;
+        let addr = buf.addr;
+        let rc = self.run(py, move |e| e.register(addr, len));
+        if rc == 0 {
+            if let Some(owner) = buf.owner {
+                self.owners
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(addr, owner);
+            }
+        }
+        Ok(rc)
     }
 
-    /// Unregister the region starting at ``buffer_addr``; peers see it gone when this returns.
-    fn unregister_memory(&self, py: Python<'_>, buffer_addr: u64) -> i32 {
-        self.run(py, move |e| e.unregister(buffer_addr))
+    /// Unregister the region starting at ``buffer_addr`` (an int or the registered object);
+    /// peers see it gone when this returns, and the object is no longer kept alive.
+    fn unregister_memory(&self, py: Python<'_>, buffer_addr: &Bound<'_, PyAny>) -> PyResult<i32> {
+        let addr = buffers::resolve(buffer_addr, false)?.addr;
+        let rc = self.run(py, move |e| e.unregister(addr));
+        if rc == 0 {
+            let owner = self
+                .owners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&addr);
+            drop(owner);
+        }
+        Ok(rc)
     }
 
-    /// Register several regions at once (all or nothing).
+    /// Register several regions at once (all or nothing); elements as for ``register_memory``.
     fn batch_register_memory(
         &self,
         py: Python<'_>,
-        buffer_addrs: Vec<u64>,
+        buffer_addrs: Vec<Bound<'_, PyAny>>,
         capacities: Vec<u64>,
-    ) -> i32 {
+    ) -> PyResult<i32> {
         if buffer_addrs.len() != capacities.len() {
-            return fail(Error::InvalidParam(format!(
+            return Ok(fail(Error::InvalidParam(format!(
                 "{} addresses but {} capacities",
                 buffer_addrs.len(),
                 capacities.len()
-            )));
+            ))));
         }
-        let list: Vec<(u64, u64)> = buffer_addrs.into_iter().zip(capacities).collect();
-        self.run(py, move |e| e.register_batch(&list))
+        let mut list = Vec::with_capacity(buffer_addrs.len());
+        let mut owners = Vec::new();
+        for (obj, cap) in buffer_addrs.iter().zip(capacities) {
+            let b = buffers::resolve(obj, true)?;
+            list.push((b.addr, buffers::length(&b, Some(cap))?));
+            if let Some(o) = b.owner {
+                owners.push((b.addr, o));
+            }
+        }
+        let rc = self.run(py, move |e| e.register_batch(&list));
+        if rc == 0 {
+            self.owners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(owners);
+        }
+        Ok(rc)
     }
 
-    /// Write ``length`` bytes from local ``buffer`` to ``peer_buffer_address`` in ``destflag``.
-    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length, flags = 0))]
+    /// Write ``length`` bytes from local ``buffer`` (an int address, or a tensor/array/buffer
+    /// inside registered memory; ``length`` then defaults to its size) to
+    /// ``peer_buffer_address`` in ``destflag``.
+    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length = None, flags = 0))]
     fn transfer_sync_write(
         &self,
         py: Python<'_>,
         destflag: String,
-        buffer: u64,
+        buffer: &Bound<'_, PyAny>,
         peer_buffer_address: u64,
-        length: u64,
+        length: Option<u64>,
         flags: i64,
-    ) -> i32 {
+    ) -> PyResult<i32> {
         let _ = flags;
-        self.run(py, move |e| {
-            e.transfer(
-                &destflag,
-                Direction::Write,
-                buffer,
-                peer_buffer_address,
-                length,
-            )
-        })
+        let b = buffers::resolve(buffer, false)?;
+        let (addr, n) = (b.addr, buffers::length(&b, length)?);
+        Ok(self.run(py, move |e| {
+            e.transfer(&destflag, Direction::Write, addr, peer_buffer_address, n)
+        }))
     }
 
-    /// Read ``length`` bytes from ``peer_buffer_address`` in ``destflag`` into local ``buffer``.
-    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length, flags = 0))]
+    /// Read ``length`` bytes from ``peer_buffer_address`` in ``destflag`` into local ``buffer``
+    /// (an int address or a writable tensor/array/buffer inside registered memory).
+    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length = None, flags = 0))]
     fn transfer_sync_read(
         &self,
         py: Python<'_>,
         destflag: String,
-        buffer: u64,
+        buffer: &Bound<'_, PyAny>,
         peer_buffer_address: u64,
-        length: u64,
+        length: Option<u64>,
         flags: i64,
-    ) -> i32 {
+    ) -> PyResult<i32> {
         let _ = flags;
-        self.run(py, move |e| {
-            e.transfer(
-                &destflag,
-                Direction::Read,
-                buffer,
-                peer_buffer_address,
-                length,
-            )
-        })
+        let b = buffers::resolve(buffer, true)?;
+        let (addr, n) = (b.addr, buffers::length(&b, length)?);
+        Ok(self.run(py, move |e| {
+            e.transfer(&destflag, Direction::Read, addr, peer_buffer_address, n)
+        }))
     }
 
     /// Write many blocks in one call (lists of equal length; adjacent blocks are coalesced).
@@ -473,55 +524,62 @@ impl TransferEngine {
     }
 
     /// Queue a write on ``stream`` (None/0: run now; a ``Stream``: queued, errors reported by
-    /// its ``synchronize()``; a device stream handle: needs a device backend).
-    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length, stream = None, flags = 0))]
+    /// its ``synchronize()``; a device stream handle: needs a device backend). A memory object
+    /// as ``buffer`` is kept alive until the transfer has run.
+    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length = None, stream = None, flags = 0))]
     #[allow(clippy::too_many_arguments)]
     fn transfer_async_write_submit(
         &self,
         py: Python<'_>,
         destflag: String,
-        buffer: u64,
+        buffer: &Bound<'_, PyAny>,
         peer_buffer_address: u64,
-        length: u64,
+        length: Option<u64>,
         stream: Option<&Bound<'_, PyAny>>,
         flags: i64,
     ) -> PyResult<i32> {
         let _ = flags;
-        if length == 0 {
+        let b = buffers::resolve(buffer, false)?;
+        let n = buffers::length(&b, length)?;
+        if n == 0 {
             return Ok(fail(Error::InvalidParam("length 0".into())));
         }
         self.submit(
             py,
             destflag,
             Direction::Write,
-            vec![Op::new(buffer, peer_buffer_address, length)],
+            vec![Op::new(b.addr, peer_buffer_address, n)],
             stream,
+            b.owner,
         )
     }
 
     /// Queue a read on ``stream`` (see ``transfer_async_write_submit``).
-    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length, stream = None, flags = 0))]
+    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length = None, stream = None, flags = 0))]
     #[allow(clippy::too_many_arguments)]
     fn transfer_async_read_submit(
         &self,
         py: Python<'_>,
         destflag: String,
-        buffer: u64,
+        buffer: &Bound<'_, PyAny>,
         peer_buffer_address: u64,
-        length: u64,
+        length: Option<u64>,
         stream: Option<&Bound<'_, PyAny>>,
         flags: i64,
     ) -> PyResult<i32> {
         let _ = flags;
-        if length == 0 {
+        let b = buffers::resolve(buffer, true)?;
+        let n = buffers::length(&b, length)?;
+        if n == 0 {
             return Ok(fail(Error::InvalidParam("length 0".into())));
         }
         self.submit(
             py,
             destflag,
             Direction::Read,
-            vec![Op::new(buffer, peer_buffer_address, length)],
+            vec![Op::new(b.addr, peer_buffer_address, n)],
             stream,
+            b.owner,
         )
     }
 
@@ -540,7 +598,7 @@ impl TransferEngine {
     ) -> PyResult<i32> {
         let _ = flags;
         match batch_ops(buffers, peer_buffers, lengths) {
-            Ok(ops) => self.submit(py, dest_session, Direction::Write, ops, stream),
+            Ok(ops) => self.submit(py, dest_session, Direction::Write, ops, stream, None),
             Err(e) => Ok(fail(e)),
         }
     }
@@ -560,7 +618,7 @@ impl TransferEngine {
     ) -> PyResult<i32> {
         let _ = flags;
         match batch_ops(buffers, peer_buffers, lengths) {
-            Ok(ops) => self.submit(py, dest_session, Direction::Read, ops, stream),
+            Ok(ops) => self.submit(py, dest_session, Direction::Read, ops, stream, None),
             Err(e) => Ok(fail(e)),
         }
     }
@@ -569,6 +627,10 @@ impl TransferEngine {
     fn destroy(&self, py: Python<'_>) {
         let e = self.engine.lock().unwrap_or_else(|p| p.into_inner()).take();
         py.detach(move || drop(e));
+        self.owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Same as ``destroy()`` (the seed's name).
