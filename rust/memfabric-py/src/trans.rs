@@ -174,6 +174,51 @@ impl TransferEngine {
             ))),
         })
     }
+
+    /// One transfer: `buffer` an int address or a memory object (kept alive until done).
+    #[allow(clippy::too_many_arguments)]
+    fn single(
+        &self,
+        py: Python<'_>,
+        dest: String,
+        dir: Direction,
+        buffer: &Bound<'_, PyAny>,
+        peer: u64,
+        length: Option<u64>,
+        stream: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<i32> {
+        let b = buffers::resolve(buffer, dir == Direction::Read)?;
+        let n = buffers::length(&b, length)?;
+        if n == 0 {
+            return Ok(fail(Error::InvalidParam("length 0".into())));
+        }
+        self.submit(
+            py,
+            dest,
+            dir,
+            vec![Op::new(b.addr, peer, n)],
+            stream,
+            b.owner,
+        )
+    }
+
+    /// A batch of int addresses.
+    #[allow(clippy::too_many_arguments)]
+    fn batch(
+        &self,
+        py: Python<'_>,
+        dest: String,
+        dir: Direction,
+        buffers: Vec<u64>,
+        peers: Vec<u64>,
+        lengths: Vec<u64>,
+        stream: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<i32> {
+        match batch_ops(buffers, peers, lengths) {
+            Ok(ops) => self.submit(py, dest, dir, ops, stream, None),
+            Err(e) => Ok(fail(e)),
+        }
+    }
 }
 
 fn batch_ops(buffers: Vec<u64>, peers: Vec<u64>, lengths: Vec<u64>) -> Result<Vec<Op>, Error> {
@@ -456,11 +501,15 @@ impl TransferEngine {
         flags: i64,
     ) -> PyResult<i32> {
         let _ = flags;
-        let b = buffers::resolve(buffer, false)?;
-        let (addr, n) = (b.addr, buffers::length(&b, length)?);
-        Ok(self.run(py, move |e| {
-            e.transfer(&destflag, Direction::Write, addr, peer_buffer_address, n)
-        }))
+        self.single(
+            py,
+            destflag,
+            Direction::Write,
+            buffer,
+            peer_buffer_address,
+            length,
+            None,
+        )
     }
 
     /// Read ``length`` bytes from ``peer_buffer_address`` in ``destflag`` into local ``buffer``
@@ -476,11 +525,15 @@ impl TransferEngine {
         flags: i64,
     ) -> PyResult<i32> {
         let _ = flags;
-        let b = buffers::resolve(buffer, true)?;
-        let (addr, n) = (b.addr, buffers::length(&b, length)?);
-        Ok(self.run(py, move |e| {
-            e.transfer(&destflag, Direction::Read, addr, peer_buffer_address, n)
-        }))
+        self.single(
+            py,
+            destflag,
+            Direction::Read,
+            buffer,
+            peer_buffer_address,
+            length,
+            None,
+        )
     }
 
     /// Write many blocks in one call (lists of equal length; adjacent blocks are coalesced).
@@ -493,14 +546,17 @@ impl TransferEngine {
         peer_buffer_addresses: Vec<u64>,
         lengths: Vec<u64>,
         flags: i64,
-    ) -> i32 {
+    ) -> PyResult<i32> {
         let _ = flags;
-        match batch_ops(buffers, peer_buffer_addresses, lengths) {
-            Ok(ops) => self.run(py, move |e| {
-                e.transfer_batch(&destflag, Direction::Write, ops)
-            }),
-            Err(e) => fail(e),
-        }
+        self.batch(
+            py,
+            destflag,
+            Direction::Write,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            None,
+        )
     }
 
     /// Read many blocks in one call (lists of equal length).
@@ -513,14 +569,17 @@ impl TransferEngine {
         peer_buffer_addresses: Vec<u64>,
         lengths: Vec<u64>,
         flags: i64,
-    ) -> i32 {
+    ) -> PyResult<i32> {
         let _ = flags;
-        match batch_ops(buffers, peer_buffer_addresses, lengths) {
-            Ok(ops) => self.run(py, move |e| {
-                e.transfer_batch(&destflag, Direction::Read, ops)
-            }),
-            Err(e) => fail(e),
-        }
+        self.batch(
+            py,
+            destflag,
+            Direction::Read,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            None,
+        )
     }
 
     /// Queue a write on ``stream`` (None/0: run now; a ``Stream``: queued, errors reported by
@@ -539,18 +598,14 @@ impl TransferEngine {
         flags: i64,
     ) -> PyResult<i32> {
         let _ = flags;
-        let b = buffers::resolve(buffer, false)?;
-        let n = buffers::length(&b, length)?;
-        if n == 0 {
-            return Ok(fail(Error::InvalidParam("length 0".into())));
-        }
-        self.submit(
+        self.single(
             py,
             destflag,
             Direction::Write,
-            vec![Op::new(b.addr, peer_buffer_address, n)],
+            buffer,
+            peer_buffer_address,
+            length,
             stream,
-            b.owner,
         )
     }
 
@@ -568,18 +623,14 @@ impl TransferEngine {
         flags: i64,
     ) -> PyResult<i32> {
         let _ = flags;
-        let b = buffers::resolve(buffer, true)?;
-        let n = buffers::length(&b, length)?;
-        if n == 0 {
-            return Ok(fail(Error::InvalidParam("length 0".into())));
-        }
-        self.submit(
+        self.single(
             py,
             destflag,
             Direction::Read,
-            vec![Op::new(b.addr, peer_buffer_address, n)],
+            buffer,
+            peer_buffer_address,
+            length,
             stream,
-            b.owner,
         )
     }
 
@@ -597,10 +648,15 @@ impl TransferEngine {
         flags: i64,
     ) -> PyResult<i32> {
         let _ = flags;
-        match batch_ops(buffers, peer_buffers, lengths) {
-            Ok(ops) => self.submit(py, dest_session, Direction::Write, ops, stream, None),
-            Err(e) => Ok(fail(e)),
-        }
+        self.batch(
+            py,
+            dest_session,
+            Direction::Write,
+            buffers,
+            peer_buffers,
+            lengths,
+            stream,
+        )
     }
 
     /// Queue a batch of reads on ``stream``.
@@ -617,10 +673,15 @@ impl TransferEngine {
         flags: i64,
     ) -> PyResult<i32> {
         let _ = flags;
-        match batch_ops(buffers, peer_buffers, lengths) {
-            Ok(ops) => self.submit(py, dest_session, Direction::Read, ops, stream, None),
-            Err(e) => Ok(fail(e)),
-        }
+        self.batch(
+            py,
+            dest_session,
+            Direction::Read,
+            buffers,
+            peer_buffers,
+            lengths,
+            stream,
+        )
     }
 
     /// Stop the engine: unpublish it, stop its data server, forget its registrations.
