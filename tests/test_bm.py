@@ -77,6 +77,17 @@ def test_bm_argument_errors(store):
         assert big.copy_data(g + 256, a, MiB, mf.bm.BmCopyType.G2H) == 0
         assert buf[:MiB] == bytes(range(256)) * (MiB // 256)
         assert big.unregister(a) == 0 and big.unregister(a) == mf.SMEM_NOT_EXIST
+        # Memory objects work in place of host addresses.
+        import numpy as np
+        arr = np.arange(4096, dtype=np.uint8)
+        assert big.copy_data(arr, g, 4096, mf.bm.BmCopyType.H2G) == 0
+        out = bytearray(4096)
+        assert big.copy_data(g, out, 4096, mf.bm.BmCopyType.G2H) == 0
+        assert bytes(out) == arr.tobytes()
+        with pytest.raises(ValueError):
+            big.copy_data(g, b"read-only", 9, mf.bm.BmCopyType.G2H)
+        with pytest.raises(ValueError):
+            big.copy_data(arr, g, 8192, mf.bm.BmCopyType.H2G)
         big.destroy()
         assert big.wait() == mf.SMEM_NOT_INIT
     finally:

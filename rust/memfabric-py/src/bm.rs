@@ -6,6 +6,7 @@ use memfabric::bm::{self as core, BmRuntime, CopyType};
 use memfabric::Error;
 use pyo3::prelude::*;
 
+use crate::buffers;
 use crate::error::{code, to_fabric_err};
 
 static RUNTIME: Mutex<Option<Arc<BmRuntime>>> = Mutex::new(None);
@@ -324,24 +325,33 @@ impl BigMemory {
     fn copy_data(
         &self,
         py: Python<'_>,
-        src_ptr: u64,
-        dst_ptr: u64,
+        src_ptr: &Bound<'_, PyAny>,
+        dst_ptr: &Bound<'_, PyAny>,
         size: u64,
         r#type: i64,
         flags: i64,
         stream: u64,
-    ) -> i32 {
+    ) -> PyResult<i32> {
         let _ = flags;
         if stream != 0 {
-            return fail(Error::Unsupported(
+            return Ok(fail(Error::Unsupported(
                 "a device stream was given, but no device backend is present".into(),
-            ));
+            )));
         }
         let ty = match CopyType::from_value(r#type) {
             Ok(t) => t,
-            Err(e) => return fail(e),
+            Err(e) => return Ok(fail(e)),
         };
-        self.run(py, move |b| b.copy(src_ptr, dst_ptr, size, ty))
+        // Either side may be a memory object (tensor, array, buffer) instead of an int; it is
+        // kept alive for the call and may not be smaller than `size`.
+        let src = buffers::resolve(src_ptr, false)?;
+        let dst = buffers::resolve(dst_ptr, true)?;
+        buffers::length(&src, Some(size))?;
+        buffers::length(&dst, Some(size))?;
+        let (s, d) = (src.addr, dst.addr);
+        let rc = self.run(py, move |b| b.copy(s, d, size, ty));
+        drop((src, dst));
+        Ok(rc)
     }
 
     /// Copy many ranges in one call (lists of ``count`` entries).
