@@ -15,6 +15,11 @@ Transfer Engine:
     transfer_sync_write/read, batch_*, transfer_async_*_submit(..., stream), destroy
     TransferOpcode, TransDataOpType, Stream (host work queue for async submits)
 
+Submodules:
+    mf.bm     Big Memory: one global address space over every rank's DRAM, copy_data
+    mf.shm    Share Memory: symmetric memory at one address, barrier, all_gather
+    mf.buffers  tensors/arrays/buffers accepted wherever an address is taken
+
 Beyond the seed:
     start_config_store(url) -> ConfigStoreServer   (port 0 picks a free port)
     StoreClient(url, timeout)                      (set/get/add/compare_set/... like TCPStore)
