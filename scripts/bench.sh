@@ -2,6 +2,7 @@
 # Sets up the package and the peers it is compared with, then runs a benchmark:
 #   scripts/bench.sh store [args...]     config store vs torch TCPStore
 #   scripts/bench.sh te [args...]        Transfer Engine vs Mooncake's (tcp), with memcpy/TCP limits
+#   scripts/bench.sh bm [args...]        Big Memory copies beside memcpy (same host, across namespaces)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
