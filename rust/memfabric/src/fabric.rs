@@ -154,17 +154,15 @@ impl SymmetricMemory {
             .iter()
             .any(|v| v.first() == Some(&1));
         let engine = if any_remote {
-            let e = TransferEngine::start(EngineConfig {
-                store_url: store_url.to_string(),
-                session_id: advertise_ip.to_string(),
-                role: Role::Decode,
-                device_id: 0,
-                store_server_role: None,
-                transfer_timeout: timeout,
-                store_timeout: left(),
-                reserved_listener: None,
-            })?;
-            e.register(gva.part(rank), local_size)?;
+            let e = serve_part(
+                store_url,
+                advertise_ip,
+                &gva,
+                rank,
+                local_size,
+                timeout,
+                left(),
+            )?;
             let sessions = group.all_gather(e.session_id().as_bytes(), left())?;
             for (r, s) in sessions.into_iter().enumerate() {
                 if let Reach::Remote(slot) = &mut reach[r] {
@@ -630,17 +628,15 @@ impl SymmetricMemory {
         let gva = gva::claim(&client, &format!("{prefix}gva"), local_size, world)?;
         gva.map_part(rank, &own)?;
         // Members may arrive from other hosts at any time: always serve our part.
-        let engine = TransferEngine::start(EngineConfig {
-            store_url: store_url.to_string(),
-            session_id: advertise_ip.to_string(),
-            role: Role::Decode,
-            device_id: 0,
-            store_server_role: None,
-            transfer_timeout: timeout,
-            store_timeout: timeout,
-            reserved_listener: None,
-        })?;
-        engine.register(gva.part(rank), local_size)?;
+        let engine = serve_part(
+            store_url,
+            advertise_ip,
+            &gva,
+            rank,
+            local_size,
+            timeout,
+            timeout,
+        )?;
         let record = format!(
             "{};{};{};{}",
             std::process::id(),
@@ -736,4 +732,29 @@ fn watch_members(
         }
         std::thread::sleep(WATCH_PERIOD);
     }
+}
+
+/// Starts the engine through which ranks on other hosts reach this rank's part: its one
+/// registered region is the part itself, at the same address in every process.
+fn serve_part(
+    store_url: &str,
+    advertise_ip: std::net::IpAddr,
+    gva: &Gva,
+    rank: u32,
+    local_size: u64,
+    transfer_timeout: Duration,
+    store_timeout: Duration,
+) -> Result<TransferEngine> {
+    let engine = TransferEngine::start(EngineConfig {
+        store_url: store_url.to_string(),
+        session_id: advertise_ip.to_string(),
+        role: Role::Decode,
+        device_id: 0,
+        store_server_role: None,
+        transfer_timeout,
+        store_timeout,
+        reserved_listener: None,
+    })?;
+    engine.register(gva.part(rank), local_size)?;
+    Ok(engine)
 }

@@ -491,17 +491,22 @@ async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // Input ran dry: the initiator may be waiting for these acknowledgements.
-                out.flush(stream).await?;
-                stream
-                    .readable()
-                    .await
-                    .map_err(|e| Error::io("data server read", e))?;
+                wait_readable(stream, &mut out).await?;
             }
             Err(e) if retry(&e) => continue,
             Err(e) => return Err(Error::io("data server read", e)),
         }
     }
+}
+
+/// Input ran dry: sends the acknowledgements queued so far (the initiator may be waiting for
+/// them before it sends more), then waits for more input.
+async fn wait_readable(stream: &TcpStream, out: &mut Out) -> Result<()> {
+    out.flush(stream).await?;
+    stream
+        .readable()
+        .await
+        .map_err(|e| Error::io("data server read", e))
 }
 
 /// Receives the `len` remaining payload bytes straight into registered memory at `addr`, and
@@ -541,11 +546,7 @@ async fn recv_payload(
             Ok(n) if done + n >= len => return Ok(done + n - len),
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                out.flush(stream).await?;
-                stream
-                    .readable()
-                    .await
-                    .map_err(|e| Error::io("data server read", e))?;
+                wait_readable(stream, out).await?;
             }
             Err(e) if retry(&e) => continue,
             Err(e) => return Err(Error::io("data server receiving a payload", e)),
