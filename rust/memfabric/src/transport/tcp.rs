@@ -59,6 +59,10 @@ const HELLO_OK: u8 = 0;
 const HELLO_BAD_VERSION: u8 = 1;
 const REQ_HDR: usize = 32;
 const RESP_HDR: usize = 24;
+/// Bytes in a request header.
+pub const REQUEST_HEADER_LEN: usize = REQ_HDR;
+/// Bytes in a response header.
+pub const RESPONSE_HEADER_LEN: usize = RESP_HDR;
 const OP_WRITE: u8 = 1;
 const OP_READ: u8 = 2;
 const ST_OK: u8 = 0;
@@ -94,11 +98,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------------------------
 // Frames
 
-struct ReqHeader {
-    op: u8,
-    req_id: u64,
-    addr: u64,
-    len: u64,
+/// A decoded request header.
+#[derive(Debug)]
+pub struct ReqHeader {
+    pub op: u8,
+    pub req_id: u64,
+    pub addr: u64,
+    pub len: u64,
 }
 
 fn encode_req(op: u8, req_id: u64, addr: u64, len: u64) -> [u8; REQ_HDR] {
@@ -117,7 +123,15 @@ fn le64(b: &[u8]) -> u64 {
     u64::from_le_bytes(w)
 }
 
-fn parse_req(h: &[u8]) -> Result<ReqHeader> {
+/// Decodes a request header (its first [`REQUEST_HEADER_LEN`] bytes); anything else a peer
+/// could send is a protocol error, never a panic.
+pub fn parse_req(h: &[u8]) -> Result<ReqHeader> {
+    if h.len() < REQ_HDR {
+        return Err(Error::Protocol(format!(
+            "request header of {} bytes (needs {REQ_HDR})",
+            h.len()
+        )));
+    }
     if h[0] != PROTOCOL_VERSION {
         return Err(Error::Protocol(format!(
             "request with version {} (this server speaks {PROTOCOL_VERSION})",
@@ -145,11 +159,13 @@ fn parse_req(h: &[u8]) -> Result<ReqHeader> {
     Ok(r)
 }
 
-struct RespHeader {
-    status: u8,
-    msg_len: usize,
-    req_id: u64,
-    data_len: u64,
+/// A decoded response header.
+#[derive(Debug)]
+pub struct RespHeader {
+    pub status: u8,
+    pub msg_len: usize,
+    pub req_id: u64,
+    pub data_len: u64,
 }
 
 fn encode_resp(out: &mut Vec<u8>, status: u8, msg: &str, req_id: u64, data_len: u64) {
@@ -168,7 +184,14 @@ fn encode_resp(out: &mut Vec<u8>, status: u8, msg: &str, req_id: u64, data_len: 
     out.extend_from_slice(msg);
 }
 
-fn parse_resp(h: &[u8]) -> Result<RespHeader> {
+/// Decodes a response header (its first [`RESPONSE_HEADER_LEN`] bytes).
+pub fn parse_resp(h: &[u8]) -> Result<RespHeader> {
+    if h.len() < RESP_HDR {
+        return Err(Error::Protocol(format!(
+            "response header of {} bytes (needs {RESP_HDR})",
+            h.len()
+        )));
+    }
     if h[0] != PROTOCOL_VERSION || h[2] != 0 || h[3] != 0 {
         return Err(Error::Protocol(
             "malformed response header from the data server".into(),
