@@ -13,7 +13,7 @@ Common interface (this module):
 Transfer Engine:
     TransferEngine(): initialize(store_url, session_id, role, device_id), register_memory,
     transfer_sync_write/read, batch_*, transfer_async_*_submit(..., stream), destroy
-    TransferOpcode, TransDataOpType, Stream (host work queue for async submits)
+    TransferOpcode, TransDataOpType, Stream/Event (host work queue for async submits)
 
 Submodules:
     mf.bm     Big Memory: one global address space over every rank's DRAM, copy_data
@@ -32,6 +32,7 @@ and get_last_err_msg() explains the last failure of the calling thread.
 from ._native import (  # noqa: F401
     ERROR_NAMES,
     MemFabricError,
+    Event,
     Stream,
     TransferEngine,
     ConfigStoreServer,
@@ -89,6 +90,7 @@ __all__ = [
     "TransferOpcode",
     "TransDataOpType",
     "Stream",
+    "Event",
     "initialize",
     "uninitialize",
     "set_log_level",

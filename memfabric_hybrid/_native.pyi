@@ -1,6 +1,6 @@
 """Type stubs of memfabric_hybrid._native (the Rust extension). Checked by mypy.stubtest."""
 
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from typing import final
 
@@ -141,6 +141,15 @@ class Stream:
     def __new__(cls) -> Stream: ...
     def synchronize(self, timeout: float = 600.0) -> int: ...
     def query(self) -> int: ...
+    def record_event(self) -> Event: ...
+    def wait_event(self, event: Event, timeout: float = 600.0) -> int: ...
+
+@final
+class Event:
+    """A point in a Stream: done once everything submitted before it is done."""
+
+    def query(self) -> bool: ...
+    def synchronize(self, timeout: float = 600.0) -> int: ...
 
 _StreamArg = Union[None, int, Stream, object]
 # An int address, or a tensor / numpy array / buffer-protocol object (see memfabric_hybrid.buffers).
@@ -184,10 +193,10 @@ class TransferEngine:
         self, destflag: str, buffer: _Memory, peer_buffer_address: int, length: Optional[int] = None, flags: int = 0
     ) -> int: ...
     def batch_transfer_sync_write(
-        self, destflag: str, buffers: Sequence[int], peer_buffer_addresses: Sequence[int], lengths: Sequence[int], flags: int = 0
+        self, destflag: str, buffers: Sequence[_Memory], peer_buffer_addresses: Sequence[int], lengths: Sequence[int], flags: int = 0
     ) -> int: ...
     def batch_transfer_sync_read(
-        self, destflag: str, buffers: Sequence[int], peer_buffer_addresses: Sequence[int], lengths: Sequence[int], flags: int = 0
+        self, destflag: str, buffers: Sequence[_Memory], peer_buffer_addresses: Sequence[int], lengths: Sequence[int], flags: int = 0
     ) -> int: ...
     def transfer_async_write_submit(
         self, destflag: str, buffer: _Memory, peer_buffer_address: int, length: Optional[int] = None,
@@ -198,12 +207,22 @@ class TransferEngine:
         stream: _StreamArg = None, flags: int = 0,
     ) -> int: ...
     def batch_transfer_async_write_submit(
-        self, dest_session: str, buffers: Sequence[int], peer_buffers: Sequence[int], lengths: Sequence[int],
+        self, dest_session: str, buffers: Sequence[_Memory], peer_buffers: Sequence[int], lengths: Sequence[int],
         stream: _StreamArg = None, flags: int = 0,
     ) -> int: ...
     def batch_transfer_async_read_submit(
-        self, dest_session: str, buffers: Sequence[int], peer_buffers: Sequence[int], lengths: Sequence[int],
+        self, dest_session: str, buffers: Sequence[_Memory], peer_buffers: Sequence[int], lengths: Sequence[int],
         stream: _StreamArg = None, flags: int = 0,
+    ) -> int: ...
+    def transfer_blocks(
+        self,
+        dest_session: str,
+        local_segments: Sequence[Tuple[int, int, int, int]],
+        peer_segments: Sequence[Tuple[int, int, int, int]],
+        src_block_ids: Sequence[int],
+        dst_block_ids: Sequence[int],
+        opcode: int = 1,
+        stream: _StreamArg = None,
     ) -> int: ...
     def destroy(self) -> None: ...
     def unInitialize(self) -> None: ...
@@ -279,10 +298,12 @@ class BigMemory:
     def members(self) -> List[int]: ...
     def set_group_event_handler(self, handler: Optional[Callable[[int, int], None]]) -> None: ...
     def extend_local_mem(self, mem_type: int = 3, size: int = 0) -> int: ...
-    def copy_data(self, src_ptr: _Memory, dst_ptr: _Memory, size: int, type: int, flags: int = 0, stream: int = 0) -> int: ...
+    def copy_data(
+        self, src_ptr: _Memory, dst_ptr: _Memory, size: int, type: int, flags: int = 0, stream: _StreamArg = None
+    ) -> int: ...
     def copy_data_batch(
-        self, src_addrs: Sequence[int], dst_addrs: Sequence[int], sizes: Sequence[int], count: int, type: int,
-        flags: int = 0, stream: int = 0,
+        self, src_addrs: Sequence[_Memory], dst_addrs: Sequence[_Memory], sizes: Sequence[int], count: int, type: int,
+        flags: int = 0, stream: _StreamArg = None,
     ) -> int: ...
     def destroy(self) -> None: ...
 

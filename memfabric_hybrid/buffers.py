@@ -3,6 +3,9 @@
 Every API that takes an address (and a size) also takes, in place of the int:
 - a torch tensor (``data_ptr()``, ``nbytes``; CPU here, CUDA once a device backend exists),
 - a numpy array (``__array_interface__``),
+- any object with ``__dlpack__`` (CuPy, JAX, TensorFlow, PaddlePaddle, ...): the DLPack capsule
+  gives the device, pointer, byte offset, shape and strides; host memory (kDLCPU,
+  kDLCUDAHost, kDLCUDAManaged) only until a device backend exists,
 - ``bytearray``, ``memoryview``, ``mmap.mmap`` or any object with the buffer protocol
   (``bytes`` and other read-only buffers only as a source).
 
@@ -47,6 +50,8 @@ def buffer_info(obj: Any, writable: bool) -> Tuple[int, int, Any]:
         if writable and readonly:
             raise ValueError("the array is read-only and cannot be a destination")
         return int(ptr), int(obj.nbytes), obj
+    if hasattr(obj, "__dlpack__") and not isinstance(obj, (bytes, bytearray, memoryview)):
+        return _dlpack_info(obj, writable)
     try:
         view = memoryview(obj)
     except TypeError:
@@ -70,3 +75,107 @@ def buffer_info(obj: Any, writable: bool) -> Tuple[int, int, Any]:
         return 0, 0, obj
     cbuf = (ctypes.c_char * view.nbytes).from_buffer(view)
     return ctypes.addressof(cbuf), view.nbytes, (obj, view, cbuf)
+
+
+# --- DLPack -------------------------------------------------------------------------------
+# The C structs of dlpack.h (v0.8 legacy and v1.x versioned). The capsule is read, never
+# consumed: left unconsumed, its destructor runs the producer's deleter, so holding the capsule
+# holds the memory for as long as the call (or registration) needs it.
+
+_KDL_CPU, _KDL_CUDA_HOST, _KDL_CUDA_MANAGED = 1, 3, 13
+_HOST_DEVICES = {_KDL_CPU, _KDL_CUDA_HOST, _KDL_CUDA_MANAGED}
+_DEVICE_NAMES = {2: "CUDA", 4: "OpenCL", 7: "Vulkan", 8: "Metal", 9: "VPI", 10: "ROCm", 14: "oneAPI"}
+_FLAG_READ_ONLY = 1
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    _fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p)]
+
+
+class _DLPackVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32)]
+
+
+class _DLManagedTensorVersioned(ctypes.Structure):
+    _fields_ = [
+        ("version", _DLPackVersion),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.c_void_p),
+        ("flags", ctypes.c_uint64),
+        ("dl_tensor", _DLTensor),
+    ]
+
+
+_capsule_name = ctypes.pythonapi.PyCapsule_GetName
+_capsule_name.restype = ctypes.c_char_p
+_capsule_name.argtypes = [ctypes.py_object]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def _dlpack_info(obj: Any, writable: bool) -> Tuple[int, int, Any]:
+    """(address, size, owner) of an object exporting ``__dlpack__``."""
+    device = getattr(obj, "__dlpack_device__", None)
+    if device is not None:
+        dev_type = int(device()[0])
+        if dev_type not in _HOST_DEVICES:
+            name = _DEVICE_NAMES.get(dev_type, f"device type {dev_type}")
+            raise ValueError(f"a {name} DLPack tensor needs a device backend, and none is present on this host")
+    try:
+        capsule = obj.__dlpack__(max_version=(1, 0))
+    except TypeError:  # a producer older than DLPack 1.0
+        capsule = obj.__dlpack__()
+    except BufferError as e:
+        raise ValueError(f"the object refused to export its memory through DLPack: {e}") from None
+    name = _capsule_name(capsule)
+    if name == b"dltensor_versioned":
+        managed = _DLManagedTensorVersioned.from_address(_capsule_pointer(capsule, name))
+        if writable and managed.flags & _FLAG_READ_ONLY:
+            raise ValueError("the DLPack tensor is read-only and cannot be a destination")
+    elif name == b"dltensor":
+        managed = _DLManagedTensor.from_address(_capsule_pointer(capsule, name))
+    else:
+        raise TypeError(f"__dlpack__ returned a capsule named {name!r}, not a DLPack tensor")
+    t = managed.dl_tensor
+    if t.device.device_type not in _HOST_DEVICES:
+        name_ = _DEVICE_NAMES.get(t.device.device_type, f"device type {t.device.device_type}")
+        raise ValueError(f"a {name_} DLPack tensor needs a device backend, and none is present on this host")
+    if t.dtype.bits % 8:
+        raise ValueError(f"DLPack elements of {t.dtype.bits} bits are not whole bytes")
+    shape = [t.shape[i] for i in range(t.ndim)]
+    itemsize = t.dtype.bits // 8 * max(t.dtype.lanes, 1)
+    numel = 1
+    for d in shape:
+        numel *= d
+    if t.strides and numel > 1:
+        expected = 1
+        for i in reversed(range(t.ndim)):
+            if shape[i] != 1 and t.strides[i] != expected:
+                raise ValueError(
+                    f"the DLPack tensor is not contiguous (shape {shape}, strides "
+                    f"{[t.strides[k] for k in range(t.ndim)]}): pass a contiguous copy"
+                )
+            expected *= shape[i]
+    addr = (t.data or 0) + t.byte_offset
+    return addr, numel * itemsize, (obj, capsule)

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 use crate::buffers;
 use crate::error::{code, to_fabric_err};
+use crate::stream::StreamArg;
 
 static RUNTIME: Mutex<Option<Arc<BmRuntime>>> = Mutex::new(None);
 
@@ -317,10 +318,19 @@ impl BigMemory {
     }
 
     /// Copy ``size`` bytes from ``src_ptr`` to ``dst_ptr`` (GVAs or addresses of this process,
-    /// per ``type``: a BmCopyType). ``stream`` 0 only (copies are synchronous on a host).
+    /// per ``type``: a BmCopyType; a local side may also be a tensor/array/buffer, kept alive
+    /// until the copy is done). ``stream`` 0/None copies now; a ``memfabric_hybrid.Stream``
+    /// queues the copy and returns at once (errors come back from ``stream.synchronize()``).
     /// Returns 0 or an error code (MF_OUT_OF_BOUNDS for a range outside a rank's part or
     /// crossing into the next rank; a bad local address is an error, never a crash).
-    #[pyo3(signature = (src_ptr, dst_ptr, size, r#type, flags = 0, stream = 0))]
+    ///
+    /// Example:
+    ///     >>> s = mf.Stream()
+    ///     >>> obj.copy_data(host_array, gva, host_array.nbytes, bm.BmCopyType.L2G, stream=s)
+    ///     0
+    ///     >>> s.synchronize()
+    ///     0
+    #[pyo3(signature = (src_ptr, dst_ptr, size, r#type, flags = 0, stream = None))]
     #[allow(clippy::too_many_arguments)]
     fn copy_data(
         &self,
@@ -330,63 +340,73 @@ impl BigMemory {
         size: u64,
         r#type: i64,
         flags: i64,
-        stream: u64,
+        stream: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<i32> {
         let _ = flags;
-        if stream != 0 {
-            return Ok(fail(Error::Unsupported(
-                "a device stream was given, but no device backend is present".into(),
-            )));
-        }
+        let stream = StreamArg::from_py(stream)?;
         let ty = match CopyType::from_value(r#type) {
             Ok(t) => t,
             Err(e) => return Ok(fail(e)),
         };
-        // Either side may be a memory object (tensor, array, buffer) instead of an int; it is
-        // kept alive for the call and may not be smaller than `size`.
         let src = buffers::resolve(src_ptr, false)?;
         let dst = buffers::resolve(dst_ptr, true)?;
         buffers::length(&src, Some(size))?;
         buffers::length(&dst, Some(size))?;
+        let b = match self.get() {
+            Ok(b) => b,
+            Err(e) => return Ok(fail(e)),
+        };
         let (s, d) = (src.addr, dst.addr);
-        let rc = self.run(py, move |b| b.copy(s, d, size, ty));
-        drop((src, dst));
-        Ok(rc)
+        let owner = match (src.owner, dst.owner) {
+            (None, None) => None,
+            (a, b) => Some((a, b).into_pyobject(py)?.into_any().unbind()),
+        };
+        Ok(stream.dispatch(py, move || b.copy(s, d, size, ty), owner))
     }
 
-    /// Copy many ranges in one call (lists of ``count`` entries).
-    #[pyo3(signature = (src_addrs, dst_addrs, sizes, count, r#type, flags = 0, stream = 0))]
+    /// Copy many ranges in one call (lists of ``count`` entries; addresses or, on the local
+    /// side, memory objects). ``stream`` as for ``copy_data``.
+    #[pyo3(signature = (src_addrs, dst_addrs, sizes, count, r#type, flags = 0, stream = None))]
     #[allow(clippy::too_many_arguments)]
     fn copy_data_batch(
         &self,
         py: Python<'_>,
-        src_addrs: Vec<u64>,
-        dst_addrs: Vec<u64>,
+        src_addrs: &Bound<'_, PyAny>,
+        dst_addrs: &Bound<'_, PyAny>,
         sizes: Vec<u64>,
         count: usize,
         r#type: i64,
         flags: i64,
-        stream: u64,
-    ) -> i32 {
+        stream: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<i32> {
         let _ = flags;
-        if stream != 0 {
-            return fail(Error::Unsupported(
-                "a device stream was given, but no device backend is present".into(),
-            ));
+        let stream = StreamArg::from_py(stream)?;
+        let src = buffers::resolve_list(src_addrs, false)?;
+        let dst = buffers::resolve_list(dst_addrs, true)?;
+        if count != src.addrs.len() || count != dst.addrs.len() || count != sizes.len() {
+            return Ok(fail(Error::InvalidParam(format!(
+                "count {count} differs from the lists given ({} sources, {} destinations, {} sizes)",
+                src.addrs.len(),
+                dst.addrs.len(),
+                sizes.len()
+            ))));
         }
-        if count != src_addrs.len() {
-            return fail(Error::InvalidParam(format!(
-                "count {count} differs from the {} addresses given",
-                src_addrs.len()
-            )));
-        }
+        buffers::check_lengths(&src, &sizes)?;
+        buffers::check_lengths(&dst, &sizes)?;
         let ty = match CopyType::from_value(r#type) {
             Ok(t) => t,
-            Err(e) => return fail(e),
+            Err(e) => return Ok(fail(e)),
         };
-        self.run(py, move |b| {
-            b.copy_batch(&src_addrs, &dst_addrs, &sizes, ty)
-        })
+        let b = match self.get() {
+            Ok(b) => b,
+            Err(e) => return Ok(fail(e)),
+        };
+        let owner = match (src.owner, dst.owner) {
+            (None, None) => None,
+            (a, b) => Some((a, b).into_pyobject(py)?.into_any().unbind()),
+        };
+        let (sa, da) = (src.addrs, dst.addrs);
+        Ok(stream.dispatch(py, move || b.copy_batch(&sa, &da, &sizes, ty), owner))
     }
 
     /// Release the object.

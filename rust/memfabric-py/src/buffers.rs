@@ -54,3 +54,69 @@ pub fn length(buf: &Buf, length: Option<u64>) -> PyResult<u64> {
         )),
     }
 }
+
+/// A list of addresses or memory objects (the batch calls' `buffers`).
+pub struct BufList {
+    pub addrs: Vec<u64>,
+    /// The sizes of the objects (None for ints), for checking lengths.
+    pub sizes: Vec<Option<u64>>,
+    /// The objects, kept alive while the memory is in use (None when all were ints).
+    pub owner: Option<Py<PyAny>>,
+}
+
+/// Resolves a list whose elements are int addresses or memory objects.
+pub fn resolve_list(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<BufList> {
+    // Lists of ints (the seed's form, and thousands long in KV-cache moves) take one extraction.
+    if let Ok(addrs) = obj.extract::<Vec<u64>>() {
+        let n = addrs.len();
+        return Ok(BufList {
+            addrs,
+            sizes: vec![None; n],
+            owner: None,
+        });
+    }
+    if obj.is_instance_of::<pyo3::types::PyString>() {
+        return Err(PyTypeError::new_err(
+            "expected a list of addresses or memory objects, not str",
+        ));
+    }
+    let mut addrs = Vec::new();
+    let mut sizes = Vec::new();
+    let mut owners = Vec::new();
+    for item in obj.try_iter()? {
+        let b = resolve(&item?, writable)?;
+        addrs.push(b.addr);
+        sizes.push(b.len);
+        if let Some(o) = b.owner {
+            owners.push(o);
+        }
+    }
+    let owner = if owners.is_empty() {
+        None
+    } else {
+        Some(
+            pyo3::types::PyList::new(obj.py(), owners)?
+                .into_any()
+                .unbind(),
+        )
+    };
+    Ok(BufList {
+        addrs,
+        sizes,
+        owner,
+    })
+}
+
+/// Checks each length against its object's size.
+pub fn check_lengths(list: &BufList, lengths: &[u64]) -> PyResult<()> {
+    for (i, (size, &len)) in list.sizes.iter().zip(lengths).enumerate() {
+        if let Some(n) = size {
+            if len > *n {
+                return Err(PyValueError::new_err(format!(
+                    "length {len} of entry {i} exceeds its {n}-byte buffer"
+                )));
+            }
+        }
+    }
+    Ok(())
+}

@@ -12,6 +12,7 @@ mod common;
 mod error;
 mod shm;
 mod store;
+mod stream;
 mod trans;
 
 #[pymodule]
@@ -26,6 +27,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     common::register(m)?;
     store::register(m)?;
+    stream::register(m)?;
     trans::register(m)?;
     shm::register(m)?;
     bm::register(m)?;

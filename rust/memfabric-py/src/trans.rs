@@ -3,100 +3,18 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use memfabric::stream::HostStream;
+use memfabric::blocks::{self, Segment};
 use memfabric::trans::{self, Direction, EngineConfig, Role};
 use memfabric::transport::Op;
 use memfabric::Error;
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 
 use crate::buffers;
 use crate::error::code;
+use crate::stream::StreamArg;
 
 fn fail(e: Error) -> i32 {
     code::<()>(Err(e))
-}
-
-/// An ordered host work queue for asynchronous transfers (the role an ACL/CUDA stream plays
-/// on a device). Work runs in submission order; ``synchronize()`` waits for it and returns the
-/// first error (0 when all succeeded), so an async failure is never lost.
-///
-/// Example:
-///     >>> s = mf.Stream()
-///     >>> engine.transfer_async_write_submit(peer, buf, peer_buf, n, s)
-///     0
-///     >>> s.synchronize()
-///     0
-#[pyclass(module = "memfabric_hybrid", frozen)]
-pub struct Stream {
-    inner: Arc<HostStream>,
-}
-
-#[pymethods]
-impl Stream {
-    #[new]
-    fn new() -> PyResult<Self> {
-        HostStream::new()
-            .map(|s| Stream { inner: Arc::new(s) })
-            .map_err(crate::error::to_pyerr)
-    }
-
-    /// Wait for all submitted work (up to ``timeout`` seconds, default 600). Returns 0, or the
-    /// error code of the first failed job since the last report (see ``get_last_err_msg()``).
-    #[pyo3(signature = (timeout = 600.0))]
-    fn synchronize(&self, py: Python<'_>, timeout: f64) -> i32 {
-        if !(timeout.is_finite() && timeout > 0.0) {
-            return fail(Error::InvalidParam(format!(
-                "timeout {timeout} must be a positive number of seconds"
-            )));
-        }
-        let s = self.inner.clone();
-        code(py.detach(move || s.synchronize(Duration::from_secs_f64(timeout))))
-    }
-
-    /// 0 when all submitted work is done, 1 while some is running, or the error code of the
-    /// first failed job.
-    fn query(&self) -> i32 {
-        match self.inner.query() {
-            Ok(true) => 0,
-            Ok(false) => 1,
-            Err(e) => fail(e),
-        }
-    }
-}
-
-/// The stream argument of async submits: None/0 (run now), a Stream, or a device handle.
-enum StreamArg {
-    Now,
-    Host(Arc<HostStream>),
-    Device(u64),
-}
-
-fn stream_arg(obj: Option<&Bound<'_, PyAny>>) -> PyResult<StreamArg> {
-    let Some(obj) = obj else {
-        return Ok(StreamArg::Now);
-    };
-    if obj.is_none() {
-        return Ok(StreamArg::Now);
-    }
-    if let Ok(s) = obj.cast::<Stream>() {
-        return Ok(StreamArg::Host(s.get().inner.clone()));
-    }
-    if let Ok(h) = obj.extract::<u64>() {
-        return Ok(if h == 0 {
-            StreamArg::Now
-        } else {
-            StreamArg::Device(h)
-        });
-    }
-    // torch.cuda.Stream and friends expose their handle as `cuda_stream`.
-    if let Ok(h) = obj.getattr("cuda_stream").and_then(|h| h.extract::<u64>()) {
-        return Ok(StreamArg::Device(h));
-    }
-    Err(PyTypeError::new_err(format!(
-        "stream must be None, 0, a memfabric_hybrid.Stream or a device stream handle, not {}",
-        obj.get_type().name()?
-    )))
 }
 
 /// The Transfer Engine: point-to-point writes and reads between engines' registered memory.
@@ -146,7 +64,7 @@ impl TransferEngine {
         }
     }
 
-    /// Runs or queues a transfer; `owner` (a memory object) lives until the transfer is done.
+    /// Runs or queues a transfer; `owner` (memory objects) lives until the transfer is done.
     fn submit(
         &self,
         py: Python<'_>,
@@ -156,23 +74,12 @@ impl TransferEngine {
         stream: Option<&Bound<'_, PyAny>>,
         owner: Option<Py<PyAny>>,
     ) -> PyResult<i32> {
-        let stream = stream_arg(stream)?;
+        let stream = StreamArg::from_py(stream)?;
         let engine = match self.engine() {
             Ok(e) => e,
             Err(e) => return Ok(fail(e)),
         };
-        Ok(match stream {
-            StreamArg::Now => code(py.detach(move || engine.transfer_batch(&dest, dir, ops))),
-            StreamArg::Host(s) => code(s.submit(move || {
-                let r = engine.transfer_batch(&dest, dir, ops);
-                drop(owner);
-                r
-            })),
-            StreamArg::Device(h) => fail(Error::Unsupported(format!(
-                "device stream handle {h:#x} given, but no device backend is present on this host; \
-                 pass a memfabric_hybrid.Stream or None"
-            ))),
-        })
+        Ok(stream.dispatch(py, move || engine.transfer_batch(&dest, dir, ops), owner))
     }
 
     /// One transfer: `buffer` an int address or a memory object (kept alive until done).
@@ -202,20 +109,22 @@ impl TransferEngine {
         )
     }
 
-    /// A batch of int addresses.
+    /// A batch: `buffers` a list of int addresses or memory objects.
     #[allow(clippy::too_many_arguments)]
     fn batch(
         &self,
         py: Python<'_>,
         dest: String,
         dir: Direction,
-        buffers: Vec<u64>,
+        buffers: &Bound<'_, PyAny>,
         peers: Vec<u64>,
         lengths: Vec<u64>,
         stream: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<i32> {
-        match batch_ops(buffers, peers, lengths) {
-            Ok(ops) => self.submit(py, dest, dir, ops, stream, None),
+        let list = buffers::resolve_list(buffers, dir == Direction::Read)?;
+        buffers::check_lengths(&list, &lengths)?;
+        match batch_ops(list.addrs, peers, lengths) {
+            Ok(ops) => self.submit(py, dest, dir, ops, stream, list.owner),
             Err(e) => Ok(fail(e)),
         }
     }
@@ -542,7 +451,7 @@ impl TransferEngine {
         &self,
         py: Python<'_>,
         destflag: String,
-        buffers: Vec<u64>,
+        buffers: &Bound<'_, PyAny>,
         peer_buffer_addresses: Vec<u64>,
         lengths: Vec<u64>,
         flags: i64,
@@ -565,7 +474,7 @@ impl TransferEngine {
         &self,
         py: Python<'_>,
         destflag: String,
-        buffers: Vec<u64>,
+        buffers: &Bound<'_, PyAny>,
         peer_buffer_addresses: Vec<u64>,
         lengths: Vec<u64>,
         flags: i64,
@@ -641,7 +550,7 @@ impl TransferEngine {
         &self,
         py: Python<'_>,
         dest_session: String,
-        buffers: Vec<u64>,
+        buffers: &Bound<'_, PyAny>,
         peer_buffers: Vec<u64>,
         lengths: Vec<u64>,
         stream: Option<&Bound<'_, PyAny>>,
@@ -666,7 +575,7 @@ impl TransferEngine {
         &self,
         py: Python<'_>,
         dest_session: String,
-        buffers: Vec<u64>,
+        buffers: &Bound<'_, PyAny>,
         peer_buffers: Vec<u64>,
         lengths: Vec<u64>,
         stream: Option<&Bound<'_, PyAny>>,
@@ -682,6 +591,61 @@ impl TransferEngine {
             lengths,
             stream,
         )
+    }
+
+    /// Move paged KV-cache blocks: for every segment, block ``src_block_ids[i]`` of
+    /// ``local_segments`` goes to block ``dst_block_ids[i]`` of the matching
+    /// ``peer_segments`` (``opcode`` WRITE, the default) or comes from it (READ).
+    ///
+    /// A segment is ``(address, num_blocks, block_stride, block_bytes)``: one layer's (or one
+    /// K/V plane's) array of blocks. Blocks are sorted and runs of adjacent blocks on both sides
+    /// become one descriptor, so a request's blocks move in one batched transfer. Ids out of
+    /// range give MF_OUT_OF_BOUNDS, a destination id given twice or mismatched layouts
+    /// SMEM_INVALID_PARAM. ``stream`` as for ``transfer_async_write_submit``.
+    /// ``memfabric_hybrid.torch_ext.transfer_blocks`` builds the segments from tensors.
+    ///
+    /// Example:
+    ///     >>> engine.transfer_blocks(peer, [(addr, 64, 8192, 8192)],
+    ///     ...                        [(peer_addr, 64, 8192, 8192)], [0, 1, 2], [5, 6, 7])
+    ///     0
+    #[pyo3(signature = (dest_session, local_segments, peer_segments, src_block_ids, dst_block_ids, opcode = 1, stream = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn transfer_blocks(
+        &self,
+        py: Python<'_>,
+        dest_session: String,
+        local_segments: Vec<(u64, u64, u64, u64)>,
+        peer_segments: Vec<(u64, u64, u64, u64)>,
+        src_block_ids: Vec<u64>,
+        dst_block_ids: Vec<u64>,
+        opcode: i64,
+        stream: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<i32> {
+        let dir = match opcode {
+            0 => Direction::Read,
+            1 => Direction::Write,
+            other => {
+                return Ok(fail(Error::InvalidParam(format!(
+                    "opcode {other} is neither TransferOpcode.READ (0) nor WRITE (1)"
+                ))))
+            }
+        };
+        let seg = |v: Vec<(u64, u64, u64, u64)>| -> Vec<Segment> {
+            v.into_iter()
+                .map(|(addr, num_blocks, block_stride, block_bytes)| Segment {
+                    addr,
+                    num_blocks,
+                    block_stride,
+                    block_bytes,
+                })
+                .collect()
+        };
+        let (local, remote) = (seg(local_segments), seg(peer_segments));
+        match blocks::block_ops(&local, &remote, &src_block_ids, &dst_block_ids) {
+            Ok(ops) if ops.is_empty() => Ok(0),
+            Ok(ops) => self.submit(py, dest_session, dir, ops, stream, None),
+            Err(e) => Ok(fail(e)),
+        }
     }
 
     /// Stop the engine: unpublish it, stop its data server, forget its registrations.
@@ -703,6 +667,5 @@ impl TransferEngine {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TransferEngine>()?;
-    m.add_class::<Stream>()?;
     Ok(())
 }

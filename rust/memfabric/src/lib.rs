@@ -10,6 +10,7 @@
 //!
 //! Nothing here knows about Python; the `memfabric-py` crate converts at the boundary.
 
+pub mod blocks;
 pub mod bm;
 pub mod error;
 pub mod fabric;

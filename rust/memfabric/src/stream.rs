@@ -126,6 +126,63 @@ impl HostStream {
     }
 }
 
+/// A point in a stream's work: done once everything submitted before it is done. Events
+/// order work across streams (`HostStream::wait_event`) and let a caller poll or wait for part
+/// of a stream without draining it.
+#[derive(Clone)]
+pub struct Event {
+    shared: Arc<Shared>,
+    target: u64,
+}
+
+impl Event {
+    /// True once the work before the event is done.
+    pub fn query(&self) -> bool {
+        self.shared.lock().done >= self.target
+    }
+
+    /// Waits (up to `timeout`) for the work before the event. Errors stay with the stream:
+    /// they are reported by its `synchronize`, not here.
+    pub fn synchronize(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.shared.lock();
+        while p.done < self.target {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(format!(
+                    "event synchronize: {} jobs before the event still pending after {timeout:?}",
+                    self.target - p.done
+                )));
+            }
+            p = self
+                .shared
+                .changed
+                .wait_timeout(p, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+}
+
+impl HostStream {
+    /// An event marking everything submitted so far.
+    pub fn record_event(&self) -> Event {
+        Event {
+            shared: self.shared.clone(),
+            target: self.shared.lock().submitted,
+        }
+    }
+
+    /// Work submitted after this waits for `event` (of any stream) first. The wait is bounded
+    /// by `timeout`; past it this stream records a timeout error and goes on, so that a stuck
+    /// stream elsewhere cannot hang this one forever.
+    pub fn wait_event(&self, event: &Event, timeout: Duration) -> Result<()> {
+        let event = event.clone();
+        self.submit(move || event.synchronize(timeout))
+    }
+}
+
 impl Drop for HostStream {
     fn drop(&mut self) {
         // Closing the channel lets the worker drain what is queued and stop.
@@ -165,6 +222,50 @@ mod tests {
         // Reported once; the stream goes on.
         s.synchronize(Duration::from_secs(1)).unwrap();
         assert!(s.query().unwrap());
+    }
+
+    #[test]
+    fn events_mark_points_and_order_streams() {
+        let a = HostStream::new().unwrap();
+        let b = HostStream::new().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s1 = seen.clone();
+        a.submit(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            s1.lock().unwrap().push("a");
+            Ok(())
+        })
+        .unwrap();
+        let ev = a.record_event();
+        assert!(!ev.query());
+        b.wait_event(&ev, Duration::from_secs(10)).unwrap();
+        let s2 = seen.clone();
+        b.submit(move || {
+            s2.lock().unwrap().push("b");
+            Ok(())
+        })
+        .unwrap();
+        b.synchronize(Duration::from_secs(10)).unwrap();
+        assert!(ev.query());
+        assert_eq!(*seen.lock().unwrap(), vec!["a", "b"]);
+        // An event that never completes in time fails the waiting stream, bounded.
+        a.submit(|| {
+            std::thread::sleep(Duration::from_millis(500));
+            Ok(())
+        })
+        .unwrap();
+        let late = a.record_event();
+        assert_eq!(
+            late.synchronize(Duration::from_millis(20))
+                .unwrap_err()
+                .code(),
+            -2004
+        );
+        b.wait_event(&late, Duration::from_millis(20)).unwrap();
+        assert_eq!(
+            b.synchronize(Duration::from_secs(10)).unwrap_err().code(),
+            -2004
+        );
     }
 
     #[test]
