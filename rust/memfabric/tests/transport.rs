@@ -1,5 +1,6 @@
-//! One behaviour suite over the three data paths (local, cma to this very process, tcp over
-//! loopback), plus the tcp server's defences: region checks, deadlines, dead and hostile peers.
+//! One behaviour suite over the data paths (local, cma to this very process, tcp and tcp with
+//! TLS over loopback), plus the tcp server's defences: region checks, deadlines, dead and
+//! hostile peers. Admission (job secret, certificates) has its own file, data_auth.rs.
 //!
 //! `cargo test --release -p memfabric --test transport -- --ignored --nocapture timing`
 //! prints rough throughput and latency figures.
@@ -10,11 +11,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use memfabric::mem::RegionTable;
+use memfabric::transport::auth::{DataAuth, NONCE_LEN, PROOF_LEN};
 use memfabric::transport::cma::{self, CmaTransport};
 use memfabric::transport::local::LocalTransport;
-use memfabric::transport::tcp::{TcpDataServer, TcpTransport};
+use memfabric::transport::tcp::{
+    client_handshake, hello, TcpDataServer, TcpTransport, AUTH_OK, HELLO_LEN, PROTOCOL_VERSION,
+};
 use memfabric::transport::{CheckedOps, Op, Transport};
 use memfabric::Error;
+
+mod common;
+use common::{job_auth, tls_auth, Pki};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -96,10 +103,15 @@ impl Path {
         }
     }
     fn tcp() -> Self {
+        Self::tcp_with(job_auth())
+    }
+    fn tcp_with(auth: Arc<DataAuth>) -> Self {
         let remote = Arc::new(RegionTable::new());
-        let server = TcpDataServer::start("127.0.0.1:0".parse().unwrap(), remote.clone()).unwrap();
+        let server =
+            TcpDataServer::start("127.0.0.1:0".parse().unwrap(), remote.clone(), auth.clone())
+                .unwrap();
         Path {
-            t: Box::new(TcpTransport::new(server.local_addr())),
+            t: Box::new(TcpTransport::new(server.local_addr(), auth)),
             local: RegionTable::new(),
             remote,
             _server: Some(server),
@@ -219,10 +231,27 @@ fn tcp_suite() {
 }
 
 #[test]
+fn tcp_tls_suite() {
+    let pki = Pki::new("suite");
+    suite(Path::tcp_with(tls_auth(&pki)));
+}
+
+#[test]
 fn tcp_with_one_connection() {
     let mut p = Path::tcp();
     let addr = p._server.as_ref().unwrap().local_addr();
-    p.t = Box::new(TcpTransport::with_connections(addr, 1));
+    p.t = Box::new(TcpTransport::with_connections(addr, 1, job_auth()));
+    single_roundtrip(&p, 9 * MIB + 3, 5);
+    batch_roundtrip(&p, 32 * KIB);
+}
+
+#[test]
+fn tcp_tls_with_one_connection() {
+    let pki = Pki::new("one");
+    let auth = tls_auth(&pki);
+    let mut p = Path::tcp_with(auth.clone());
+    let addr = p._server.as_ref().unwrap().local_addr();
+    p.t = Box::new(TcpTransport::with_connections(addr, 1, auth));
     single_roundtrip(&p, 9 * MIB + 3, 5);
     batch_roundtrip(&p, 32 * KIB);
 }
@@ -482,7 +511,7 @@ fn assert_within(t0: Instant, limit: Duration, what: &str) {
 #[test]
 fn tcp_deadline_with_silent_server() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let t = TcpTransport::new(l.local_addr().unwrap());
+    let t = TcpTransport::new(l.local_addr().unwrap(), job_auth());
     let local = RegionTable::new();
     let src = vec![1u8; 4096];
     local.register(addr(&src), 4096).unwrap();
@@ -501,12 +530,10 @@ fn tcp_deadline_with_stalled_server() {
     let peer = l.local_addr().unwrap();
     let stall = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
-        let mut h = [0u8; 8];
-        s.read_exact(&mut h).unwrap();
-        s.write_all(&h).unwrap();
+        accept_handshake(&mut s, &job_auth());
         std::thread::sleep(Duration::from_secs(3));
     });
-    let t = TcpTransport::with_connections(peer, 1);
+    let t = TcpTransport::with_connections(peer, 1, job_auth());
     let local = RegionTable::new();
     let src = vec![1u8; 64 * MIB];
     local.register(addr(&src), src.len() as u64).unwrap();
@@ -583,11 +610,29 @@ fn raw(addr: SocketAddr) -> TcpStream {
     TcpStream::connect(addr).unwrap()
 }
 
-fn good_hello() -> [u8; 8] {
-    let mut h = [0u8; 8];
-    h[..4].copy_from_slice(b"MFTD");
-    h[4] = 1;
-    h
+/// A raw connection that completed the handshake as a member of the test job.
+fn authed(addr: SocketAddr) -> TcpStream {
+    let mut s = raw(addr);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client_handshake(&mut s, &job_auth(), addr).unwrap();
+    s
+}
+
+/// The server side of the handshake, done by hand for servers faked by the tests.
+fn accept_handshake(s: &mut TcpStream, auth: &DataAuth) {
+    let mut first = [0u8; HELLO_LEN + NONCE_LEN];
+    s.read_exact(&mut first).unwrap();
+    assert_eq!(&first[..4], b"MFTD");
+    let mut cn = [0u8; NONCE_LEN];
+    cn.copy_from_slice(&first[HELLO_LEN..]);
+    let sn = [0x5Au8; NONCE_LEN];
+    s.write_all(&hello(0)).unwrap();
+    s.write_all(&sn).unwrap();
+    let mut proof = [0u8; PROOF_LEN];
+    s.read_exact(&mut proof).unwrap();
+    assert!(auth.verify_client(&sn, &cn, &proof));
+    s.write_all(&[AUTH_OK]).unwrap();
+    s.write_all(&auth.server_proof(&sn, &cn)).unwrap();
 }
 
 /// Garbage and malformed frames close that connection only; the server keeps serving.
@@ -607,13 +652,9 @@ fn tcp_survives_garbage() {
     expect_closed(s, "random bytes");
 
     let header = |f: &dyn Fn(&mut [u8; 32])| {
-        let mut s = raw(server);
-        s.write_all(&good_hello()).unwrap();
-        let mut reply = [0u8; 8];
-        s.read_exact(&mut reply).unwrap();
-        assert_eq!(&reply[..4], b"MFTD");
+        let mut s = authed(server);
         let mut h = [0u8; 32];
-        h[0] = 1;
+        h[0] = PROTOCOL_VERSION;
         h[1] = 1;
         h[16..24].copy_from_slice(&dst.start().to_le_bytes());
         h[24..32].copy_from_slice(&16u64.to_le_bytes());
@@ -629,7 +670,7 @@ fn tcp_survives_garbage() {
 
     // Wrong protocol version in the hello: refused with a reply, then closed.
     let mut s = raw(server);
-    let mut h = good_hello();
+    let mut h = hello(0);
     h[4] = 200;
     s.write_all(&h).unwrap();
     let mut reply = [0u8; 8];
@@ -638,14 +679,13 @@ fn tcp_survives_garbage() {
     expect_closed(s, "bad version");
 
     // A header cut short, then the client vanishes.
-    let mut s = raw(server);
-    s.write_all(&good_hello()).unwrap();
-    s.write_all(&[1, 1, 0]).unwrap();
+    let mut s = authed(server);
+    s.write_all(&[PROTOCOL_VERSION, 1, 0]).unwrap();
     drop(s);
 
     // Nothing landed in memory, and good clients (old connection and new) are served.
     assert!(dst.body()[10..].iter().all(|&b| b == 0xEE));
-    let fresh = TcpTransport::new(server);
+    let fresh = TcpTransport::new(server, job_auth());
     let ops = p.checked(vec![Op::new(addr(&src), dst.start(), n as u64)]);
     fresh.write(&ops, long()).unwrap();
     p.t.write(&ops, long()).unwrap();
@@ -707,8 +747,15 @@ fn timing() {
     let t = best_of(5, || dst.copy_from_slice(&src));
     println!("memcpy 64 MiB, one thread: {:.2} GB/s", gbps(n, t));
 
-    for p in [Path::local(), Path::cma(), Path::tcp()] {
-        let name = p.t.name();
+    let pki = Pki::new("timing");
+    let paths = [
+        (Path::local(), ""),
+        (Path::cma(), ""),
+        (Path::tcp(), ""),
+        (Path::tcp_with(tls_auth(&pki)), "+tls"),
+    ];
+    for (p, tag) in paths {
+        let name = format!("{}{tag}", p.t.name());
         p.local.register(addr(&src), n as u64).unwrap();
         p.remote.register(addr(&dst), n as u64).unwrap();
         let big = p.checked(vec![Op::new(addr(&src), addr(&dst), n as u64)]);

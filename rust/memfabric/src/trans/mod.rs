@@ -15,6 +15,11 @@
 //! peer's published table, kept fresh by the generation page (see [`generation`]). The tcp
 //! path checks on the initiator (early, precise errors, safe coalescing) and again in the
 //! peer's data server, which alone decides what is touched.
+//!
+//! The data server serves only engines admitted by the same config store: `initialize` reads
+//! (or, first, creates) the job secret in the store, and every tcp connection proves it both
+//! ways (see [`crate::transport::auth`]); with the store's TLS on, connections also run mutual
+//! TLS with the same certificates.
 
 pub mod generation;
 
@@ -28,6 +33,7 @@ use crate::log::{INFO, WARN};
 use crate::mem::regions::{decode_list, RegionTable};
 use crate::mf_log;
 use crate::store::{ClientOptions, StoreClient, StoreServer};
+use crate::transport::auth::DataAuth;
 use crate::transport::cma::{self, CmaTransport};
 use crate::transport::local::LocalTransport;
 use crate::transport::tcp::{TcpDataServer, TcpTransport};
@@ -111,6 +117,8 @@ pub struct TransferEngine {
     store: Arc<StoreClient>,
     regions: Arc<RegionTable>,
     server: TcpDataServer,
+    /// What tcp connections to peers prove, and what the data server demands.
+    auth: Arc<DataAuth>,
     me: PeerInfo,
     generation: GenerationPage,
     peers: Mutex<HashMap<String, Arc<Peer>>>,
@@ -213,22 +221,26 @@ impl TransferEngine {
             Some(r) if r == cfg.role => StoreServer::start_if_free(&cfg.store_url)?,
             _ => None,
         };
+        // One reading of the TLS setting for the store and the data plane, so both agree.
+        let tls = crate::store::tls::current()?;
         let store = Arc::new(StoreClient::connect(
             &cfg.store_url,
             ClientOptions {
                 timeout: cfg.store_timeout,
-                ..Default::default()
+                tls: tls.as_ref().map(|m| m.client.clone()),
+                force_plaintext: tls.is_none(),
             },
         )?);
+        let auth = Arc::new(DataAuth::for_store(&store, tls.as_deref())?);
         let regions = Arc::new(RegionTable::new());
         let server = match cfg.reserved_listener {
             Some(l)
                 if bind.port() == 0
                     || l.local_addr().map(|a| a.port()).ok() == Some(bind.port()) =>
             {
-                TcpDataServer::adopt(l, regions.clone())?
+                TcpDataServer::adopt(l, regions.clone(), auth.clone())?
             }
-            _ => TcpDataServer::start(bind, regions.clone())?,
+            _ => TcpDataServer::start(bind, regions.clone(), auth.clone())?,
         };
         let data_addr = SocketAddr::new(bind.ip(), server.local_addr().port());
         let session = format_session(data_addr);
@@ -264,6 +276,7 @@ impl TransferEngine {
             store,
             regions,
             server,
+            auth,
             me,
             generation,
             peers: Mutex::new(HashMap::new()),
@@ -399,7 +412,7 @@ impl TransferEngine {
         table: Arc<RegionTable>,
     ) -> Result<Peer> {
         let tcp = |info: PeerInfo, table: Arc<RegionTable>| Peer {
-            transport: Box::new(TcpTransport::new(info.data_addr)),
+            transport: Box::new(TcpTransport::new(info.data_addr, self.auth.clone())),
             info,
             kind: Kind::Tcp,
             generation: None,

@@ -4,12 +4,14 @@
 //! [`select`]:
 //! - [`local`]: the peer is this process — memcpy (split across threads when large);
 //! - [`cma`]: the peer is another process on this host — `process_vm_writev`/`readv`;
-//! - [`tcp`]: the peer is elsewhere — the peer's data server, over pooled connections.
+//! - [`tcp`]: the peer is elsewhere — the peer's data server, over pooled connections, open
+//!   only to engines admitted by the same config store ([`auth`]).
 //!
 //! Transports move bytes; they do not decide what may be touched. Every descriptor reaches a
 //! transport inside [`CheckedOps`], which can only be built by checking the descriptors against
 //! region tables (or by an `unsafe` promise that the caller did so another way).
 
+pub mod auth;
 pub mod cma;
 pub mod local;
 pub mod tcp;

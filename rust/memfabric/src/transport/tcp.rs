@@ -3,8 +3,22 @@
 //!
 //! # Wire protocol (all integers little-endian)
 //!
-//! Connection start, both ways: `"MFTD"`, version (1), status (0 ok, 1 version refused), two
-//! zero bytes. Then [`authenticate`] (a no-op today).
+//! With TLS on (`set_conf_store_tls`), everything below runs inside mutual TLS with the
+//! store's certificates: the server demands a client certificate from the job's CA and the
+//! client verifies the server's for the IP it dialled. Without TLS it runs on plain TCP.
+//!
+//! Connection start (version 2):
+//! 1. client: `"MFTD"`, version, status 0, two zero bytes, then its 32-byte nonce `cn`;
+//! 2. server: `"MFTD"`, version, status (0 ok, 1 version refused: nothing follows and the
+//!    server closes), two zero bytes, then its 32-byte nonce `sn`;
+//! 3. client: `HMAC-SHA256(secret, "memfabric data client" | sn | cn)`;
+//! 4. server: status u8, 0 admitted, then `HMAC-SHA256(secret, "memfabric data server" | sn | cn)`;
+//!    or 1 refused, and it closes.
+//!
+//! `secret` is the job secret from the config store (see [`super::auth`]). The server reads no
+//! request before step 3 verified, and the client sends none before step 4 did; the whole
+//! handshake (TLS included) must finish within the server's handshake deadline (10 s) or the
+//! connection is dropped. A refused client gets `Refused` naming the server.
 //!
 //! Request, 32 bytes: version u8, op u8 (1 WRITE, 2 READ), 6 zero bytes, req_id u64,
 //! addr u64, len u64; a WRITE is followed by its `len` payload bytes. `len` is at most
@@ -14,6 +28,7 @@
 //! Response, 24 bytes: version u8, status u8 (0 OK, 1 OUT_OF_BOUNDS, 2 INVALID), 2 zero bytes,
 //! msg_len u32 (at most 1024), req_id u64, data_len u64; followed by the message (errors) and
 //! then `data_len` bytes (an OK READ). Responses come in request order on each connection.
+//! Version 1 had the same frames and no nonces or proofs; the two refuse each other at the hello.
 //!
 //! The server checks `[addr, addr + len)` against its [`RegionTable`] before touching memory.
 //! A WRITE is acknowledged only after its bytes are in the server's memory; a refused WRITE's
@@ -33,18 +48,25 @@
 //! in place with one `recvmsg` whose second iovec takes what follows; after a payload of
 //! 8 KiB or more that second iovec is just one header long, so that in a stream of large
 //! requests every payload lands in place and the only copies are the kernel's two.
+//!
+//! With TLS the same frames travel as TLS records. The initiator keeps its design (one thread,
+//! `poll`, the same windows) and hands plaintext to rustls, which encrypts it into its send
+//! buffer; received records are decrypted into the staging buffer. The server reads and writes
+//! through tokio-rustls one request at a time, staging payloads in 256 KiB chunks, and sends
+//! its queued acknowledgements whenever it is about to wait for input.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::io::Interest;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::auth::{random_bytes, DataAuth, NONCE_LEN, PROOF_LEN};
 use super::{CheckedOps, Op, Transport};
 use crate::error::{Error, Result};
 use crate::log::{DEBUG, INFO, WARN};
@@ -53,10 +75,14 @@ use crate::mf_log;
 
 const MAGIC: [u8; 4] = *b"MFTD";
 /// Version of the data protocol; both ends must speak the same one.
-pub const PROTOCOL_VERSION: u8 = 1;
-const HELLO_LEN: usize = 8;
+pub const PROTOCOL_VERSION: u8 = 2;
+/// Bytes in a hello, before the nonce.
+pub const HELLO_LEN: usize = 8;
 const HELLO_OK: u8 = 0;
 const HELLO_BAD_VERSION: u8 = 1;
+/// The server's verdict on a client's proof: admitted (its own proof follows) or refused.
+pub const AUTH_OK: u8 = 0;
+pub const AUTH_REFUSED: u8 = 1;
 const REQ_HDR: usize = 32;
 const RESP_HDR: usize = 24;
 /// Bytes in a request header.
@@ -92,8 +118,14 @@ const DIRECT_MIN: u64 = 8 << 10;
 const ACK_EVERY: u64 = 1 << 20;
 /// iovecs per sendmsg. Well under IOV_MAX; 128 small requests per call is plenty.
 const IOV_BATCH: usize = 128;
-/// A client must complete the handshake within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Encrypted bytes rustls may hold for one initiator connection before the socket takes them:
+/// enough for a few records per system call, small beside the 8 MiB window.
+const TLS_SEND_BUFFER: usize = 512 << 10;
+/// The TLS server stages payloads in chunks of this size on their way to and from memory.
+const TLS_CHUNK: usize = 256 << 10;
+/// First bytes of a TLS record (handshake, alert): what a TLS peer sends where a hello belongs.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+const TLS_ALERT_RECORD: u8 = 0x15;
 
 // ---------------------------------------------------------------------------------------------
 // Frames
@@ -211,7 +243,8 @@ pub fn parse_resp(h: &[u8]) -> Result<RespHeader> {
     })
 }
 
-fn hello(status: u8) -> [u8; HELLO_LEN] {
+/// The 8-byte hello (without the nonce that follows it).
+pub fn hello(status: u8) -> [u8; HELLO_LEN] {
     let mut h = [0u8; HELLO_LEN];
     h[..4].copy_from_slice(&MAGIC);
     h[4] = PROTOCOL_VERSION;
@@ -219,20 +252,166 @@ fn hello(status: u8) -> [u8; HELLO_LEN] {
     h
 }
 
-/// Hook for authenticating a data connection, run by the initiator right after the hello
-/// exchange (the server runs [`authenticate_server`] at the same point). Today the data port
-/// trusts its network, like upstream's; a token or TLS step slots in here without changing
-/// the framing after it.
-pub fn authenticate(_stream: &mut std::net::TcpStream) -> Result<()> {
+/// Client side of the connection start (see the module docs), on a plain socket or inside TLS:
+/// hello and nonces, then the proofs, client first. Returns once the server proved the job
+/// secret too; any other outcome is an error and the connection must be dropped.
+pub fn client_handshake<S: Read + Write>(
+    s: &mut S,
+    auth: &DataAuth,
+    peer: SocketAddr,
+) -> Result<()> {
+    let cn = random_bytes::<NONCE_LEN>()?;
+    let mut first = [0u8; HELLO_LEN + NONCE_LEN];
+    first[..HELLO_LEN].copy_from_slice(&hello(HELLO_OK));
+    first[HELLO_LEN..].copy_from_slice(&cn);
+    s.write_all(&first)
+        .and_then(|_| s.flush())
+        .map_err(|e| handshake_err(peer, "sending the hello", e))?;
+    // The first byte alone: a TLS server answers a plaintext hello with a 7-byte alert.
+    let mut reply = [0u8; HELLO_LEN];
+    s.read_exact(&mut reply[..1])
+        .map_err(|e| handshake_err(peer, "waiting for the hello", e))?;
+    if reply[0] == TLS_ALERT_RECORD || reply[0] == TLS_HANDSHAKE_RECORD {
+        return Err(Error::Tls(format!(
+            "the data server at {peer} speaks TLS and this process does not: call \
+             set_conf_store_tls as its job does"
+        )));
+    }
+    s.read_exact(&mut reply[1..])
+        .map_err(|e| handshake_err(peer, "waiting for the hello", e))?;
+    if reply[..4] != MAGIC {
+        return Err(Error::Protocol(format!(
+            "{peer} is not a memfabric data server (bad handshake)"
+        )));
+    }
+    if reply[4] != PROTOCOL_VERSION || reply[5] != HELLO_OK {
+        return Err(Error::Refused(format!(
+            "data server {peer} speaks protocol {} and refused ours ({PROTOCOL_VERSION})",
+            reply[4]
+        )));
+    }
+    let mut sn = [0u8; NONCE_LEN];
+    s.read_exact(&mut sn)
+        .map_err(|e| handshake_err(peer, "waiting for the server's nonce", e))?;
+    s.write_all(&auth.client_proof(&sn, &cn))
+        .and_then(|_| s.flush())
+        .map_err(|e| handshake_err(peer, "sending this engine's proof", e))?;
+    let mut verdict = [0u8; 1];
+    s.read_exact(&mut verdict)
+        .map_err(|e| handshake_err(peer, "waiting for admission", e))?;
+    if verdict[0] != AUTH_OK {
+        return Err(Error::Refused(format!(
+            "the data server at {peer} refused this engine: not admitted by the same config \
+             store (its job secret differs; both ends must initialize against one store)"
+        )));
+    }
+    let mut proof = [0u8; PROOF_LEN];
+    s.read_exact(&mut proof)
+        .map_err(|e| handshake_err(peer, "waiting for the server's proof", e))?;
+    if !auth.verify_server(&sn, &cn, &proof) {
+        return Err(Error::Refused(format!(
+            "the data server at {peer} could not prove admission by this engine's config \
+             store (another job's engine listens there); nothing was sent to it"
+        )));
+    }
     Ok(())
 }
 
-/// Server side of [`authenticate`].
-async fn authenticate_server(_stream: &TcpStream) -> Result<()> {
+/// Server side of [`client_handshake`]. Reads nothing past the client's proof unless it
+/// verified; a refused client is told so and the connection is closed by the caller.
+async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    auth: &DataAuth,
+) -> Result<()> {
+    let io = |what: &'static str| {
+        move |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                Error::Protocol(format!("the client closed the connection while {what}"))
+            }
+            _ => tls_or_io(&format!("data server handshake, {what}"), e),
+        }
+    };
+    let mut h = [0u8; HELLO_LEN];
+    s.read_exact(&mut h)
+        .await
+        .map_err(io("sending its hello"))?;
+    if h[..4] != MAGIC {
+        if h[0] == TLS_HANDSHAKE_RECORD && auth.tls().is_none() {
+            return Err(Error::Tls(
+                "a TLS client connected; TLS is off in this process (set_conf_store_tls)".into(),
+            ));
+        }
+        return Err(Error::Protocol(
+            "not a memfabric data client (bad magic)".into(),
+        ));
+    }
+    if h[4] != PROTOCOL_VERSION {
+        // Best effort: the client learns why before the connection closes.
+        let _ = s.write_all(&hello(HELLO_BAD_VERSION)).await;
+        let _ = s.flush().await;
+        return Err(Error::Protocol(format!(
+            "client speaks data protocol {} (this server {PROTOCOL_VERSION})",
+            h[4]
+        )));
+    }
+    let mut cn = [0u8; NONCE_LEN];
+    s.read_exact(&mut cn)
+        .await
+        .map_err(io("sending its nonce"))?;
+    let sn = random_bytes::<NONCE_LEN>()?;
+    let mut reply = [0u8; HELLO_LEN + NONCE_LEN];
+    reply[..HELLO_LEN].copy_from_slice(&hello(HELLO_OK));
+    reply[HELLO_LEN..].copy_from_slice(&sn);
+    s.write_all(&reply)
+        .await
+        .map_err(io("receiving our hello"))?;
+    s.flush().await.map_err(io("receiving our hello"))?;
+    let mut proof = [0u8; PROOF_LEN];
+    s.read_exact(&mut proof)
+        .await
+        .map_err(io("sending its proof"))?;
+    if !auth.verify_client(&sn, &cn, &proof) {
+        let _ = s.write_all(&[AUTH_REFUSED]).await;
+        let _ = s.flush().await;
+        return Err(Error::Refused(
+            "refused a data client that did not prove admission by this job's config store \
+             (wrong or no data-plane secret)"
+                .into(),
+        ));
+    }
+    let mut admitted = [0u8; 1 + PROOF_LEN];
+    admitted[0] = AUTH_OK;
+    admitted[1..].copy_from_slice(&auth.server_proof(&sn, &cn));
+    s.write_all(&admitted)
+        .await
+        .map_err(io("receiving our proof"))?;
+    s.flush().await.map_err(io("receiving our proof"))?;
     Ok(())
 }
 
-fn sendmsg_nosignal(fd: RawFd, iov: &[libc::iovec]) -> std::io::Result<usize> {
+/// The rustls error inside an I/O error, if there is one.
+fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+}
+
+fn tls_or_io(what: &str, e: std::io::Error) -> Error {
+    match rustls_error(&e) {
+        Some(t) => Error::Tls(format!("{what}: {t}")),
+        None => Error::io(what, e),
+    }
+}
+
+fn handshake_err(peer: SocketAddr, what: &str, e: std::io::Error) -> Error {
+    match rustls_error(&e) {
+        Some(t) => Error::Tls(format!(
+            "TLS with the data server at {peer} failed while {what}: {t} (both ends need \
+             certificates from the job's CA, with their IP addresses as SANs)"
+        )),
+        None => sock_err(peer, what, e),
+    }
+}
+
+fn sendmsg_nosignal(fd: RawFd, iov: &[libc::iovec], flags: libc::c_int) -> std::io::Result<usize> {
     // SAFETY: zeroed is a valid msghdr (null name and control, no iovecs); the fields we set
     // point at `iov`, which outlives the call.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -241,11 +420,84 @@ fn sendmsg_nosignal(fd: RawFd, iov: &[libc::iovec]) -> std::io::Result<usize> {
     // SAFETY: `msg` describes `iov.len()` valid iovecs; each points at memory the caller
     // vouches is readable for its length (see the callers). MSG_NOSIGNAL: a vanished peer
     // must give EPIPE, not kill the process with SIGPIPE.
-    let rc = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+    let rc = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | flags) };
     if rc < 0 {
         Err(std::io::Error::last_os_error())
     } else {
         Ok(rc as usize)
+    }
+}
+
+/// Writes to a socket with `sendmsg(MSG_NOSIGNAL)`: std's vectored write (which rustls uses)
+/// is `writev`, which raises SIGPIPE when the peer has gone.
+struct NoSigPipe {
+    fd: RawFd,
+    flags: libc::c_int,
+}
+
+impl Write for NoSigPipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        let mut iov = [EMPTY_IOV; IOV_BATCH];
+        let n = bufs.len().min(IOV_BATCH);
+        for (v, b) in iov.iter_mut().zip(bufs) {
+            *v = libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            };
+        }
+        // The iovecs point into `bufs`, borrowed for the call.
+        sendmsg_nosignal(self.fd, &iov[..n], self.flags)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A blocking socket whose every read and write ends by `deadline`: each system call gets
+/// the time left as its timeout, so a peer that trickles bytes cannot stretch the handshake.
+struct Deadlined<'a> {
+    sock: &'a std::net::TcpStream,
+    deadline: Instant,
+}
+
+impl Deadlined<'_> {
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.sock.set_read_timeout(Some(self.left()?))?;
+        (&mut &*self.sock).read(buf)
+    }
+}
+
+impl Write for Deadlined<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        self.sock.set_write_timeout(Some(self.left()?))?;
+        NoSigPipe {
+            fd: self.sock.as_raw_fd(),
+            flags: 0,
+        }
+        .write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -292,8 +544,9 @@ const EMPTY_IOV: libc::iovec = libc::iovec {
 // Server
 
 /// The data server of one engine: serves peers' reads and writes of this process's
-/// registered memory. Runs on the shared runtime; dropping it stops accepting and closes
-/// every connection (in-flight requests on them fail at their initiators).
+/// registered memory to clients that prove `auth` (see the module docs). Runs on the shared
+/// runtime; dropping it stops accepting and closes every connection (in-flight requests on
+/// them fail at their initiators).
 pub struct TcpDataServer {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
@@ -301,7 +554,7 @@ pub struct TcpDataServer {
 
 impl TcpDataServer {
     /// Binds `bind` (port 0 picks one) and starts serving `regions`.
-    pub fn start(bind: SocketAddr, regions: Arc<RegionTable>) -> Result<Self> {
+    pub fn start(bind: SocketAddr, regions: Arc<RegionTable>, auth: Arc<DataAuth>) -> Result<Self> {
         let rt = crate::runtime::runtime()?;
         crate::runtime::raise_fd_limit();
         let std_listener = crate::net::bind_listener(bind, "data server", Some(SOCK_BUF))?;
@@ -312,14 +565,19 @@ impl TcpDataServer {
         let listener = TcpListener::from_std(std_listener)
             .map_err(|e| Error::io("data server listener", e))?;
         let (tx, rx) = watch::channel(false);
-        rt.spawn(accept_loop(listener, regions, rx));
-        mf_log!(INFO, "data server listening on {addr}");
+        let tls = if auth.tls().is_some() { " (TLS)" } else { "" };
+        rt.spawn(accept_loop(listener, regions, auth, rx));
+        mf_log!(INFO, "data server listening on {addr}{tls}");
         Ok(TcpDataServer { addr, shutdown: tx })
     }
 
     /// Serves `regions` on a listener bound earlier (a port reserved before the engine
     /// existed, see `get_rpc_port`).
-    pub fn adopt(listener: std::net::TcpListener, regions: Arc<RegionTable>) -> Result<Self> {
+    pub fn adopt(
+        listener: std::net::TcpListener,
+        regions: Arc<RegionTable>,
+        auth: Arc<DataAuth>,
+    ) -> Result<Self> {
         let rt = crate::runtime::runtime()?;
         crate::runtime::raise_fd_limit();
         listener
@@ -332,8 +590,9 @@ impl TcpDataServer {
         let listener =
             TcpListener::from_std(listener).map_err(|e| Error::io("data server listener", e))?;
         let (tx, rx) = watch::channel(false);
-        rt.spawn(accept_loop(listener, regions, rx));
-        mf_log!(INFO, "data server listening on {addr} (reserved port)");
+        let tls = if auth.tls().is_some() { ", TLS" } else { "" };
+        rt.spawn(accept_loop(listener, regions, auth, rx));
+        mf_log!(INFO, "data server listening on {addr} (reserved port{tls})");
         Ok(TcpDataServer { addr, shutdown: tx })
     }
 
@@ -353,16 +612,18 @@ impl Drop for TcpDataServer {
 async fn accept_loop(
     listener: TcpListener,
     regions: Arc<RegionTable>,
+    auth: Arc<DataAuth>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     while let Some((stream, peer)) =
         crate::net::accept(&listener, &mut shutdown, "data server").await
     {
         let regions = regions.clone();
+        let auth = auth.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let result = tokio::select! {
-                r = serve_conn(&stream, &regions) => r,
+                r = serve(stream, &regions, &auth) => r,
                 _ = shutdown.changed() => Ok(()),
             };
             match result {
@@ -373,36 +634,37 @@ async fn accept_loop(
     }
 }
 
-async fn server_hello(stream: &TcpStream) -> Result<()> {
-    let mut h = [0u8; HELLO_LEN];
-    let mut got = 0;
-    while got < HELLO_LEN {
-        stream
-            .readable()
-            .await
-            .map_err(|e| Error::io("data server handshake", e))?;
-        match stream.try_read(&mut h[got..]) {
-            Ok(0) => return Err(Error::Protocol("closed during the handshake".into())),
-            Ok(n) => got += n,
-            Err(e) if retry(&e) => continue,
-            Err(e) => return Err(Error::io("data server handshake", e)),
+/// One connection: the handshake within its deadline, then requests until the client leaves.
+async fn serve(mut stream: TcpStream, regions: &RegionTable, auth: &DataAuth) -> Result<()> {
+    let limit = auth.handshake_timeout();
+    let late = || {
+        Error::Timeout(format!(
+            "data client did not complete the handshake within {limit:?}"
+        ))
+    };
+    match auth.tls() {
+        None => {
+            tokio::time::timeout(limit, server_handshake(&mut stream, auth))
+                .await
+                .map_err(|_| late())??;
+            serve_conn(&stream, regions).await
+        }
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+            let start = async {
+                let mut s = acceptor
+                    .accept(stream)
+                    .await
+                    .map_err(|e| tls_or_io("TLS handshake with a data client", e))?;
+                server_handshake(&mut s, auth).await?;
+                Ok::<_, Error>(s)
+            };
+            let s = tokio::time::timeout(limit, start)
+                .await
+                .map_err(|_| late())??;
+            serve_tls_conn(s, regions).await
         }
     }
-    if h[..4] != MAGIC {
-        return Err(Error::Protocol(
-            "not a memfabric data client (bad magic)".into(),
-        ));
-    }
-    let ok = h[4] == PROTOCOL_VERSION;
-    let reply = hello(if ok { HELLO_OK } else { HELLO_BAD_VERSION });
-    write_all(stream, &reply).await?;
-    if !ok {
-        return Err(Error::Protocol(format!(
-            "client speaks data protocol {} (this server {PROTOCOL_VERSION})",
-            h[4]
-        )));
-    }
-    Ok(())
 }
 
 fn retry(e: &std::io::Error) -> bool {
@@ -412,28 +674,9 @@ fn retry(e: &std::io::Error) -> bool {
     )
 }
 
-async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> Result<()> {
-    while !buf.is_empty() {
-        stream
-            .writable()
-            .await
-            .map_err(|e| Error::io("data server write", e))?;
-        match stream.try_write(buf) {
-            Ok(n) => buf = &buf[n..],
-            Err(e) if retry(&e) => continue,
-            Err(e) => return Err(Error::io("data server write", e)),
-        }
-    }
-    Ok(())
-}
-
 /// One connection: requests are answered in order. Responses are queued and leave together
 /// in one `sendmsg` when input runs dry or enough piled up.
 async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, server_hello(stream))
-        .await
-        .map_err(|_| Error::Timeout("data client did not complete the handshake".into()))??;
-    authenticate_server(stream).await?;
     let fd = stream.as_raw_fd();
     let mut rbuf = vec![0u8; STAGING];
     let (mut rs, mut re) = (0usize, 0usize);
@@ -599,6 +842,127 @@ async fn discard(stream: &TcpStream, scratch: &mut [u8], mut len: usize) -> Resu
     Ok(())
 }
 
+/// One TLS connection, after the handshake: requests are answered in order, one at a time,
+/// payloads staged in [`TLS_CHUNK`] pieces (rustls decrypts into and encrypts from a buffer of
+/// ours, never into registered memory directly). Acknowledgements queue in `out` and leave
+/// whenever the next read may have to wait for the socket.
+async fn serve_tls_conn<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    regions: &RegionTable,
+) -> Result<()> {
+    let mut rd = tokio::io::BufReader::with_capacity(STAGING, stream);
+    let mut stage = vec![0u8; TLS_CHUNK];
+    let mut out: Vec<u8> = Vec::new();
+    let mut hdr = [0u8; REQ_HDR];
+    let rd_err = |e: std::io::Error| tls_or_io("data server read", e);
+    loop {
+        if rd.buffer().len() < REQ_HDR {
+            flush_tls(&mut rd, &mut out).await?;
+            if rd.fill_buf().await.map_err(rd_err)?.is_empty() {
+                return Ok(());
+            }
+        }
+        rd.read_exact(&mut hdr).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                Error::Protocol("connection closed inside a request header".into())
+            }
+            _ => rd_err(e),
+        })?;
+        let h = parse_req(&hdr)?;
+        let verdict = regions.check(h.addr, h.len);
+        // parse_req bounded len by MAX_REQUEST.
+        let len = h.len as usize;
+        if h.op == OP_READ {
+            if verdict.is_err() {
+                status_frame(&mut out, h.req_id, &verdict);
+                continue;
+            }
+            encode_resp(&mut out, ST_OK, "", h.req_id, h.len);
+            write_tls(&mut rd, &out).await?;
+            out.clear();
+            let mut off = 0usize;
+            while off < len {
+                let n = (len - off).min(TLS_CHUNK);
+                // SAFETY: the region table holds `[addr, addr + len)` inside one registration
+                // of this process, readable until its owner unregisters it; `stage` is ours.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (h.addr + off as u64) as *const u8,
+                        stage.as_mut_ptr(),
+                        n,
+                    )
+                };
+                write_tls(&mut rd, &stage[..n]).await?;
+                off += n;
+            }
+        } else {
+            let mut off = 0usize;
+            while off < len {
+                let n = (len - off).min(TLS_CHUNK);
+                if rd.buffer().len() < n {
+                    flush_tls(&mut rd, &mut out).await?;
+                }
+                rd.read_exact(&mut stage[..n])
+                    .await
+                    .map_err(|e| match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof => Error::Protocol(format!(
+                            "connection closed with {} payload bytes missing",
+                            len - off
+                        )),
+                        _ => rd_err(e),
+                    })?;
+                if verdict.is_ok() {
+                    // SAFETY: as for READ above, and the range is registered read-write
+                    // (registration checked it); the source is our own staging buffer.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            stage.as_ptr(),
+                            (h.addr + off as u64) as *mut u8,
+                            n,
+                        )
+                    };
+                }
+                off += n;
+            }
+            status_frame(&mut out, h.req_id, &verdict);
+        }
+        if out.len() >= 64 << 10 {
+            flush_tls(&mut rd, &mut out).await?;
+        }
+    }
+}
+
+async fn write_tls<S: AsyncWrite + Unpin>(s: &mut S, buf: &[u8]) -> Result<()> {
+    s.write_all(buf)
+        .await
+        .map_err(|e| tls_or_io("data server sending responses", e))
+}
+
+/// Sends the queued responses and whatever rustls still holds.
+async fn flush_tls<S: AsyncWrite + Unpin>(s: &mut S, out: &mut Vec<u8>) -> Result<()> {
+    if !out.is_empty() {
+        write_tls(s, out).await?;
+        out.clear();
+    }
+    s.flush()
+        .await
+        .map_err(|e| tls_or_io("data server sending responses", e))
+}
+
+/// The response of a request that carries no data: OK, or the reason it was refused.
+fn status_frame(out: &mut Vec<u8>, req_id: u64, verdict: &Result<()>) {
+    match verdict {
+        Ok(()) => encode_resp(out, ST_OK, "", req_id, 0),
+        Err(e) => {
+            let st = match e {
+                Error::OutOfBounds(_) => ST_OUT_OF_BOUNDS,
+                _ => ST_INVALID,
+            };
+            encode_resp(out, st, &e.to_string(), req_id, 0);
+        }
+    }
+}
+
 /// Responses waiting to be sent: headers and messages in `bytes`, READ data as references to
 /// registered memory, sent in order with vectored writes.
 #[derive(Default)]
@@ -633,17 +997,7 @@ impl Out {
     }
 
     fn status(&mut self, req_id: u64, verdict: &Result<()>) {
-        match verdict {
-            Ok(()) => self.own(|b| encode_resp(b, ST_OK, "", req_id, 0)),
-            Err(e) => {
-                let st = match e {
-                    Error::OutOfBounds(_) => ST_OUT_OF_BOUNDS,
-                    _ => ST_INVALID,
-                };
-                let msg = e.to_string();
-                self.own(|b| encode_resp(b, st, &msg, req_id, 0));
-            }
-        }
+        self.own(|b| status_frame(b, req_id, verdict));
     }
 
     fn write_ack(&mut self, req_id: u64, verdict: &Result<()>, len: u64) {
@@ -689,7 +1043,7 @@ impl Out {
         }
         // Mem segments were checked against the region table when queued (read_reply); Own
         // ones point into `self.bytes`, not modified while this runs.
-        sendmsg_nosignal(fd, &iov[..n])
+        sendmsg_nosignal(fd, &iov[..n], libc::MSG_DONTWAIT)
     }
 
     fn advance(&mut self, mut n: usize) {
@@ -736,25 +1090,28 @@ impl Out {
 
 /// The initiator's side of the tcp path to one peer's data server: a small pool of
 /// connections, opened lazily, reused across calls, used concurrently by concurrent calls
-/// (each call takes its connections out of the pool and returns the clean ones).
+/// (each call takes its connections out of the pool and returns the clean ones). Every
+/// connection proves `auth` to the server, and the server to it, before it carries a request.
 pub struct TcpTransport {
     peer: SocketAddr,
     max_conns: usize,
+    auth: Arc<DataAuth>,
     idle: Mutex<Vec<Conn>>,
 }
 
 impl TcpTransport {
     /// A transport to the data server at `peer`, with [`DEFAULT_CONNECTIONS`] connections.
     /// Nothing is connected until the first transfer.
-    pub fn new(peer: SocketAddr) -> Self {
-        Self::with_connections(peer, DEFAULT_CONNECTIONS)
+    pub fn new(peer: SocketAddr, auth: Arc<DataAuth>) -> Self {
+        Self::with_connections(peer, DEFAULT_CONNECTIONS, auth)
     }
 
     /// As [`new`](Self::new) with `n` connections (1..=16) per call at most.
-    pub fn with_connections(peer: SocketAddr, n: usize) -> Self {
+    pub fn with_connections(peer: SocketAddr, n: usize, auth: Arc<DataAuth>) -> Self {
         TcpTransport {
             peer,
             max_conns: n.clamp(1, MAX_CONNECTIONS),
+            auth,
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -801,7 +1158,7 @@ impl TcpTransport {
         {
             let mut pool = self.pool();
             while got.len() < want {
-                let Some(c) = pool.pop() else { break };
+                let Some(mut c) = pool.pop() else { break };
                 // The server never speaks first: a readable idle connection was closed by it
                 // (restart, shutdown); drop it rather than fail the call on it.
                 if c.alive() {
@@ -810,7 +1167,7 @@ impl TcpTransport {
             }
         }
         while got.len() < want {
-            match connect(self.peer, deadline) {
+            match connect(self.peer, deadline, &self.auth) {
                 Ok(c) => got.push(c),
                 Err(e) if got.is_empty() => return Err(e),
                 Err(e) => {
@@ -862,7 +1219,7 @@ fn sock_err(peer: SocketAddr, what: &str, e: std::io::Error) -> Error {
     }
 }
 
-fn connect(peer: SocketAddr, deadline: Instant) -> Result<Conn> {
+fn connect(peer: SocketAddr, deadline: Instant, auth: &DataAuth) -> Result<Conn> {
     use socket2::{Domain, Protocol, Socket, Type};
     let left = time_left(deadline, "connecting to", peer)?;
     let sock = Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP))
@@ -881,34 +1238,40 @@ fn connect(peer: SocketAddr, deadline: Instant) -> Result<Conn> {
             sock_err(peer, "connecting", e)
         }
     })?;
-    let mut s: std::net::TcpStream = sock.into();
-    let left = time_left(deadline, "handshake with", peer)?;
-    s.set_write_timeout(Some(left))
-        .and_then(|_| s.set_read_timeout(Some(left)))
-        .map_err(|e| Error::io("data connection timeouts", e))?;
-    s.write_all(&hello(HELLO_OK))
-        .map_err(|e| sock_err(peer, "sending the handshake", e))?;
-    let mut reply = [0u8; HELLO_LEN];
-    s.read_exact(&mut reply)
-        .map_err(|e| sock_err(peer, "waiting for the handshake", e))?;
-    if reply[..4] != MAGIC {
-        return Err(Error::Protocol(format!(
-            "{peer} is not a memfabric data server (bad handshake)"
-        )));
-    }
-    if reply[4] != PROTOCOL_VERSION || reply[5] != HELLO_OK {
-        return Err(Error::Refused(format!(
-            "data server {peer} speaks protocol {} and refused ours ({PROTOCOL_VERSION})",
-            reply[4]
-        )));
-    }
-    authenticate(&mut s)?;
+    let s: std::net::TcpStream = sock.into();
+    time_left(deadline, "handshake with", peer)?;
+    let mut io = Deadlined { sock: &s, deadline };
+    let tls = match auth.tls() {
+        None => {
+            client_handshake(&mut io, auth, peer)?;
+            None
+        }
+        Some(t) => {
+            let name = rustls::pki_types::ServerName::IpAddress(peer.ip().into());
+            let mut c = rustls::ClientConnection::new(t.client.clone(), name)
+                .map_err(|e| Error::Tls(format!("TLS client for data server {peer}: {e}")))?;
+            c.set_buffer_limit(Some(TLS_SEND_BUFFER));
+            let r = client_handshake(&mut rustls::Stream::new(&mut c, &mut io), auth, peer);
+            match r {
+                Err(Error::PeerGone(m)) if c.is_handshaking() => {
+                    return Err(Error::Tls(format!(
+                        "the data server at {peer} closed the connection during the TLS \
+                         handshake: TLS may be off there, or it refused this engine's \
+                         certificate ({m})"
+                    )))
+                }
+                r => r?,
+            }
+            Some(Box::new(c))
+        }
+    };
     s.set_nonblocking(true)
         .map_err(|e| Error::io("data connection nonblocking", e))?;
     let fd = s.as_raw_fd();
     Ok(Conn {
         sock: s,
         fd,
+        tls,
         rbuf: vec![0u8; STAGING].into_boxed_slice(),
         rs: 0,
         re: 0,
@@ -932,6 +1295,8 @@ struct Pending {
 struct Conn {
     sock: std::net::TcpStream,
     fd: RawFd,
+    /// The TLS session, when TLS is on: frames go through it instead of straight to `fd`.
+    tls: Option<Box<rustls::ClientConnection>>,
     rbuf: Box<[u8]>,
     rs: usize,
     re: usize,
@@ -949,7 +1314,10 @@ impl Conn {
         self.q.is_empty() && self.rx_data.is_none() && self.rs == self.re
     }
 
-    fn alive(&self) -> bool {
+    fn alive(&mut self) -> bool {
+        if let Some(tls) = self.tls.as_mut() {
+            return tls_idle_alive(tls, &self.sock);
+        }
         let mut b = 0u8;
         // SAFETY: one byte into a local; MSG_PEEK leaves the stream untouched.
         let rc = unsafe {
@@ -980,8 +1348,30 @@ impl Conn {
         self.inflight += len;
     }
 
+    /// Whether there is something to send: requests not yet on the wire, or TLS records.
+    fn wants_send(&self) -> bool {
+        self.sent < self.q.len() || self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Counts `n` more bytes of the queue (headers and WRITE payloads, in order) as sent.
+    fn advance_sent(&mut self, op: u8, mut left: u64) {
+        while left > 0 && self.sent < self.q.len() {
+            let p = &mut self.q[self.sent];
+            let size = REQ_HDR as u64 + if op == OP_WRITE { p.len } else { 0 };
+            let take = left.min(size - p.wire);
+            p.wire += take;
+            left -= take;
+            if p.wire == size {
+                self.sent += 1;
+            }
+        }
+    }
+
     /// Sends what the socket takes now, straight from the headers and the caller's buffers.
     fn send(&mut self, op: u8, peer: SocketAddr) -> Result<()> {
+        if self.tls.is_some() {
+            return self.send_tls(op, peer);
+        }
         while self.sent < self.q.len() {
             let mut iov = [EMPTY_IOV; IOV_BATCH];
             let mut n = 0;
@@ -1010,29 +1400,88 @@ impl Conn {
             }
             // Payload iovecs point into local ranges that CheckedOps placed in registered
             // memory; header iovecs into `self.q`, untouched until the call returns.
-            let sent = match sendmsg_nosignal(self.fd, &iov[..n]) {
+            let sent = match sendmsg_nosignal(self.fd, &iov[..n], libc::MSG_DONTWAIT) {
                 Ok(k) => k as u64,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(sock_err(peer, "sending requests", e)),
             };
-            let mut left = sent;
-            while left > 0 && self.sent < self.q.len() {
-                let p = &mut self.q[self.sent];
-                let size = REQ_HDR as u64 + if op == OP_WRITE { p.len } else { 0 };
-                let take = left.min(size - p.wire);
-                p.wire += take;
-                left -= take;
-                if p.wire == size {
-                    self.sent += 1;
-                }
-            }
+            self.advance_sent(op, sent);
         }
         Ok(())
     }
 
+    /// TLS: hands rustls what it takes of the queue (it encrypts at once, up to its buffer
+    /// limit), then writes its records while the socket takes them.
+    fn send_tls(&mut self, op: u8, peer: SocketAddr) -> Result<()> {
+        loop {
+            while self.sent < self.q.len() {
+                let Some(tls) = self.tls.as_mut() else {
+                    return Ok(());
+                };
+                let mut parts: Vec<IoSlice<'_>> = Vec::with_capacity(8);
+                for p in self.q.range(self.sent..) {
+                    if parts.len() + 2 > IOV_BATCH {
+                        break;
+                    }
+                    let w = p.wire as usize;
+                    if w < REQ_HDR {
+                        parts.push(IoSlice::new(&p.hdr[w..]));
+                    }
+                    if op == OP_WRITE {
+                        let done = p.wire.saturating_sub(REQ_HDR as u64);
+                        if done < p.len {
+                            // SAFETY: the local range of a WRITE op, which CheckedOps placed
+                            // in registered memory that stays readable for the call.
+                            let payload = unsafe {
+                                std::slice::from_raw_parts(
+                                    (p.local + done) as *const u8,
+                                    (p.len - done) as usize,
+                                )
+                            };
+                            parts.push(IoSlice::new(payload));
+                        }
+                    }
+                }
+                let n = tls
+                    .writer()
+                    .write_vectored(&parts)
+                    .map_err(|e| handshake_err(peer, "encrypting requests", e))?;
+                drop(parts);
+                if n == 0 {
+                    break;
+                }
+                self.advance_sent(op, n as u64);
+            }
+            let Some(tls) = self.tls.as_mut() else {
+                return Ok(());
+            };
+            if !tls.wants_write() {
+                return Ok(());
+            }
+            let mut sock = NoSigPipe {
+                fd: self.fd,
+                flags: libc::MSG_DONTWAIT,
+            };
+            while tls.wants_write() {
+                match tls.write_tls(&mut sock) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(sock_err(peer, "sending requests", e)),
+                }
+            }
+            if self.sent == self.q.len() {
+                return Ok(());
+            }
+        }
+    }
+
     /// Receives what has arrived and applies the responses.
     fn recv(&mut self, op: u8, peer: SocketAddr, done: &mut u64) -> Result<()> {
+        if self.tls.is_some() {
+            return self.recv_tls(op, peer, done);
+        }
         loop {
             if let Some((addr, left)) = self.rx_data.filter(|_| self.rs == self.re) {
                 // Nothing staged: the rest of this READ's data goes straight to its
@@ -1074,6 +1523,57 @@ impl Conn {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(sock_err(peer, "receiving responses", e)),
+            }
+        }
+    }
+
+    /// TLS: decrypts what arrived into the staging buffer and applies it. Plaintext rustls
+    /// holds is drained before the socket is read again, so nothing waits inside rustls while
+    /// `poll` waits on the socket.
+    fn recv_tls(&mut self, op: u8, peer: SocketAddr, done: &mut u64) -> Result<()> {
+        loop {
+            loop {
+                if self.rs > 0 {
+                    self.rbuf.copy_within(self.rs..self.re, 0);
+                    self.re -= self.rs;
+                    self.rs = 0;
+                }
+                // `process` leaves at most one partial response header and message staged.
+                debug_assert!(self.re + RESP_HDR + MAX_MSG < self.rbuf.len());
+                let Some(tls) = self.tls.as_mut() else {
+                    return Ok(());
+                };
+                match tls.reader().read(&mut self.rbuf[self.re..]) {
+                    Ok(0) => return Err(eof(peer)),
+                    Ok(n) => {
+                        self.re += n;
+                        self.process(op, peer, done)?;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return Err(eof(peer))
+                    }
+                    Err(e) => return Err(handshake_err(peer, "receiving responses", e)),
+                }
+            }
+            let Some(tls) = self.tls.as_mut() else {
+                return Ok(());
+            };
+            match tls.read_tls(&mut self.sock) {
+                Ok(0) => return Err(eof(peer)),
+                Ok(_) => {
+                    if let Err(e) = tls.process_new_packets() {
+                        // Tell the server why, if the socket still takes it.
+                        let _ = tls.write_tls(&mut NoSigPipe {
+                            fd: self.fd,
+                            flags: libc::MSG_DONTWAIT,
+                        });
+                        return Err(Error::Tls(format!("data server {peer}: {e}")));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(sock_err(peer, "receiving responses", e)),
             }
         }
@@ -1164,6 +1664,23 @@ impl Conn {
     }
 }
 
+/// Whether an idle pooled TLS connection may be used: whatever arrived on it is TLS
+/// housekeeping (a key update), not data, and it is not closed. Never blocks.
+fn tls_idle_alive(tls: &mut rustls::ClientConnection, sock: &std::net::TcpStream) -> bool {
+    loop {
+        match tls.read_tls(&mut &*sock) {
+            Ok(0) => return false,
+            Ok(_) => match tls.process_new_packets() {
+                Ok(st) if st.plaintext_bytes_to_read() == 0 && !st.peer_has_closed() => {}
+                _ => return false,
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
 fn eof(peer: SocketAddr) -> Error {
     Error::PeerGone(format!(
         "data server {peer} closed the connection mid-transfer"
@@ -1232,7 +1749,7 @@ fn drive(
             }
         }
         for c in conns.iter_mut() {
-            if c.sent < c.q.len() {
+            if c.wants_send() {
                 c.send(op, peer)?;
             }
         }
@@ -1254,7 +1771,7 @@ fn drive(
         }; MAX_CONNECTIONS];
         for (k, c) in conns.iter().enumerate() {
             if !c.q.is_empty() {
-                let out = if c.sent < c.q.len() { libc::POLLOUT } else { 0 };
+                let out = if c.wants_send() { libc::POLLOUT } else { 0 };
                 fds[k] = libc::pollfd {
                     fd: c.fd,
                     events: libc::POLLIN | out,
