@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything, then runs the main demo: an embedded config store and N local ranks that
 # rendezvous, barrier and all_gather; then Big Memory (two ranks copying into each other's part
-# of the global address space) and Share Memory (four ranks sharing one address range).
+# of the global address space), Share Memory (four ranks sharing one address range), and a
+# prefill engine moving paged KV-cache blocks to a decode engine (torch tensors).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -15,3 +16,6 @@ python examples/bm_two_ranks.py
 echo
 echo "== Share Memory: four ranks"
 python examples/shm_barrier_allgather.py
+echo
+echo "== Transfer Engine: KV-cache blocks from a prefill engine to a decode engine"
+python examples/kv_transfer_prefill_decode.py

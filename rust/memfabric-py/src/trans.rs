@@ -31,7 +31,7 @@ fn fail(e: Error) -> i32 {
 ///     0
 ///     >>> engine.transfer_sync_write("10.0.0.3:16000", addr, peer_addr, nbytes)
 ///     0
-#[pyclass(module = "memfabric_hybrid", subclass)]
+#[pyclass(module = "memfabric_hybrid", subclass, weakref)]
 pub struct TransferEngine {
     engine: Mutex<Option<Arc<trans::TransferEngine>>>,
     /// Memory objects registered with the engine, kept alive until unregistered.
