@@ -7,7 +7,7 @@ import sys
 
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
-        print("usage: python -m memfabric_hybrid.bench {store,te,bm} [--help]")
+        print("usage: python -m memfabric_hybrid.bench {store,te,bm,kv} [--help]")
         return 0 if len(sys.argv) >= 2 else 2
     which, rest = sys.argv[1], sys.argv[2:]
     if which == "store":
@@ -16,8 +16,10 @@ def main() -> int:
         from .te import main as run
     elif which == "bm":
         from .bm import main as run
+    elif which == "kv":
+        from .kv import main as run
     else:
-        print(f"unknown benchmark {which!r}; known: store, te, bm", file=sys.stderr)
+        print(f"unknown benchmark {which!r}; known: store, te, bm, kv", file=sys.stderr)
         return 2
     return run(rest)
 
