@@ -18,4 +18,8 @@ echo "== Share Memory: four ranks"
 python examples/shm_barrier_allgather.py
 echo
 echo "== Transfer Engine: KV-cache blocks from a prefill engine to a decode engine"
-python examples/kv_transfer_prefill_decode.py
+if python -c "import torch" >/dev/null 2>&1; then
+    python examples/kv_transfer_prefill_decode.py
+else
+    echo "skipped: torch is not installed (scripts/setup.sh installs it unless MF_NO_TORCH is set)"
+fi

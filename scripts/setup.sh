@@ -20,5 +20,10 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q "maturin>=1.5,<2" "pytest>=7" "pytest-timeout>=2" "numpy>=1.22" "mypy>=1.18"
+# torch: the KV-cache example and the tensor tests use it (CPU is enough; about 1-4 minutes and
+# 5 GB on a fresh machine). MF_NO_TORCH=1 skips it: those tests then skip, saying why.
+if [ -z "${MF_NO_TORCH:-}" ] && ! python -c "import torch" >/dev/null 2>&1; then
+    python -m pip install -q torch || echo "note: torch could not be installed; tensor tests and the KV example skip" >&2
+fi
 maturin develop --release -q
 python -c "import memfabric_hybrid as mf; print('memfabric_hybrid', mf.__version__, 'ready')"
