@@ -12,13 +12,15 @@ Common interface (this module):
 
 Transfer Engine:
     TransferEngine(): initialize(store_url, session_id, role, device_id), register_memory,
-    transfer_sync_write/read, batch_*, transfer_async_*_submit(..., stream), destroy
+    transfer_sync_write/read, batch_*, transfer_async_*_submit(..., stream), transfer_blocks,
+    destroy
     TransferOpcode, TransDataOpType, Stream/Event (host work queue for async submits)
 
 Submodules:
     mf.bm     Big Memory: one global address space over every rank's DRAM, copy_data
     mf.shm    Share Memory: symmetric memory at one address, barrier, all_gather
-    mf.buffers  tensors/arrays/buffers accepted wherever an address is taken
+    mf.buffers  tensors/arrays/buffers/DLPack objects accepted wherever an address is taken
+    mf.torch_ext  paged KV caches: register_kv_cache, layouts through the store, transfer_blocks
 
 Beyond the seed:
     start_config_store(url) -> ConfigStoreServer   (port 0 picks a free port)
@@ -78,7 +80,7 @@ from ._native import (  # noqa: F401  error code constants
     SMEM_TIMEOUT,
 )
 
-from . import bm, buffers, shm  # noqa: E402  (submodules mf.bm, mf.buffers, mf.shm)
+from . import bm, buffers, shm, torch_ext  # noqa: E402  (submodules; none imports torch)
 from ._types import TransDataOpType, TransferOpcode
 
 # SGLang writes TransferEngine.TransDataOpType.SDMA: reachable from the class too.
@@ -107,6 +109,7 @@ __all__ = [
     "MemFabricError",
     "bm",
     "buffers",
+    "torch_ext",
     "shm",
     "StoreError",
     "StoreTimeoutError",

@@ -31,6 +31,11 @@ def buffer_info(obj: Any, writable: bool) -> Tuple[int, int, Any]:
 
     Raises TypeError for objects that hold no memory (str, float, ...), ValueError for
     non-contiguous or read-only-where-written memory, and for device memory with no backend.
+
+    Example:
+        >>> addr, nbytes, owner = buffer_info(bytearray(4096), writable=True)
+        >>> nbytes
+        4096
     """
     if isinstance(obj, (bool, float, complex, str)):
         raise TypeError(f"expected an address (int) or a memory object, not {type(obj).__name__}")

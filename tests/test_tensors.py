@@ -311,3 +311,14 @@ def test_native_transfer_blocks_rejects_bad_layouts(store):
     finally:
         a.destroy()
         b.destroy()
+
+
+def test_new_functions_have_docstrings_with_examples():
+    objs = [getattr(torch_ext, n) for n in torch_ext.__all__] + [
+        mf.Stream, mf.Stream.synchronize, mf.Stream.query, mf.Stream.record_event, mf.Stream.wait_event,
+        mf.Event, mf.TransferEngine.transfer_blocks, mf.bm.BigMemory.copy_data, mf.buffers.buffer_info,
+        torch_ext.KvCacheLayout.to_bytes,
+    ]
+    for o in objs:
+        doc = o.__doc__ or ""
+        assert "Example" in doc or ">>>" in doc, f"{getattr(o, '__qualname__', o)} has no example in its docstring"
