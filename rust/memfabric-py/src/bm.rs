@@ -8,8 +8,11 @@ use pyo3::prelude::*;
 
 use crate::buffers;
 use crate::error::{code, to_fabric_err};
+use crate::handles::{Handle, Registry};
 use crate::stream::StreamArg;
 
+/// Every object created by this process's runtime, emptied by uninitialize.
+static OBJECTS: Registry<core::BigMemory> = Registry::new();
 static RUNTIME: Mutex<Option<Arc<BmRuntime>>> = Mutex::new(None);
 
 fn runtime() -> Result<Arc<BmRuntime>, Error> {
@@ -124,7 +127,8 @@ fn bm_initialize(
 fn bm_uninitialize(py: Python<'_>, flags: i64) {
     let _ = flags;
     let r = RUNTIME.lock().unwrap_or_else(|p| p.into_inner()).take();
-    py.detach(move || drop(r));
+    let objects = OBJECTS.release_all();
+    py.detach(move || drop((objects, r)));
 }
 
 /// This process's rank, or 4294967295 (u32 max) when Big Memory is not initialized.
@@ -164,7 +168,7 @@ fn bm_create(
         .detach(move || rt.create(id, local_dram_size, local_hbm_size))
         .map_err(to_fabric_err)?;
     Ok(BigMemory {
-        inner: Mutex::new(Some(Arc::new(obj))),
+        inner: OBJECTS.adopt(obj),
         joined: Mutex::new(false),
     })
 }
@@ -172,17 +176,17 @@ fn bm_create(
 /// A Big Memory object: the GVA space over every rank's DRAM.
 #[pyclass(module = "memfabric_hybrid.bm", name = "BigMemory", frozen)]
 pub struct BigMemory {
-    inner: Mutex<Option<Arc<core::BigMemory>>>,
+    inner: Handle<core::BigMemory>,
     joined: Mutex<bool>,
 }
 
 impl BigMemory {
     fn get(&self) -> Result<Arc<core::BigMemory>, Error> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| Error::NotInit("this BigMemory was destroyed".into()))
+        self.inner.get().ok_or_else(|| {
+            Error::NotInit(format!(
+                "this BigMemory was destroyed, or bm.uninitialize() was called"
+            ))
+        })
     }
 
     fn run(
@@ -411,7 +415,7 @@ impl BigMemory {
 
     /// Release the object.
     fn destroy(&self, py: Python<'_>) {
-        let b = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let b = self.inner.take();
         py.detach(move || drop(b));
     }
 }

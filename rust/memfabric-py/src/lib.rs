@@ -10,6 +10,7 @@ mod bm;
 mod buffers;
 mod common;
 mod error;
+mod handles;
 mod shm;
 mod store;
 mod stream;

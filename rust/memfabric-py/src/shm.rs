@@ -8,7 +8,10 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::error::{code, to_fabric_err};
+use crate::handles::{Handle, Registry};
 
+/// Every object created by this process's runtime, emptied by uninitialize.
+static OBJECTS: Registry<core::ShareMemory> = Registry::new();
 static RUNTIME: Mutex<Option<Arc<ShmRuntime>>> = Mutex::new(None);
 
 fn runtime() -> Result<Arc<ShmRuntime>, Error> {
@@ -101,7 +104,8 @@ fn shm_initialize(
 fn shm_uninitialize(py: Python<'_>, flags: i64) {
     let _ = flags;
     let r = RUNTIME.lock().unwrap_or_else(|p| p.into_inner()).take();
-    py.detach(move || drop(r));
+    let objects = OBJECTS.release_all();
+    py.detach(move || drop((objects, r)));
 }
 
 /// Create Share Memory object ``id`` (0..63) over ``rank_size`` ranks, this one ``rank_id``,
@@ -129,7 +133,7 @@ fn shm_create(
         .detach(move || rt.create(id, rank_size, rank_id, local_mem_size))
         .map_err(to_fabric_err)?;
     Ok(ShareMemory {
-        inner: Mutex::new(Some(Arc::new(obj))),
+        inner: OBJECTS.adopt(obj),
     })
 }
 
@@ -137,16 +141,16 @@ fn shm_create(
 /// mapped in every same-host process at the same address.
 #[pyclass(module = "memfabric_hybrid.shm", name = "ShareMemory", frozen)]
 pub struct ShareMemory {
-    inner: Mutex<Option<Arc<core::ShareMemory>>>,
+    inner: Handle<core::ShareMemory>,
 }
 
 impl ShareMemory {
     fn get(&self) -> Result<Arc<core::ShareMemory>, Error> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| Error::NotInit("this ShareMemory was destroyed".into()))
+        self.inner.get().ok_or_else(|| {
+            Error::NotInit(format!(
+                "this ShareMemory was destroyed, or shm.uninitialize() was called"
+            ))
+        })
     }
 }
 
@@ -248,7 +252,7 @@ impl ShareMemory {
     #[pyo3(signature = (flags = 0))]
     fn destroy(&self, py: Python<'_>, flags: i64) -> i32 {
         let _ = flags;
-        let s = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let s = self.inner.take();
         py.detach(move || drop(s));
         0
     }
