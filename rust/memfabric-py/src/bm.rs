@@ -183,9 +183,7 @@ pub struct BigMemory {
 impl BigMemory {
     fn get(&self) -> Result<Arc<core::BigMemory>, Error> {
         self.inner.get().ok_or_else(|| {
-            Error::NotInit(format!(
-                "this BigMemory was destroyed, or bm.uninitialize() was called"
-            ))
+            Error::NotInit("this BigMemory was destroyed, or bm.uninitialize() was called".into())
         })
     }
 

@@ -147,9 +147,9 @@ pub struct ShareMemory {
 impl ShareMemory {
     fn get(&self) -> Result<Arc<core::ShareMemory>, Error> {
         self.inner.get().ok_or_else(|| {
-            Error::NotInit(format!(
-                "this ShareMemory was destroyed, or shm.uninitialize() was called"
-            ))
+            Error::NotInit(
+                "this ShareMemory was destroyed, or shm.uninitialize() was called".into(),
+            )
         })
     }
 }
