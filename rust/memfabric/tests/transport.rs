@@ -447,7 +447,16 @@ fn cma_to_another_process() {
 /// no peer table here), and the memory around them is untouched.
 #[test]
 fn tcp_refuses_out_of_bounds() {
-    let p = Path::tcp();
+    refuses_out_of_bounds(Path::tcp());
+}
+
+#[test]
+fn tcp_tls_refuses_out_of_bounds() {
+    let pki = Pki::new("bounds");
+    refuses_out_of_bounds(Path::tcp_with(tls_auth(&pki)));
+}
+
+fn refuses_out_of_bounds(p: Path) {
     let tcp = &p.t;
     let n = 8 * KIB;
     let dst = Guarded::new(n, &p.remote);

@@ -51,9 +51,10 @@
 //!
 //! With TLS the same frames travel as TLS records. The initiator keeps its design (one thread,
 //! `poll`, the same windows) and hands plaintext to rustls, which encrypts it into its send
-//! buffer; received records are decrypted into the staging buffer. The server reads and writes
-//! through tokio-rustls one request at a time, staging payloads in 256 KiB chunks, and sends
-//! its queued acknowledgements whenever it is about to wait for input.
+//! buffer; received records are decrypted into the staging buffer, or straight into the
+//! destination of READ data. The server reads and writes through tokio-rustls one request at a
+//! time, payloads decrypted into and encrypted from registered memory, and sends its queued
+//! acknowledgements whenever it is about to wait for input.
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, Read, Write};
@@ -121,7 +122,8 @@ const IOV_BATCH: usize = 128;
 /// Encrypted bytes rustls may hold for one initiator connection before the socket takes them:
 /// enough for a few records per system call, small beside the 8 MiB window.
 const TLS_SEND_BUFFER: usize = 512 << 10;
-/// The TLS server stages payloads in chunks of this size on their way to and from memory.
+/// The TLS server receives payloads in pieces of this size, sending its acknowledgements in
+/// between when it would otherwise wait.
 const TLS_CHUNK: usize = 256 << 10;
 /// First bytes of a TLS record (handshake, alert): what a TLS peer sends where a hello belongs.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -842,16 +844,16 @@ async fn discard(stream: &TcpStream, scratch: &mut [u8], mut len: usize) -> Resu
     Ok(())
 }
 
-/// One TLS connection, after the handshake: requests are answered in order, one at a time,
-/// payloads staged in [`TLS_CHUNK`] pieces (rustls decrypts into and encrypts from a buffer of
-/// ours, never into registered memory directly). Acknowledgements queue in `out` and leave
-/// whenever the next read may have to wait for the socket.
+/// One TLS connection, after the handshake: requests are answered in order, one at a time.
+/// rustls decrypts payloads straight into registered memory and encrypts READ data straight
+/// from it. Acknowledgements queue in `out` and leave whenever the next read may have to wait
+/// for the socket.
 async fn serve_tls_conn<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     regions: &RegionTable,
 ) -> Result<()> {
     let mut rd = tokio::io::BufReader::with_capacity(STAGING, stream);
-    let mut stage = vec![0u8; TLS_CHUNK];
+    let mut scratch = vec![0u8; TLS_CHUNK];
     let mut out: Vec<u8> = Vec::new();
     let mut hdr = [0u8; REQ_HDR];
     let rd_err = |e: std::io::Error| tls_or_io("data server read", e);
@@ -880,48 +882,35 @@ async fn serve_tls_conn<S: AsyncRead + AsyncWrite + Unpin>(
             encode_resp(&mut out, ST_OK, "", h.req_id, h.len);
             write_tls(&mut rd, &out).await?;
             out.clear();
-            let mut off = 0usize;
-            while off < len {
-                let n = (len - off).min(TLS_CHUNK);
+            if len > 0 {
                 // SAFETY: the region table holds `[addr, addr + len)` inside one registration
-                // of this process, readable until its owner unregisters it; `stage` is ours.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        (h.addr + off as u64) as *const u8,
-                        stage.as_mut_ptr(),
-                        n,
-                    )
-                };
-                write_tls(&mut rd, &stage[..n]).await?;
-                off += n;
+                // of this process, mapped and readable until its owner unregisters it (the
+                // owner's contract, as for the plaintext path's sendmsg from it).
+                let data = unsafe { std::slice::from_raw_parts(h.addr as *const u8, len) };
+                write_tls(&mut rd, data).await?;
             }
         } else {
             let mut off = 0usize;
             while off < len {
+                // Chunks, so that acknowledgements go out before a read that waits.
                 let n = (len - off).min(TLS_CHUNK);
                 if rd.buffer().len() < n {
                     flush_tls(&mut rd, &mut out).await?;
                 }
-                rd.read_exact(&mut stage[..n])
-                    .await
-                    .map_err(|e| match e.kind() {
-                        std::io::ErrorKind::UnexpectedEof => Error::Protocol(format!(
-                            "connection closed with {} payload bytes missing",
-                            len - off
-                        )),
-                        _ => rd_err(e),
-                    })?;
-                if verdict.is_ok() {
-                    // SAFETY: as for READ above, and the range is registered read-write
-                    // (registration checked it); the source is our own staging buffer.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            stage.as_ptr(),
-                            (h.addr + off as u64) as *mut u8,
-                            n,
-                        )
-                    };
-                }
+                let dest: &mut [u8] = if verdict.is_ok() {
+                    // SAFETY: as for READ above, and registration checked the range
+                    // read-write; nothing else of ours refers to it.
+                    unsafe { std::slice::from_raw_parts_mut((h.addr + off as u64) as *mut u8, n) }
+                } else {
+                    &mut scratch[..n]
+                };
+                rd.read_exact(dest).await.map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => Error::Protocol(format!(
+                        "connection closed with {} payload bytes missing",
+                        len - off
+                    )),
+                    _ => rd_err(e),
+                })?;
                 off += n;
             }
             status_frame(&mut out, h.req_id, &verdict);
@@ -1544,6 +1533,27 @@ impl Conn {
                 let Some(tls) = self.tls.as_mut() else {
                     return Ok(());
                 };
+                if let Some((addr, left)) = self.rx_data.filter(|_| self.rs == self.re) {
+                    // Nothing staged: this READ's data goes from rustls to its destination.
+                    // SAFETY: the rest of the local range of a READ op, which CheckedOps placed
+                    // in registered memory, writable for the call; nothing else refers to it.
+                    let dest =
+                        unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, left as usize) };
+                    match tls.reader().read(dest) {
+                        Ok(0) => return Err(eof(peer)),
+                        Ok(n) if n as u64 == left => {
+                            self.rx_data = None;
+                            self.complete(done);
+                        }
+                        Ok(n) => self.rx_data = Some((addr + n as u64, left - n as u64)),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            return Err(eof(peer))
+                        }
+                        Err(e) => return Err(handshake_err(peer, "receiving data", e)),
+                    }
+                    continue;
+                }
                 match tls.reader().read(&mut self.rbuf[self.re..]) {
                     Ok(0) => return Err(eof(peer)),
                     Ok(n) => {
