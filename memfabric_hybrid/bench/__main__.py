@@ -7,7 +7,7 @@ import sys
 
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
-        print("usage: python -m memfabric_hybrid.bench {store,te,bm,kv} [--help]")
+        print("usage: python -m memfabric_hybrid.bench {store,te,bm,kv,soak} [--help]")
         return 0 if len(sys.argv) >= 2 else 2
     which, rest = sys.argv[1], sys.argv[2:]
     if which == "store":
@@ -18,8 +18,10 @@ def main() -> int:
         from .bm import main as run
     elif which == "kv":
         from .kv import main as run
+    elif which == "soak":
+        from .soak import main as run
     else:
-        print(f"unknown benchmark {which!r}; known: store, te, bm, kv", file=sys.stderr)
+        print(f"unknown benchmark {which!r}; known: store, te, bm, kv, soak", file=sys.stderr)
         return 2
     return run(rest)
 
