@@ -3,6 +3,8 @@
 #   scripts/bench.sh store [args...]     config store vs torch TCPStore
 #   scripts/bench.sh te [args...]        Transfer Engine vs Mooncake's (tcp), with memcpy/TCP limits
 #   scripts/bench.sh bm [args...]        Big Memory copies beside memcpy (same host, across namespaces)
+#   scripts/bench.sh kv [args...]        KV-cache blocks/s vs Mooncake's batch_transfer_sync_write
+#   scripts/bench.sh soak [args...]      mixed traffic with faults; RSS, fds, errors per minute
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -14,7 +16,7 @@ case "$which" in
     store)
         python -c "import torch.distributed" 2>/dev/null || python -m pip install -q torch
         ;;
-    te)
+    te|kv)
         # Mooncake's wheel links libibverbs, librdmacm and libnuma even for its tcp protocol.
         missing=""
         for lib in libibverbs.so.1 librdmacm.so.1 libnuma.so.1; do
