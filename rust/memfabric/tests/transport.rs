@@ -803,6 +803,25 @@ fn timing() {
             gbps(4096 * 8192, t)
         );
     }
+    // What admission costs: a fresh connection (TCP connect, TLS, hello, proofs) and its first
+    // 4 KiB write, against the same write on a pooled connection above.
+    for (name, auth) in [("tcp", job_auth()), ("tcp+tls", tls_auth(&pki))] {
+        let remote = Arc::new(RegionTable::new());
+        remote.register(addr(&dst), 4096).unwrap();
+        let server =
+            TcpDataServer::start("127.0.0.1:0".parse().unwrap(), remote.clone(), auth.clone())
+                .unwrap();
+        let local = RegionTable::new();
+        local.register(addr(&src), 4096).unwrap();
+        let op = vec![Op::new(addr(&src), addr(&dst), 4096)];
+        let ops = CheckedOps::new(op, &local, Some(&remote)).unwrap();
+        let lat = p50_us(200, || {
+            TcpTransport::with_connections(server.local_addr(), 1, auth.clone())
+                .write(&ops, long())
+                .unwrap()
+        });
+        println!("{name}: new connection + 4 KiB write p50 {lat:.0} us");
+    }
     // CMA into another process (the same-host engine-to-engine case).
     let target = Target::spawn();
     let (raddr, rn) = (target.addr, target.len);
