@@ -5,7 +5,7 @@ single-thread memcpy and raw TCP measured in the same run.
 
     python -m memfabric_hybrid.bench te [--seconds 1] [--sizes 4096,...,67108864]
                                         [--batches 1,256,4096] [--paths same-host,cross-host]
-                                        [--no-mooncake] [--json FILE] [--plot FILE.png]
+                                        [--no-mooncake] [--tls] [--json FILE] [--plot FILE.png]
 
 Paths:
   same-host   initiator and target are two processes on loopback. Our engine picks its
@@ -22,6 +22,11 @@ of B descriptors of N bytes is one ``batch_transfer_sync_*`` call whose peer add
 shuffled permutation of the target's slots (so nothing is adjacent on the peer side and no
 engine can coalesce it into one copy). Data is verified (written, read back, compared) before
 each sweep.
+
+Our data plane admits only engines of the same config store (a job secret proved at connect);
+``--tls`` also turns on mutual TLS (``set_conf_store_tls``) in our processes, with a CA and one
+member certificate made here with the openssl command for the addresses in use, so the store and
+every data connection run TLS. Mooncake's columns are unchanged by it.
 
 Mooncake (``mooncake-transfer-engine-non-cuda`` from PyPI) runs with protocol "tcp" and
 metadata "P2PHANDSHAKE" (no metadata server). Its per-peer TCP queue is bounded by default; a
@@ -46,8 +51,10 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import shutil
 import socket
 import struct
+import subprocess
 import tempfile
 import time
 from typing import Any, Callable
@@ -114,7 +121,32 @@ def _child(ns: str | None, env: dict[str, str | None], log: str | None, fn: Call
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    if tls_info := os.environ.get(TLS_ENV):
+        import memfabric_hybrid as mf
+
+        if mf.set_conf_store_tls(True, tls_info) != 0:
+            raise RuntimeError(f"set_conf_store_tls: {mf.get_last_err_msg()}")
     fn(*args)
+
+
+TLS_ENV = "MF_BENCH_TLS_INFO"
+
+
+def make_tls(d: str, ips: list[str]) -> str:
+    """A CA and one member certificate (all `ips` as SANs) in `d`; returns the tls_info string."""
+    def run(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True)
+
+    ca_key, ca, key, csr, cert = (os.path.join(d, f) for f in ("ca.key", "ca.pem", "m.key", "m.csr", "m.pem"))
+    ec = ["-pkeyopt", "ec_paramgen_curve:P-256"]
+    run("openssl", "req", "-x509", "-newkey", "ec", *ec, "-nodes", "-keyout", ca_key, "-out", ca,
+        "-days", "2", "-subj", "/CN=memfabric bench CA")
+    run("openssl", "genpkey", "-algorithm", "EC", *ec, "-out", key)
+    san = ",".join(f"IP:{ip}" for ip in ips)
+    run("openssl", "req", "-new", "-key", key, "-out", csr, "-subj", "/CN=member", "-addext", f"subjectAltName={san}")
+    run("openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+        "-days", "2", "-copy_extensions", "copy")
+    return f"ca={ca};cert={cert};key={key}"
 
 
 # ---- engines ------------------------------------------------------------------------------------
@@ -332,12 +364,13 @@ def _stop(procs: list) -> None:
 
 
 def run_sweep(system: str, path: str, hosts: TwoHosts | None, cells: list[tuple[int, int]],
-              region: int, seconds: float, verbose: bool) -> dict[str, Any]:
+              region: int, seconds: float, verbose: bool, tls_info: str | None = None) -> dict[str, Any]:
     """One (system, path) sweep: a target and an initiator process, namespaces when cross-host."""
     ctx = mp.get_context("spawn")
     env: dict[str, str | None] = {}
     if system == "memfabric":
         env["MF_TRANSPORT"] = "tcp" if path == "cross-host" else None
+        env[TLS_ENV] = tls_info
     else:
         for k, v in MOONCAKE_ENV.items():
             if not (verbose and k == "MC_LOG_LEVEL"):
@@ -627,6 +660,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--verbose", action="store_true", help="leave Mooncake's log at its default level")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG file for GB/s and latency against block size")
+    p.add_argument("--tls", action="store_true",
+                   help="our store and data plane with mutual TLS (certificates made here with openssl)")
     a = p.parse_args(argv)
     sizes = sorted({int(x) for x in a.sizes.split(",") if x})
     batches = sorted({int(x) for x in a.batches.split(",") if x})
@@ -650,6 +685,10 @@ def main(argv: list[str]) -> int:
             print(f"cross-host path skipped: network namespaces unavailable ({ns_missing})")
             paths.remove("cross-host")
 
+    if a.tls and shutil.which("openssl") is None:
+        p.error("--tls needs the openssl command to make certificates")
+    if a.tls:
+        print("memfabric with mutual TLS on its store and data plane (--tls)")
     print(f"{len(cells)} cells x (write, read) x {len(systems)} systems x {len(paths)} paths, "
           f"{a.seconds:g} s each; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     memcpy = memcpy_limits(sizes, a.seconds)
@@ -659,18 +698,24 @@ def main(argv: list[str]) -> int:
     for path in paths:
         hosts_cm = TwoHosts() if path == "cross-host" else None
         hosts = hosts_cm.__enter__() if hosts_cm else None
+        tls_dir = tempfile.mkdtemp(prefix="mf-bench-tls-") if a.tls else None
         try:
+            tls_info = None
+            if tls_dir:
+                tls_info = make_tls(tls_dir, ["127.0.0.1"] + ([hosts.ip_a, hosts.ip_b] if hosts else []))
             tcp[path] = tcp_limits(hosts, sizes, a.seconds)
             print(f"  measured raw TCP, {path}", flush=True)
             for system in systems:
                 t0 = time.monotonic()
-                r = run_sweep(system, path, hosts, cells, region, a.seconds, a.verbose)
+                r = run_sweep(system, path, hosts, cells, region, a.seconds, a.verbose, tls_info)
                 res[(system, path)] = r
                 note = f" ERROR {r['error']}" if r.get("error") else ""
                 if r.get("verify_error"):
                     note += f" VERIFY FAILED: {r['verify_error']}"
                 print(f"  measured {system} {path} ({r.get('transport', '?')}) in {time.monotonic() - t0:.0f} s{note}", flush=True)
         finally:
+            if tls_dir:
+                shutil.rmtree(tls_dir, ignore_errors=True)
             if hosts_cm:
                 hosts_cm.__exit__(None, None, None)
 
@@ -727,7 +772,7 @@ def main(argv: list[str]) -> int:
         print(f"plot: {plot_note}" if plot_note else f"plot written to {a.plot}")
     write_json(a.json, {
         "machine": {"cores": os.cpu_count(), "kernel": platform.release(), "load_avg_at_start": os.getloadavg()},
-        "seconds": a.seconds, "cells": [{"size": s, "batch": b} for s, b in cells],
+        "seconds": a.seconds, "cells": [{"size": s, "batch": b} for s, b in cells], "tls": a.tls,
         "mooncake": mooncake_missing or "measured", "mooncake_env": {k: os.environ.get(k, v) for k, v in MOONCAKE_ENV.items()},
         "cross_host": ns_missing or "measured",
         "results": [r for r in res.values()],
