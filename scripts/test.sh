@@ -11,7 +11,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 
 echo "== cargo test"
-cargo test -p memfabric -p memfabric-cli -q 2>&1 | tail -n 40
+cargo test -p memfabric -p memfabric-cli -p ascend-sys -q 2>&1 | tail -n 40
 
 echo "== stubs (mypy.stubtest against the built module)"
 python -m mypy.stubtest memfabric_hybrid._native --allowlist .stubtest-allowlist

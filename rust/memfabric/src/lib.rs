@@ -12,6 +12,7 @@
 
 pub mod blocks;
 pub mod bm;
+pub mod device;
 pub mod error;
 pub mod fabric;
 pub mod log;

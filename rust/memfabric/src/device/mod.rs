@@ -1,0 +1,328 @@
+//! Device memory: one trait, [`Device`], with one implementation per kind of memory.
+//!
+//! - [`host`]: host DRAM through the same interface; always present, and what every test
+//!   without an accelerator exercises.
+//! - [`cuda`]: NVIDIA GPUs through the CUDA driver API, `libcuda.so.1` opened at run time.
+//! - [`ascend`]: Ascend NPUs through the ACL runtime (`ascend-sys`), opened at run time.
+//!
+//! Nothing device-specific is linked at build time: a backend whose library is missing reports
+//! why ([`Registry`]) and the rest of the fabric keeps working on host memory. [`registry`]
+//! probes each backend once per process; [`select`] picks the accelerator to use.
+//!
+//! Handles are raw integers (the driver's own `CUstream`/`aclrtStream` values for the
+//! accelerators), so a stream that a framework created (`torch.cuda.Stream().cuda_stream`) can
+//! be passed in as it is.
+
+pub mod ascend;
+pub mod cuda;
+pub mod host;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// The backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Host,
+    Cuda,
+    Ascend,
+}
+
+impl Kind {
+    /// Lower-case name, as `device_info()` keys it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Host => "host",
+            Kind::Cuda => "cuda",
+            Kind::Ascend => "ascend",
+        }
+    }
+}
+
+/// One device of a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Ordinal, as `alloc`/`stream_create` take it.
+    pub id: i32,
+    pub name: String,
+    /// Total memory in bytes (0 where the backend cannot tell).
+    pub memory: u64,
+}
+
+/// Which side of a copy is device memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    HostToDevice,
+    DeviceToHost,
+    DeviceToDevice,
+}
+
+/// A stream of a backend: the driver's handle (for the host backend, an id of its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StreamHandle(pub u64);
+
+/// An event recorded on a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EventHandle(pub u64);
+
+/// What another process on this host needs to map a piece of device memory: opaque bytes
+/// meaningful to the backend of `kind` only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpcHandle {
+    pub kind: Kind,
+    /// The exporter's device ordinal (informational: ordinals differ between processes).
+    pub device: i32,
+    pub bytes: Vec<u8>,
+}
+
+/// Device memory, copies, streams, events and same-host sharing.
+///
+/// Contract, for every implementation:
+/// - **Errors**: failures are typed [`Error`]s naming the call and the driver's reason; a bad
+///   handle or an address the backend does not know is an error, never a crash.
+/// - **Ownership**: `free`, `stream_destroy`, `event_destroy` and `ipc_close` accept only what
+///   this backend handed out, so memory or streams of a framework (torch) are never released
+///   here by mistake.
+/// - **Ordering**: work on one stream runs in submission order; `copy` returns when the bytes
+///   are at the destination (as `cudaMemcpy` does); `copy_async` returns once queued.
+/// - **Threads**: implementations are `Send + Sync`; calls from any thread are allowed.
+pub trait Device: Send + Sync {
+    fn kind(&self) -> Kind;
+    /// Where the backend was loaded from (the library file), for diagnostics.
+    fn library(&self) -> Option<String>;
+    /// The devices this backend sees.
+    fn devices(&self) -> Result<Vec<DeviceInfo>>;
+
+    /// Allocates `len` bytes on `device`.
+    fn alloc(&self, device: i32, len: usize) -> Result<u64>;
+    /// Frees memory returned by `alloc`.
+    fn free(&self, ptr: u64) -> Result<()>;
+
+    /// Copies `len` bytes from `src` to `dst`; returns when they are at `dst`.
+    ///
+    /// # Safety
+    /// The host side(s) of `dir` must be memory of this process valid for `len` bytes (readable
+    /// at `src`, writable at `dst`); the device side(s) must be device memory of this backend
+    /// valid for `len` bytes.
+    unsafe fn copy(&self, dir: Direction, dst: u64, src: u64, len: usize) -> Result<()>;
+
+    /// Queues the copy on `stream`; it runs after the work queued there before it.
+    ///
+    /// # Safety
+    /// As for [`Device::copy`], and both ranges must stay valid until the stream has run the
+    /// copy (a `stream_synchronize` or an event recorded after it completed).
+    unsafe fn copy_async(
+        &self,
+        dir: Direction,
+        dst: u64,
+        src: u64,
+        len: usize,
+        stream: StreamHandle,
+    ) -> Result<()>;
+
+    fn stream_create(&self, device: i32) -> Result<StreamHandle>;
+    /// Waits (up to `timeout` where the backend can bound the wait) for the stream's work;
+    /// returns the first error of that work.
+    fn stream_synchronize(&self, stream: StreamHandle, timeout: Duration) -> Result<()>;
+    /// Releases a stream made by `stream_create`; queued work still runs.
+    fn stream_destroy(&self, stream: StreamHandle) -> Result<()>;
+
+    /// Marks the work queued on `stream` so far.
+    fn event_record(&self, stream: StreamHandle) -> Result<EventHandle>;
+    /// `true` once the work before the event is done.
+    fn event_query(&self, event: EventHandle) -> Result<bool>;
+    fn event_synchronize(&self, event: EventHandle, timeout: Duration) -> Result<()>;
+    fn event_destroy(&self, event: EventHandle) -> Result<()>;
+    /// Work queued on `stream` after this call waits for `event` first.
+    fn stream_wait_event(&self, stream: StreamHandle, event: EventHandle) -> Result<()>;
+
+    /// A handle through which another process on this host can map the memory at `ptr` (which
+    /// may point inside an allocation).
+    fn ipc_export(&self, ptr: u64) -> Result<IpcHandle>;
+    /// Maps memory exported by another process (or this one) for use on `device`; returns the
+    /// address corresponding to the exported pointer.
+    fn ipc_open(&self, handle: &IpcHandle, device: i32) -> Result<u64>;
+    /// Unmaps what `ipc_open` returned.
+    fn ipc_close(&self, ptr: u64) -> Result<()>;
+
+    /// The device ordinal when `addr` is memory of this backend's devices; `None` otherwise
+    /// (for the host backend: memory it allocated or opened).
+    fn device_of(&self, addr: u64) -> Option<i32>;
+}
+
+/// The outcome of probing one backend.
+pub type Probe = std::result::Result<Arc<dyn Device>, String>;
+
+/// Every backend of this process, probed once.
+pub struct Registry {
+    host: Arc<dyn Device>,
+    // `host` again, as a `Probe`, so `get` can hand every backend out alike.
+    host_probe: Probe,
+    cuda: Probe,
+    ascend: Probe,
+}
+
+impl Registry {
+    /// Probes the accelerators. Loading a driver costs time (and, for CUDA, initialises the
+    /// driver in this process), so this runs once, on first use; see [`registry`].
+    pub fn probe() -> Registry {
+        let host: Arc<dyn Device> = Arc::new(host::HostDevice::new());
+        Registry {
+            host_probe: Ok(host.clone()),
+            host,
+            cuda: cuda::Cuda::load()
+                .map(|d| Arc::new(d) as Arc<dyn Device>)
+                .map_err(reason_of),
+            ascend: ascend::Ascend::load()
+                .map(|d| Arc::new(d) as Arc<dyn Device>)
+                .map_err(reason_of),
+        }
+    }
+
+    /// The host backend (always present).
+    pub fn host(&self) -> Arc<dyn Device> {
+        self.host.clone()
+    }
+
+    /// A backend by kind, or why it is not available.
+    pub fn get(&self, kind: Kind) -> &Probe {
+        match kind {
+            Kind::Host => &self.host_probe,
+            Kind::Cuda => &self.cuda,
+            Kind::Ascend => &self.ascend,
+        }
+    }
+
+    /// The accelerator to use: CUDA, else Ascend. `Unsupported` naming what was looked for
+    /// when neither is present.
+    pub fn accelerator(&self) -> Result<Arc<dyn Device>> {
+        match (&self.cuda, &self.ascend) {
+            (Ok(d), _) | (Err(_), Ok(d)) => Ok(d.clone()),
+            (Err(c), Err(a)) => Err(Error::Unsupported(format!("no device backend: {c}; {a}"))),
+        }
+    }
+
+    /// Why no accelerator is available ("no device backend: ..."), `None` when one is.
+    pub fn missing_reason(&self) -> Option<String> {
+        match self.accelerator() {
+            Ok(_) => None,
+            Err(Error::Unsupported(m)) => Some(m),
+            Err(e) => Some(e.to_string()),
+        }
+    }
+}
+
+/// The message of an error without the variant's prefix ("unsupported here: ").
+pub(crate) fn reason_of(e: Error) -> String {
+    match e {
+        Error::Unsupported(m) => m,
+        other => other.to_string(),
+    }
+}
+
+/// The process's backends, probed on first use.
+pub fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(Registry::probe)
+}
+
+/// The accelerator of this process (see [`Registry::accelerator`]).
+pub fn select() -> Result<Arc<dyn Device>> {
+    registry().accelerator()
+}
+
+/// Polls `done` until it reports completion or `timeout` passes; for drivers whose blocking
+/// waits have no deadline. Spins briefly (a copy often finishes within microseconds), then
+/// sleeps in growing steps up to 1 ms.
+pub(crate) fn poll_until(
+    timeout: Duration,
+    what: &str,
+    mut done: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut nap = Duration::from_micros(10);
+    loop {
+        if done()? {
+            return Ok(());
+        }
+        let waited = start.elapsed();
+        if waited >= timeout {
+            return Err(Error::Timeout(format!(
+                "{what}: still running after {timeout:?}"
+            )));
+        }
+        if waited < Duration::from_micros(50) {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(nap.min(timeout - waited));
+            nap = (nap * 2).min(Duration::from_millis(1));
+        }
+    }
+}
+
+/// The text of a loader error without a leading copy of the path it names.
+pub(crate) fn loader_message(path: &str, e: &libloading::Error) -> String {
+    let msg = e.to_string();
+    match msg.strip_prefix(path).and_then(|m| m.strip_prefix(": ")) {
+        Some(m) => m.to_owned(),
+        None => msg,
+    }
+}
+
+/// Joins the library list a loader tried into "path (message)" items.
+pub(crate) fn tried_list(tried: &[(String, String)]) -> String {
+    tried
+        .iter()
+        .map(|(p, m)| format!("{p} ({m})"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_reports_every_backend() {
+        let r = registry();
+        assert_eq!(r.host().kind(), Kind::Host);
+        assert!(r.get(Kind::Host).is_ok());
+        // Whatever this machine has, each accelerator is either usable or says why not.
+        for k in [Kind::Cuda, Kind::Ascend] {
+            match r.get(k) {
+                Ok(d) => assert_eq!(d.kind(), k),
+                Err(why) => assert!(!why.is_empty()),
+            }
+        }
+        match (r.get(Kind::Cuda), r.get(Kind::Ascend)) {
+            (Err(c), Err(a)) => {
+                let e = select().err().expect("no accelerator");
+                assert_eq!(e.code(), -3006);
+                let msg = r.missing_reason().expect("a reason");
+                assert_eq!(msg, format!("no device backend: {c}; {a}"));
+                assert!(msg.contains("CUDA driver"), "{msg}");
+                assert!(msg.contains("Ascend runtime"), "{msg}");
+            }
+            _ => assert!(select().is_ok() && r.missing_reason().is_none()),
+        }
+    }
+
+    #[test]
+    fn poll_until_has_a_deadline() {
+        let e = poll_until(Duration::from_millis(20), "x", || Ok(false)).unwrap_err();
+        assert_eq!(e.code(), -2004);
+        let mut n = 0;
+        poll_until(Duration::from_secs(5), "x", || {
+            n += 1;
+            Ok(n > 3)
+        })
+        .unwrap();
+        let e = poll_until(Duration::from_secs(5), "x", || {
+            Err(Error::Failed("boom".into()))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("boom"));
+    }
+}
