@@ -9,6 +9,7 @@ Common interface (this module):
     set_conf_store_tls(enable, tls_info) -> int, set_conf_store_tls_key(pk, pk_pw, decrypt) -> int
     get_last_err_msg() -> str, get_and_clear_last_err_msg() -> str
     create_config_store(store_url) -> int
+    device_info() -> dict   (host/cuda/ascend: available, devices, or why not)
 
 Transfer Engine:
     TransferEngine(): initialize(store_url, session_id, role, device_id), register_memory,
@@ -44,6 +45,7 @@ from ._native import (  # noqa: F401
     StoreTimeoutError,
     __version__,
     create_config_store,
+    device_info,
     get_and_clear_last_err_msg,
     get_last_err_msg,
     initialize,
@@ -103,6 +105,7 @@ __all__ = [
     "get_and_clear_last_err_msg",
     "create_config_store",
     "start_config_store",
+    "device_info",
     "ConfigStoreServer",
     "StoreClient",
     "StoreGroup",

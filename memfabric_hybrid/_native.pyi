@@ -1,6 +1,6 @@
 """Type stubs of memfabric_hybrid._native (the Rust extension). Checked by mypy.stubtest."""
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from typing import final
 
@@ -74,6 +74,9 @@ def get_last_err_msg() -> str:
 
 def get_and_clear_last_err_msg() -> str:
     """The last error message of this thread; clears it."""
+
+def device_info() -> Dict[str, Dict[str, Any]]:
+    """Which device backends (host, cuda, ascend) this process can use, or why not."""
 
 def create_config_store(store_url: str) -> int:
     """Create (start) a config store server in this process at ``store_url``."""

@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 mod bm;
 mod buffers;
 mod common;
+mod device;
 mod error;
 mod handles;
 mod shm;
@@ -27,6 +28,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.py().get_type::<error::StoreTimeoutError>(),
     )?;
     common::register(m)?;
+    device::register(m)?;
     store::register(m)?;
     stream::register(m)?;
     trans::register(m)?;

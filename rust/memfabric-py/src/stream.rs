@@ -198,10 +198,13 @@ impl StreamArg {
                 drop(owner);
                 r
             })),
-            StreamArg::Device(h) => fail(Error::Unsupported(format!(
-                "device stream handle {h:#x} given, but no device backend is present on this host; \
-                 pass a memfabric_hybrid.Stream or None"
-            ))),
+            StreamArg::Device(h) => {
+                let why = crate::device::unavailable(py, "a transfer on a device stream");
+                fail(Error::Unsupported(format!(
+                    "device stream handle {h:#x} given, but {why}; \
+                     pass a memfabric_hybrid.Stream or None"
+                )))
+            }
         }
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! Ascend names: "L"/local and "H"/host buffers are both memory of this process on a host
 //! without a device; "G" and "GH" are GVAs (the DRAM parts, the only parts that exist here).
-//! Device (HBM) contributions need a device backend and are refused with `Unsupported`.
+//! Device (HBM) contributions are refused with `Unsupported`; the message says what
+//! [`crate::device`] looked for (or that a backend exists but is not used by BM yet).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -174,9 +175,14 @@ impl BmRuntime {
             )));
         }
         if hbm > 0 {
-            return Err(Error::Unsupported(format!(
-                "local_hbm_size {hbm}: no device memory here (no device backend is present on this host)"
-            )));
+            let reg = crate::device::registry();
+            return Err(Error::Unsupported(match reg.missing_reason() {
+                Some(why) => format!("local_hbm_size {hbm}: no device memory here ({why})"),
+                None => format!(
+                    "local_hbm_size {hbm}: a device backend is present, but Big Memory does not \
+                     place contributions in device memory yet"
+                ),
+            }));
         }
         if dram == 0 {
             return Err(Error::InvalidParam(
