@@ -58,8 +58,9 @@ impl CmaTransport {
         for op in ops.ops() {
             sane(op)?;
         }
-        run_split(ops.ops(), ops.total_bytes(), |part| {
-            transfer(self.pid, part, to_remote, deadline)
+        let pid = self.pid;
+        run_split(ops.ops(), ops.total_bytes(), move |part| {
+            transfer(pid, part, to_remote, deadline)
         })
     }
 }

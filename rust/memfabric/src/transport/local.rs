@@ -30,7 +30,7 @@ impl LocalTransport {
         for op in ops.ops() {
             sane(op)?;
         }
-        run_split(ops.ops(), ops.total_bytes(), |part| {
+        run_split(ops.ops(), ops.total_bytes(), move |part| {
             copy_part(part, to_remote, deadline)
         })
     }

@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod cma;
 pub mod local;
+pub(crate) mod parallel;
 pub mod tcp;
 
 use std::net::SocketAddr;
@@ -304,44 +305,13 @@ pub fn select(local: &PeerInfo, peer: &PeerInfo, force: Option<&str>) -> Kind {
     }
 }
 
-/// Copies at least this large are split across threads (local and cma): below it, starting
-/// threads costs more than one core's copy time.
-pub(crate) const PARALLEL_MIN: u64 = 4 << 20;
-const PARALLEL_MAX: usize = 4;
-
-/// Runs `f` over `ops`, split by bytes into up to 4 parts on scoped threads when large.
-/// Returns the first error by part order.
+/// Runs `f` over `ops` on this thread and, for large copies, on resident helpers that claim
+/// chunks as they get a core (see [`parallel`]). Returns the first error in op order.
 pub(crate) fn run_split<F>(ops: &[Op], total: u64, f: F) -> Result<()>
 where
-    F: Fn(&[Op]) -> Result<()> + Sync,
+    F: Fn(&[Op]) -> Result<()> + Send + Sync + 'static,
 {
-    let parts = if total < PARALLEL_MIN {
-        1
-    } else {
-        cores().clamp(1, PARALLEL_MAX)
-    };
-    if parts == 1 {
-        return f(ops);
-    }
-    let split = split_ops(ops, total, parts);
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = split[1..]
-            .iter()
-            .map(|part| s.spawn(move || f(part)))
-            .collect();
-        let first = f(&split[0]);
-        let mut result = first;
-        for h in handles {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(Error::Failed("a copy thread panicked".into())));
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        result
-    })
+    parallel::run(ops, total, f)
 }
 
 /// Usable cores, read once: `available_parallelism` reads cgroup files on every call, which
@@ -353,32 +323,6 @@ fn cores() -> usize {
             .map(|n| n.get())
             .unwrap_or(1)
     })
-}
-
-/// Cuts `ops` into `parts` lists of nearly equal byte counts, splitting ops where needed.
-fn split_ops(ops: &[Op], total: u64, parts: usize) -> Vec<Vec<Op>> {
-    let per = total.div_ceil(parts as u64).max(1);
-    let mut out: Vec<Vec<Op>> = vec![Vec::new(); parts];
-    let mut cur = 0usize;
-    let mut room = per;
-    for op in ops {
-        let mut op = *op;
-        while op.len > 0 {
-            let take = op.len.min(room);
-            out[cur].push(Op::new(op.local, op.remote, take));
-            op.local += take;
-            op.remote += take;
-            op.len -= take;
-            room -= take;
-            if room == 0 && cur + 1 < parts {
-                cur += 1;
-                room = per;
-            } else if room == 0 {
-                room = u64::MAX;
-            }
-        }
-    }
-    out
 }
 
 /// Errors shared by local and cma for descriptors that cannot be real memory even though they
@@ -458,19 +402,6 @@ mod tests {
             CheckedOps::new(vec![Op::new(la, ra + 8000, 1000)], &local, Some(&remote)).unwrap_err();
         assert!(matches!(e, Error::OutOfBounds(_)));
         assert!(e.to_string().contains("descriptor 0, peer memory"), "{e}");
-    }
-
-    #[test]
-    fn split_ops_balances_bytes() {
-        let ops = vec![Op::new(1000, 5000, 10), Op::new(2000, 6000, 7)];
-        let parts = split_ops(&ops, 17, 3);
-        let sums: Vec<u64> = parts
-            .iter()
-            .map(|p| p.iter().map(|o| o.len).sum())
-            .collect();
-        assert_eq!(sums, vec![6, 6, 5]);
-        assert_eq!(parts[1][0], Op::new(1006, 5006, 4));
-        assert_eq!(parts[1][1], Op::new(2000, 6000, 2));
     }
 
     #[test]
