@@ -122,6 +122,9 @@ const IOV_BATCH: usize = 128;
 /// Encrypted bytes rustls may hold for one initiator connection before the socket takes them:
 /// enough for a few records per system call, small beside the 8 MiB window.
 const TLS_SEND_BUFFER: usize = 512 << 10;
+/// Socket reads under TLS, on both sides: rustls asks for 4 KiB at a time, and a system call
+/// per 4 KiB costs more than the copy out of a buffer this size.
+const TLS_READ_BUFFER: usize = 256 << 10;
 /// The TLS server receives payloads in pieces of this size, sending its acknowledgements in
 /// between when it would otherwise wait.
 const TLS_CHUNK: usize = 256 << 10;
@@ -654,8 +657,11 @@ async fn serve(mut stream: TcpStream, regions: &RegionTable, auth: &DataAuth) ->
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
             let start = async {
+                // rustls reads 4 KiB at a time; the buffer turns that into one system call per
+                // 256 KiB.
+                let buffered = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, stream);
                 let mut s = acceptor
-                    .accept(stream)
+                    .accept(buffered)
                     .await
                     .map_err(|e| tls_or_io("TLS handshake with a data client", e))?;
                 server_handshake(&mut s, auth).await?;
@@ -1260,6 +1266,7 @@ fn connect(peer: SocketAddr, deadline: Instant, auth: &DataAuth) -> Result<Conn>
     Ok(Conn {
         sock: s,
         fd,
+        tls_in: SockBuf::new(if tls.is_some() { TLS_READ_BUFFER } else { 0 }),
         tls,
         rbuf: vec![0u8; STAGING].into_boxed_slice(),
         rs: 0,
@@ -1286,6 +1293,8 @@ struct Conn {
     fd: RawFd,
     /// The TLS session, when TLS is on: frames go through it instead of straight to `fd`.
     tls: Option<Box<rustls::ClientConnection>>,
+    /// TLS records received from the socket and not yet handed to rustls.
+    tls_in: SockBuf,
     rbuf: Box<[u8]>,
     rs: usize,
     re: usize,
@@ -1305,7 +1314,7 @@ impl Conn {
 
     fn alive(&mut self) -> bool {
         if let Some(tls) = self.tls.as_mut() {
-            return tls_idle_alive(tls, &self.sock);
+            return tls_idle_alive(tls, &mut self.tls_in.reader(&self.sock));
         }
         let mut b = 0u8;
         // SAFETY: one byte into a local; MSG_PEEK leaves the stream untouched.
@@ -1570,7 +1579,7 @@ impl Conn {
             let Some(tls) = self.tls.as_mut() else {
                 return Ok(());
             };
-            match tls.read_tls(&mut self.sock) {
+            match tls.read_tls(&mut self.tls_in.reader(&self.sock)) {
                 Ok(0) => return Err(eof(peer)),
                 Ok(_) => {
                     if let Err(e) = tls.process_new_packets() {
@@ -1674,11 +1683,57 @@ impl Conn {
     }
 }
 
+/// Bytes read from a socket in large pieces and handed out in the small ones rustls asks for.
+/// Whoever reads through it must read until `WouldBlock` before waiting in `poll`: bytes
+/// left here would not wake it.
+struct SockBuf {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl SockBuf {
+    fn new(cap: usize) -> Self {
+        SockBuf {
+            buf: vec![0u8; cap].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn reader<'a>(&'a mut self, sock: &'a std::net::TcpStream) -> SockBufReader<'a> {
+        SockBufReader { b: self, sock }
+    }
+}
+
+struct SockBufReader<'a> {
+    b: &'a mut SockBuf,
+    sock: &'a std::net::TcpStream,
+}
+
+impl Read for SockBufReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let b = &mut *self.b;
+        if b.start == b.end {
+            if out.len() >= b.buf.len() {
+                return (&mut &*self.sock).read(out);
+            }
+            let got = (&mut &*self.sock).read(&mut b.buf)?;
+            b.start = 0;
+            b.end = got;
+        }
+        let n = out.len().min(b.end - b.start);
+        out[..n].copy_from_slice(&b.buf[b.start..b.start + n]);
+        b.start += n;
+        Ok(n)
+    }
+}
+
 /// Whether an idle pooled TLS connection may be used: whatever arrived on it is TLS
 /// housekeeping (a key update), not data, and it is not closed. Never blocks.
-fn tls_idle_alive(tls: &mut rustls::ClientConnection, sock: &std::net::TcpStream) -> bool {
+fn tls_idle_alive(tls: &mut rustls::ClientConnection, sock: &mut impl Read) -> bool {
     loop {
-        match tls.read_tls(&mut &*sock) {
+        match tls.read_tls(sock) {
             Ok(0) => return false,
             Ok(_) => match tls.process_new_packets() {
                 Ok(st) if st.plaintext_bytes_to_read() == 0 && !st.peer_has_closed() => {}
