@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use memfabric::mem::RegionTable;
 use memfabric::store::tls::TlsMaterial;
 use memfabric::store::{ClientOptions, StoreClient, StoreServer};
-use memfabric::transport::auth::{job_secret, DataAuth, NONCE_LEN, PROOF_LEN, SECRET_KEY};
+use memfabric::transport::auth::{
+    job_secret, DataAuth, HOLDER_PREFIX, NONCE_LEN, PROOF_LEN, SECRET_KEY,
+};
 use memfabric::transport::tcp::{
     hello, TcpDataServer, TcpTransport, AUTH_OK, AUTH_REFUSED, HELLO_LEN, PROTOCOL_VERSION,
 };
@@ -392,4 +394,27 @@ fn job_secret_comes_from_the_store() {
     c2.set(SECRET_KEY, b"short").unwrap();
     let e = job_secret(&c2).unwrap_err();
     assert!(matches!(e, Error::Protocol(_)), "{e}");
+}
+
+/// A store restarted without its data gets the job secret back from the engines that live on:
+/// an engine that starts afterwards reaches them.
+#[test]
+fn job_secret_survives_a_store_restart() {
+    let s = StoreServer::start("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let at = s.local_addr();
+    let url = s.url();
+    let old = client(&url);
+    let old_auth = Arc::new(DataAuth::for_store(&old, None).unwrap());
+    assert_eq!(old.list(HOLDER_PREFIX).unwrap().len(), 1);
+    let t = Target::new(old_auth.clone());
+    drop(s);
+    std::thread::sleep(Duration::from_millis(100));
+    let s2 = StoreServer::start(at, None).unwrap();
+    // Any call reconnects the old engine's client, which publishes what it held again.
+    assert_eq!(old.get(SECRET_KEY).unwrap(), None);
+    let new = client(&url);
+    let new_auth = Arc::new(DataAuth::for_store(&new, None).unwrap());
+    t.serves(new_auth);
+    assert_eq!(new.list(HOLDER_PREFIX).unwrap().len(), 2);
+    drop(s2);
 }

@@ -20,8 +20,11 @@
 //! admission by the same store.
 //!
 //! The secret is an ordinary (not ephemeral) key: it outlives the engine that created it, so
-//! engines that come and go keep agreeing. A store restarted without its data starts a new job:
-//! engines initialized before must initialize again.
+//! engines that come and go keep agreeing. Each engine also publishes the secret it holds under
+//! an ephemeral key of its own ([`HOLDER_PREFIX`]), which its store client publishes again
+//! after reconnecting: a store restarted without its data learns the job's secret back from
+//! the first engine that reconnects, and an engine that starts after that adopts it. (One that
+//! starts before any engine of the job reconnected begins a new secret.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +38,8 @@ use crate::store::StoreClient;
 
 /// Store key of the job secret.
 pub const SECRET_KEY: &str = "mf/auth/data_secret";
+/// Prefix of the ephemeral keys under which each engine publishes the secret it holds.
+pub const HOLDER_PREFIX: &str = "mf/auth/holders/";
 /// Bytes in the job secret.
 pub const SECRET_LEN: usize = 32;
 /// Bytes in each side's handshake nonce.
@@ -103,9 +108,13 @@ impl DataAuth {
     }
 
     /// The job secret of `store` (created there if this is the first engine), with TLS when
-    /// `tls` is given.
+    /// `tls` is given. Publishes the secret as held by this engine (see the module docs) for as
+    /// long as `store`'s connection lives.
     pub fn for_store(store: &StoreClient, tls: Option<&TlsMaterial>) -> Result<Self> {
-        let auth = DataAuth::new(&job_secret(store)?);
+        let secret = job_secret(store)?;
+        let me = u64::from_le_bytes(random_bytes::<8>()?);
+        store.set_ephemeral(&format!("{HOLDER_PREFIX}{me:016x}"), &secret)?;
+        let auth = DataAuth::new(&secret);
         Ok(match tls {
             Some(m) => auth.with_tls(m),
             None => auth,
@@ -191,12 +200,16 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     Ok(b)
 }
 
-/// The job secret of `store`: read, or created atomically by the first caller.
+/// The job secret of `store`: read, or created atomically by the first caller (from a secret
+/// engines of the job still hold, if any published one).
 pub fn job_secret(store: &StoreClient) -> Result<[u8; SECRET_LEN]> {
     if let Some(v) = store.get(SECRET_KEY)? {
         return parse_secret(store, &v);
     }
-    let mine = random_bytes::<SECRET_LEN>()?;
+    let mine = match held_secret(store)? {
+        Some(s) => s,
+        None => random_bytes::<SECRET_LEN>()?,
+    };
     // An absent key compares equal to empty: exactly one creator wins; the value returned is
     // the winner's, whoever that is.
     match store.compare_set(SECRET_KEY, b"", &mine) {
@@ -211,6 +224,19 @@ pub fn job_secret(store: &StoreClient) -> Result<[u8; SECRET_LEN]> {
         },
         Err(e) => Err(e),
     }
+}
+
+/// A secret that a live engine of the job published as held (a store restarted without its data
+/// gets these back as engines reconnect).
+fn held_secret(store: &StoreClient) -> Result<Option<[u8; SECRET_LEN]>> {
+    for key in store.list(HOLDER_PREFIX)? {
+        if let Some(v) = store.get(&key)? {
+            if let Ok(s) = <[u8; SECRET_LEN]>::try_from(v.as_slice()) {
+                return Ok(Some(s));
+            }
+        }
+    }
+    Ok(None)
 }
 
 fn parse_secret(store: &StoreClient, v: &[u8]) -> Result<[u8; SECRET_LEN]> {
