@@ -98,7 +98,11 @@ class ConfigStoreServer:
 
 @final
 class StoreClient:
-    """A client of a config store, named like torch's ``TCPStore`` where the operations match."""
+    """A client of a config store, named like torch's ``TCPStore`` where the operations match.
+
+    ``url``: ``tcp://ip:port`` (embedded store server) or ``etcd://ip:port[,ip:port...][/prefix]``
+    (an etcd cluster; ephemeral keys live on a 3 s lease the client keeps alive).
+    """
 
     def __new__(cls, url: str, timeout: float = 30.0) -> StoreClient: ...
     @property
@@ -124,7 +128,7 @@ class StoreClient:
 
 @final
 class StoreGroup:
-    """Membership in a group of ranks coordinated through a config store."""
+    """Membership in a group of ranks coordinated through a config store (``tcp://`` or ``etcd://``)."""
 
     def __new__(
         cls, store_url: str, name: str, world_size: int, rank: Optional[int] = None, timeout: float = 120.0

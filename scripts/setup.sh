@@ -9,9 +9,22 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "cargo (a stable Rust toolchain) is required: https://rustup.rs" >&2
     exit 1
 fi
-if ! command -v ip >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    # iproute2 gives the multi-host tests their network namespaces; optional.
-    (apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null) || echo "note: iproute2 not installed; namespace tests will skip" >&2
+# Debian packages, installed when missing (as root, where apt-get exists):
+#   iproute2           network namespaces for the multi-host tests (optional: they skip);
+#   etcd-server        a local etcd cluster for the etcd store tests (optional: they skip);
+#   protobuf-compiler  protoc, which the etcd client's build uses to generate its gRPC code.
+need=()
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || need+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null) \
+        || echo "note: could not install ${need[*]}; namespace and etcd tests will skip" >&2
+fi
+if ! command -v protoc >/dev/null 2>&1 && [ -z "${PROTOC:-}" ]; then
+    echo "protoc is needed to build the etcd store client: install Debian's protobuf-compiler" \
+         "(or set PROTOC to a protoc binary)" >&2
+    exit 1
 fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv

@@ -227,13 +227,19 @@ impl StoreClient {
         ephemeral: bool,
     ) -> PyResult<()> {
         let v = value_bytes(value)?;
-        self.run(py, move |c| {
+        let c = self.client()?;
+        py.detach(move || {
             if ephemeral {
-                c.set_ephemeral(&key, &v)
+                c.set_ephemeral(&key, &v)?;
+                // So that the key comes back promptly after a store restart even if this
+                // client makes no further call.
+                memfabric::store::keep_alive(&c);
+                Ok(())
             } else {
                 c.set(&key, &v)
             }
         })
+        .py_result()
     }
 
     /// The value of ``key``. With ``wait=True`` (as TCPStore) waits up to ``timeout`` seconds

@@ -162,7 +162,7 @@ impl TransferEngine {
     /// Start the engine and publish it in the config store.
     ///
     /// Args:
-    ///     store_url: the config store, ``tcp://ip:port``.
+    ///     store_url: the config store, ``tcp://ip:port`` or ``etcd://ip:port[,...][/prefix]``.
     ///     session_id: ``ip:port`` (``unique_id`` in the seed): the ip peers reach this engine
     ///         at; the port its data server listens on (``ip`` or ``ip:0``: picked here, see
     ///         ``get_rpc_port()``).

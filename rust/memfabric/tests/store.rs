@@ -175,6 +175,58 @@ fn client_reconnects_after_store_restart() {
 }
 
 #[test]
+fn kept_client_republishes_after_restart_without_calls() {
+    let s = server();
+    let addr = s.local_addr();
+    let c = Arc::new(StoreClient::connect(&s.url(), opts(10_000)).unwrap());
+    c.set_ephemeral("alive/idle", b"1").unwrap();
+    memfabric::store::keep_alive(&c);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+    let s2 = StoreServer::start(addr, None).unwrap();
+    // `c` makes no call: only the keeper can bring its key back.
+    let probe = client(&s2);
+    let t = Instant::now();
+    while probe.get("alive/idle").unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "the idle client's key did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(c.reconnected_at().is_some());
+}
+
+#[test]
+fn calls_end_by_the_deadline_of_their_scope() {
+    let s = server();
+    let c = StoreClient::connect(&s.url(), opts(30_000)).unwrap();
+    c.set_ephemeral("alive/scoped", b"1").unwrap();
+    let deadline = Instant::now() + Duration::from_millis(300);
+    let e = memfabric::store::within(deadline, || c.get_wait("never", Duration::from_secs(20)))
+        .unwrap_err();
+    assert_eq!(e.code(), -2004, "{e}");
+    assert!(Instant::now() < deadline + Duration::from_millis(500));
+    // A scope whose deadline has passed fails before sending and keeps the connection (and
+    // the ephemeral key with it).
+    let e = memfabric::store::within(Instant::now(), || c.get("x")).unwrap_err();
+    assert_eq!(e.code(), -2004, "{e}");
+    let other = client(&s);
+    assert_eq!(other.get("alive/scoped").unwrap().unwrap(), b"1");
+    // With the store gone, a waiting get gives up at its own timeout, not that plus the grace
+    // it allows an answer to arrive.
+    drop(s);
+    let t = Instant::now();
+    let e = c.get_wait("k", Duration::from_millis(500)).unwrap_err();
+    assert!(matches!(e.code(), -2014 | -2004), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
 fn connect_to_missing_store_fails_within_deadline() {
     let addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -5,21 +5,105 @@
 //! Every call has a deadline. A lost connection is re-established with jittered backoff;
 //! calls that are safe to repeat are repeated, the others report [`Error::Reconnected`].
 //! Ephemeral keys this client set are published again after a reconnect, so a store that
-//! restarts learns who is still alive.
+//! restarts learns who is still alive; [`keep_alive`] makes that happen within a fraction of a
+//! second for clients that make no calls of their own (a Transfer Engine that only serves, an
+//! idle rank).
+//!
+//! [`within`] caps the deadline of every call a thread makes inside it, so an operation built
+//! of several store calls (a transfer's peer lookup, a barrier) ends by its own deadline.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use super::proto::{split_frame, Request, Response};
 use crate::error::{Error, Result};
-use crate::log::{INFO, WARN};
+use crate::log::{DEBUG, INFO, WARN};
 use crate::mf_log;
 
 /// Extra time the client waits past a server-side wait deadline for the answer to arrive.
 const WAIT_GRACE: Duration = Duration::from_secs(5);
+/// How often [`keep_alive`] looks at the connections of the clients it keeps.
+pub const KEEP_EVERY: Duration = Duration::from_millis(250);
+/// Longest a keeper's reconnection attempt holds a client (its calls wait meanwhile).
+const KEEP_ATTEMPT: Duration = Duration::from_millis(200);
+
+thread_local! {
+    /// The deadline set by the innermost [`within`] on this thread.
+    static CALL_DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with every store call this thread makes (on any client) ending by `deadline` at
+/// the latest, whatever the client's own timeout: an operation made of several calls, or of a
+/// call and other work, keeps its own deadline. Nested scopes keep the earlier deadline.
+pub fn within<T>(deadline: Instant, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Instant>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CALL_DEADLINE.with(|d| d.set(self.0));
+        }
+    }
+    let prev = CALL_DEADLINE.with(|d| d.get());
+    let capped = prev.map_or(deadline, |p| p.min(deadline));
+    CALL_DEADLINE.with(|d| d.set(Some(capped)));
+    let _restore = Restore(prev);
+    f()
+}
+
+fn scope_deadline() -> Option<Instant> {
+    CALL_DEADLINE.with(|d| d.get())
+}
+
+/// Clients whose connection [`keep_alive`] watches.
+fn kept() -> &'static Mutex<Vec<Weak<StoreClient>>> {
+    static KEPT: OnceLock<Mutex<Vec<Weak<StoreClient>>>> = OnceLock::new();
+    KEPT.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// Watches `client`'s connection for as long as the client lives: when the store closes it (a
+/// restart), the connection is opened again and the client's ephemeral keys are published
+/// again, within about [`KEEP_EVERY`] of the store being back, even if the client's owner makes
+/// no call. One thread per process serves every kept client.
+pub fn keep_alive(client: &Arc<StoreClient>) {
+    static THREAD: OnceLock<()> = OnceLock::new();
+    {
+        let mut list = kept().lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        if !list
+            .iter()
+            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(client)))
+        {
+            list.push(Arc::downgrade(client));
+        }
+    }
+    THREAD.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("mf-store-keeper".into())
+            .spawn(|| loop {
+                std::thread::sleep(KEEP_EVERY);
+                let live: Vec<Arc<StoreClient>> = {
+                    let mut list = kept().lock().unwrap_or_else(|p| p.into_inner());
+                    list.retain(|w| w.strong_count() > 0);
+                    list.iter().filter_map(Weak::upgrade).collect()
+                };
+                for c in live {
+                    if let Err(e) = c.revive(KEEP_ATTEMPT) {
+                        mf_log!(DEBUG, "store {} still unreachable: {e}", c.url);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            mf_log!(
+                WARN,
+                "cannot start the store keeper thread ({e}): ephemeral keys come back only with \
+                 the next call after a store restart"
+            );
+        }
+    });
+}
 
 /// How a client connects and how long its calls may take.
 #[derive(Clone)]
@@ -96,6 +180,8 @@ struct Inner {
     /// Ephemeral keys set through this client, re-published after a reconnect.
     ephemeral: HashMap<String, Vec<u8>>,
     ever_connected: bool,
+    /// When the connection was last opened again after a loss.
+    reconnected: Option<Instant>,
 }
 
 /// A connection to a config store. Cheap to share between threads (`Arc`); calls serialize.
@@ -134,6 +220,7 @@ impl StoreClient {
                 outbuf: Vec::new(),
                 ephemeral: HashMap::new(),
                 ever_connected: false,
+                reconnected: None,
             }),
         };
         {
@@ -155,6 +242,11 @@ impl StoreClient {
     /// The store's URL.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// When this client last reconnected after losing its connection (a store restart).
+    pub fn reconnected_at(&self) -> Option<Instant> {
+        self.lock().reconnected
     }
 
     /// The per-call deadline.
@@ -391,12 +483,13 @@ impl StoreClient {
     }
 
     /// Sends `req` and reads its answer. `server_wait` is how long the server may hold it.
+    /// A call that waits on the server is bounded by its own wait, not the client's timeout:
+    /// `get(key, timeout=0.5)` gives up after about half a second when the store is gone.
     fn call(&self, req: Request, server_wait: Option<Duration>) -> Result<Response> {
-        let limit = self
-            .opts
-            .timeout
-            .max(server_wait.map(|w| w + WAIT_GRACE).unwrap_or_default());
-        self.call_within(req, limit)
+        match server_wait {
+            Some(w) => self.call_within_grace(req, w, WAIT_GRACE),
+            None => self.call_within_grace(req, self.opts.timeout, Duration::ZERO),
+        }
     }
 
     /// Deletes `key` within `limit` (shorter than the client's timeout): for teardown, where
@@ -410,15 +503,37 @@ impl StoreClient {
     }
 
     fn call_within(&self, req: Request, limit: Duration) -> Result<Response> {
+        self.call_within_grace(req, limit, Duration::ZERO)
+    }
+
+    /// The call ends by `limit`, or `grace` later once the request was sent: an answer that
+    /// the server gives at the end of its wait needs time to arrive, but a store that cannot
+    /// be reached is given up on at `limit`.
+    fn call_within_grace(
+        &self,
+        req: Request,
+        limit: Duration,
+        grace: Duration,
+    ) -> Result<Response> {
         let started = Instant::now();
-        let deadline = started + limit;
+        let cap = |t: Instant| scope_deadline().map_or(t, |d| d.min(t));
+        let deadline = cap(started + limit + grace);
+        let connect_by = cap(started + limit);
+        if started >= connect_by {
+            // Before anything is sent: the connection stays, and with it this client's
+            // ephemeral keys.
+            return Err(Error::Timeout(format!(
+                "the deadline passed before the call to store {} started",
+                self.url
+            )));
+        }
         let mut inner = self.lock();
         let inner = &mut *inner;
         inner.outbuf.clear();
         req.encode(&mut inner.outbuf)?;
         let retry_safe = is_idempotent(&req);
         loop {
-            self.ensure_connected(inner, deadline)?;
+            self.ensure_connected(inner, connect_by)?;
             let conn = inner
                 .conn
                 .as_mut()
@@ -455,7 +570,7 @@ impl StoreClient {
                     if !retry_safe {
                         // The request may or may not have been applied; reconnect for the next
                         // call, but let the caller decide about this one.
-                        let _ = self.ensure_connected(inner, deadline);
+                        let _ = self.ensure_connected(inner, connect_by);
                         return Err(Error::Reconnected(format!(
                             "store {} connection broke during the call ({e})",
                             self.url
@@ -475,31 +590,21 @@ impl StoreClient {
         let mut last_err;
         loop {
             attempt += 1;
-            match self.open(deadline) {
-                Ok(mut conn) => {
-                    if inner.ever_connected {
+            let again = inner.ever_connected;
+            // A store on its way down may still accept and then reset the connection while
+            // the ephemeral keys are published again: that attempt failed like any other.
+            match self
+                .open(deadline)
+                .and_then(|conn| self.adopt(inner, conn, deadline))
+            {
+                Ok(()) => {
+                    if again {
                         mf_log!(
                             INFO,
                             "reconnected to store {} after {attempt} attempt(s)",
                             self.url
                         );
-                        if !inner.ephemeral.is_empty() {
-                            let entries: Vec<_> = inner
-                                .ephemeral
-                                .iter()
-                                .map(|(k, v)| (k.clone(), v.clone()))
-                                .collect();
-                            let mut buf = Vec::new();
-                            Request::MultiSet {
-                                entries,
-                                ephemeral: true,
-                            }
-                            .encode(&mut buf)?;
-                            exchange(&mut conn, &buf, deadline)?;
-                        }
                     }
-                    inner.ever_connected = true;
-                    inner.conn = Some(conn);
                     return Ok(());
                 }
                 Err(e) => {
@@ -520,6 +625,58 @@ impl StoreClient {
             std::thread::sleep(sleep);
             backoff = (backoff * 2).min(Duration::from_millis(500));
         }
+    }
+
+    /// Makes `conn` this client's connection; after a reconnect, first publishes the
+    /// client's ephemeral keys on it again.
+    fn adopt(&self, inner: &mut Inner, mut conn: Conn, deadline: Instant) -> Result<()> {
+        if inner.ever_connected && !inner.ephemeral.is_empty() {
+            let entries: Vec<_> = inner
+                .ephemeral
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let mut buf = Vec::new();
+            Request::MultiSet {
+                entries,
+                ephemeral: true,
+            }
+            .encode(&mut buf)?;
+            exchange(&mut conn, &buf, deadline)?;
+        }
+        if inner.ever_connected {
+            inner.reconnected = Some(Instant::now());
+        }
+        inner.ever_connected = true;
+        inner.conn = Some(conn);
+        Ok(())
+    }
+
+    /// Reopens a connection the store closed and publishes this client's ephemeral keys again,
+    /// with one connection attempt of at most `limit`. Returns whether it reconnected. Does
+    /// nothing while a call is in progress (that call reconnects by itself), while the
+    /// connection is open, or when the client holds no ephemeral keys. See [`keep_alive`].
+    pub fn revive(&self, limit: Duration) -> Result<bool> {
+        let mut guard = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(false),
+        };
+        let inner = &mut *guard;
+        if inner.ephemeral.is_empty() || inner.conn.as_ref().is_some_and(Conn::is_open) {
+            return Ok(false);
+        }
+        inner.conn = None;
+        let deadline = Instant::now() + limit;
+        let conn = self.open(deadline)?;
+        self.adopt(inner, conn, deadline)?;
+        mf_log!(
+            INFO,
+            "reconnected to store {} and published {} ephemeral key(s) again",
+            self.url,
+            inner.ephemeral.len()
+        );
+        Ok(true)
     }
 
     fn open(&self, deadline: Instant) -> Result<Conn> {
@@ -553,6 +710,32 @@ impl StoreClient {
             timeout_set: None,
             spin: Spin::default(),
         })
+    }
+}
+
+impl Conn {
+    /// Whether the store has not closed this connection. The server only ever answers, so
+    /// between calls anything readable is its end of file (or a TLS alert or ticket, which
+    /// the next call deals with); never blocks.
+    fn is_open(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut b = 0u8;
+        // SAFETY: one byte into a local; MSG_PEEK leaves the stream as it is.
+        let rc = unsafe {
+            libc::recv(
+                self.stream.tcp().as_raw_fd(),
+                (&mut b as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if rc >= 0 {
+            return rc > 0;
+        }
+        matches!(
+            std::io::Error::last_os_error().kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        )
     }
 }
 

@@ -13,13 +13,17 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::client::StoreClient;
+use super::client::{keep_alive, within, StoreClient, KEEP_EVERY};
 use crate::error::{Error, Result};
 
 /// Most ranks a group may have (the seed's limit).
 pub const MAX_WORLD: u32 = 1024;
+/// How long after its own reconnect a member gives the others to publish their liveness keys
+/// in a restarted store (their keepers do within [`KEEP_EVERY`]) before it believes a key
+/// missing there.
+const MEMBER_GRACE: Duration = KEEP_EVERY.saturating_mul(4);
 
 /// This process's membership in a group.
 pub struct Group {
@@ -98,6 +102,9 @@ impl Group {
             &format!("{prefix}alive/{rank}"),
             &std::process::id().to_le_bytes(),
         )?;
+        // Members often sit idle between collectives; a restarted store must still learn that
+        // they are alive before the next barrier watches for them.
+        keep_alive(&client);
         Ok(Group {
             client,
             prefix,
@@ -143,26 +150,54 @@ impl Group {
     }
 
     fn barrier_inner(&self, timeout: Duration, watch_members: bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
         let n = self.barriers.fetch_add(1, Ordering::Relaxed);
         let base = format!("{}b/{n}/", self.prefix);
-        let arrived = self.client.add(&format!("{base}count"), 1)?;
-        if arrived == self.world as i64 {
-            self.client.set(&format!("{base}done"), b"")?;
-            if n > 0 {
-                // Everyone has passed barrier n-1 (they are all in n): its keys can go.
-                let prev = format!("{}b/{}/", self.prefix, n - 1);
-                self.client.delete(&format!("{prev}count"))?;
-                self.client.delete(&format!("{prev}done"))?;
+        within(deadline, || {
+            let arrived = self.client.add(&format!("{base}count"), 1)?;
+            if arrived == self.world as i64 {
+                self.client.set(&format!("{base}done"), b"")?;
+                if n > 0 {
+                    // Everyone has passed barrier n-1 (they are all in n): its keys can go.
+                    let prev = format!("{}b/{}/", self.prefix, n - 1);
+                    self.client.delete(&format!("{prev}count"))?;
+                    self.client.delete(&format!("{prev}done"))?;
+                }
             }
-        }
-        self.wait_done(&format!("{base}done"), timeout, watch_members)
-            .map_err(|e| self.context(e, &format!("barrier {n}")))
+            Ok(())
+        })
+        .and_then(|()| self.wait_done(&format!("{base}done"), deadline, watch_members))
+        .map_err(|e| self.context(e, &format!("barrier {n}")))
     }
 
-    fn wait_done(&self, key: &str, timeout: Duration, watch_members: bool) -> Result<()> {
+    /// Waits for `key` until `deadline`. The wait itself is not capped by [`within`]: the
+    /// server answers it at the deadline, and the client allows the answer time to arrive
+    /// rather than drop the connection (and with it this member's liveness key).
+    fn wait_done(&self, key: &str, deadline: Instant, watch_members: bool) -> Result<()> {
         let alive = format!("{}alive/", self.prefix);
         let watch = watch_members.then_some((alive.as_str(), self.world as u64));
-        self.client.wait(&[key.to_string()], timeout, watch)
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
+        match self.client.wait(&[key.to_string()], left(), watch) {
+            Err(Error::PeerGone(m)) if watch_members => {
+                // Right after a store restart a missing member may only not have been heard
+                // from yet: look again once everyone's keeper has had its turn.
+                let since = self.client.reconnected_at().map(|t| t.elapsed());
+                match since {
+                    Some(s)
+                        if s < MEMBER_GRACE && Instant::now() + (MEMBER_GRACE - s) < deadline =>
+                    {
+                        std::thread::sleep(MEMBER_GRACE - s);
+                        self.client.wait(&[key.to_string()], left(), watch)
+                    }
+                    _ => Err(Error::PeerGone(m)),
+                }
+            }
+            r => r,
+        }
     }
 
     /// Gathers `data` from every rank; returns the pieces in rank order.
@@ -173,13 +208,17 @@ impl Group {
         record.extend_from_slice(&self.rank.to_be_bytes());
         record.extend_from_slice(&(data.len() as u32).to_be_bytes());
         record.extend_from_slice(data);
-        self.client.append(&format!("{base}data"), &record)?;
-        let arrived = self.client.add(&format!("{base}count"), 1)?;
-        if arrived == self.world as i64 {
-            self.client.set(&format!("{base}done"), b"")?;
-        }
-        self.wait_done(&format!("{base}done"), timeout, true)
-            .map_err(|e| self.context(e, &format!("all_gather {n}")))?;
+        let deadline = Instant::now() + timeout;
+        within(deadline, || {
+            self.client.append(&format!("{base}data"), &record)?;
+            let arrived = self.client.add(&format!("{base}count"), 1)?;
+            if arrived == self.world as i64 {
+                self.client.set(&format!("{base}done"), b"")?;
+            }
+            Ok(())
+        })
+        .and_then(|()| self.wait_done(&format!("{base}done"), deadline, true))
+        .map_err(|e| self.context(e, &format!("all_gather {n}")))?;
         let blob = self.client.get(&format!("{base}data"))?.ok_or_else(|| {
             Error::NotExist(format!("all_gather {n} data vanished from the store"))
         })?;

@@ -13,6 +13,6 @@ pub mod server;
 pub mod tls;
 pub mod url;
 
-pub use client::{ClientOptions, StoreClient};
+pub use client::{keep_alive, within, ClientOptions, StoreClient};
 pub use group::Group;
 pub use server::StoreServer;

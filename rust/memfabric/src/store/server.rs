@@ -104,8 +104,13 @@ impl StoreServer {
     }
 
     /// Starts a server at `url` (with the process-wide TLS setting) when that address is on
-    /// this host and free; `Ok(None)` when it is served already or belongs to another host.
+    /// this host and free; `Ok(None)` when it is served already or belongs to another host,
+    /// and for an `etcd://` URL (etcd serves it).
     pub fn start_if_free(url: &str) -> Result<Option<StoreServer>> {
+        if super::url::is_etcd_url(url) {
+            super::url::parse_etcd_url(url)?;
+            return Ok(None);
+        }
         let addr = super::url::parse_store_url(url, false)?;
         let tls = super::tls::current()?.map(|m| m.server.clone());
         match StoreServer::start(addr, tls) {

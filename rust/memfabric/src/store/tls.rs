@@ -27,6 +27,18 @@ pub struct TlsMaterial {
     pub client: Arc<rustls::ClientConfig>,
 }
 
+/// The active identity as PEM text, for clients configured with PEM rather than rustls (the
+/// etcd backend's gRPC channel). The key is decrypted already; it never leaves this process.
+#[derive(Clone)]
+pub struct TlsPem {
+    /// CA certificates.
+    pub ca: String,
+    /// This process's certificate chain.
+    pub cert: String,
+    /// Its private key, unencrypted.
+    pub key: String,
+}
+
 /// Paths (and optional pass phrase) named by a `tls_info` string.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct TlsInfo {
@@ -49,12 +61,14 @@ struct Settings {
     enabled: Option<TlsInfo>,
     key_override: Option<KeyOverride>,
     material: Option<Arc<TlsMaterial>>,
+    pem: Option<Arc<TlsPem>>,
 }
 
 static SETTINGS: RwLock<Settings> = RwLock::new(Settings {
     enabled: None,
     key_override: None,
     material: None,
+    pem: None,
 });
 
 /// Parses a `tls_info` string (see the module docs).
@@ -101,6 +115,7 @@ pub fn set_tls(enable: bool, info: &str) -> Result<()> {
     }
     let parsed = parse_tls_info(info)?;
     let material = build(&parsed, s.key_override.as_ref())?;
+    s.pem = Some(Arc::new(pem_from(&parsed, s.key_override.as_ref())?));
     s.enabled = Some(parsed);
     s.material = Some(Arc::new(material));
     Ok(())
@@ -113,7 +128,9 @@ pub fn set_tls_key(key: KeyOverride) -> Result<()> {
     }
     let mut s = SETTINGS.write().unwrap_or_else(|p| p.into_inner());
     if let Some(info) = s.enabled.clone() {
-        s.material = Some(Arc::new(build(&info, Some(&key))?));
+        let material = build(&info, Some(&key))?;
+        s.pem = Some(Arc::new(pem_from(&info, Some(&key))?));
+        s.material = Some(Arc::new(material));
     } else {
         // Validate now so the caller hears about a wrong key or pass phrase at once.
         load_key(&key.key, key.password.as_deref())?;
@@ -126,6 +143,12 @@ pub fn set_tls_key(key: KeyOverride) -> Result<()> {
 pub fn current() -> Result<Option<Arc<TlsMaterial>>> {
     let s = SETTINGS.read().unwrap_or_else(|p| p.into_inner());
     Ok(s.material.clone())
+}
+
+/// The active identity as PEM, if TLS is on (see [`TlsPem`]).
+pub fn current_pem() -> Option<Arc<TlsPem>> {
+    let s = SETTINGS.read().unwrap_or_else(|p| p.into_inner());
+    s.pem.clone()
 }
 
 fn read_pem_source(what: &str, source: &str) -> Result<Vec<u8>> {
@@ -219,6 +242,37 @@ fn build(info: &TlsInfo, key_override: Option<&KeyOverride>) -> Result<TlsMateri
     Ok(TlsMaterial {
         server: Arc::new(server),
         client: Arc::new(client),
+    })
+}
+
+fn pem_of(label: &str, der: &[u8]) -> Result<String> {
+    pkcs8::der::pem::encode_string(label, pkcs8::der::pem::LineEnding::LF, der)
+        .map_err(|e| Error::Tls(format!("cannot encode a {label} as PEM: {e}")))
+}
+
+/// The identity of `info` as PEM, re-encoded from what was parsed (so a file's comments or
+/// stray blocks do not travel) and with the key decrypted.
+fn pem_from(info: &TlsInfo, key_override: Option<&KeyOverride>) -> Result<TlsPem> {
+    let certs_pem = |what: &str, path: &str| -> Result<String> {
+        load_certs(what, path)?
+            .iter()
+            .map(|c| pem_of("CERTIFICATE", c))
+            .collect()
+    };
+    let key = match key_override {
+        Some(k) => load_key(&k.key, k.password.as_deref())?,
+        None => load_key(&info.key, info.key_password.as_deref())?,
+    };
+    let label = match &key {
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        PrivateKeyDer::Pkcs8(_) => "PRIVATE KEY",
+        _ => return Err(Error::Tls("unsupported private key format".into())),
+    };
+    Ok(TlsPem {
+        ca: certs_pem("CA certificate", &info.ca)?,
+        cert: certs_pem("certificate", &info.cert)?,
+        key: pem_of(label, key.secret_der())?,
     })
 }
 

@@ -1,4 +1,6 @@
-//! Store URLs: `tcp://ip:port` with an IPv4 address or a bracketed IPv6 one (`tcp://[::1]:5000`).
+//! Store URLs: `tcp://ip:port` with an IPv4 address or a bracketed IPv6 one (`tcp://[::1]:5000`)
+//! names an embedded store server; `etcd://ip:port[,ip:port...][/prefix]` names an etcd cluster
+//! (its members' client addresses) and the key prefix the store lives under there.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -58,6 +60,94 @@ pub fn format_store_url(addr: SocketAddr) -> String {
     format!("tcp://{addr}")
 }
 
+/// The scheme that selects the etcd backend.
+pub const ETCD_SCHEME: &str = "etcd://";
+
+/// Whether `url` names an etcd cluster rather than an embedded store server.
+pub fn is_etcd_url(url: &str) -> bool {
+    url.trim_start().starts_with(ETCD_SCHEME)
+}
+
+/// A parsed `etcd://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdUrl {
+    /// Client addresses of the cluster's members, in the order given.
+    pub endpoints: Vec<SocketAddr>,
+    /// Key prefix without leading or trailing `/` (empty: keys are stored as given).
+    pub prefix: String,
+}
+
+impl EtcdUrl {
+    /// What every key of this store is prefixed with in etcd: `prefix/`, or nothing.
+    pub fn key_prefix(&self) -> String {
+        if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        }
+    }
+}
+
+impl std::fmt::Display for EtcdUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(ETCD_SCHEME)?;
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{e}")?;
+        }
+        write!(f, "/{}", self.prefix)
+    }
+}
+
+/// Most members an etcd URL may name (etcd clusters have 3, 5 or 7).
+const MAX_ETCD_ENDPOINTS: usize = 64;
+
+/// Parses `etcd://ip:port[,ip:port...][/prefix]`. Addresses as in `tcp://` URLs (no host
+/// names, IPv6 in brackets, no port 0); the prefix may hold `/` but no empty segment, `..`,
+/// control characters or white space, so that it names one place in etcd's key space.
+pub fn parse_etcd_url(url: &str) -> Result<EtcdUrl> {
+    let bad = |why: &str| {
+        Error::InvalidParam(format!(
+            "store url {url:?} is invalid: {why} (expected etcd://ip:port[,ip:port...][/prefix])"
+        ))
+    };
+    let rest = url
+        .trim()
+        .strip_prefix(ETCD_SCHEME)
+        .ok_or_else(|| bad("missing etcd:// scheme"))?;
+    let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut endpoints = Vec::new();
+    for h in hosts.split(',') {
+        if h.is_empty() {
+            return Err(bad("empty member address"));
+        }
+        let addr = parse_host_port(h).map_err(|why| bad(&why))?;
+        if addr.port() == 0 {
+            return Err(bad("port 0"));
+        }
+        if endpoints.contains(&addr) {
+            return Err(bad(&format!("member {addr} named twice")));
+        }
+        endpoints.push(addr);
+    }
+    if endpoints.len() > MAX_ETCD_ENDPOINTS {
+        return Err(bad(&format!("more than {MAX_ETCD_ENDPOINTS} members")));
+    }
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(bad("the prefix holds white space or control characters"));
+    }
+    if !prefix.is_empty() && prefix.split('/').any(|seg| seg.is_empty() || seg == "..") {
+        return Err(bad("the prefix has an empty or '..' segment"));
+    }
+    Ok(EtcdUrl {
+        endpoints,
+        prefix: prefix.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +186,44 @@ mod tests {
             assert!(e.to_string().contains("store url"), "{e}");
         }
         assert!(parse_store_url("tcp://127.0.0.1:0", true).is_ok());
+    }
+
+    #[test]
+    fn parses_etcd_urls() {
+        let u = parse_etcd_url("etcd://127.0.0.1:2379,[::1]:2380/jobs/42/").unwrap();
+        assert_eq!(u.endpoints.len(), 2);
+        assert!(u.endpoints[1].is_ipv6());
+        assert_eq!(u.prefix, "jobs/42");
+        assert_eq!(u.key_prefix(), "jobs/42/");
+        assert_eq!(u.to_string(), "etcd://127.0.0.1:2379,[::1]:2380/jobs/42");
+        assert_eq!(parse_etcd_url(&u.to_string()).unwrap(), u);
+        let bare = parse_etcd_url("etcd://10.0.0.1:2379").unwrap();
+        assert_eq!(
+            (bare.prefix.as_str(), bare.key_prefix()),
+            ("", String::new())
+        );
+        assert!(is_etcd_url(" etcd://x") && !is_etcd_url("tcp://1.2.3.4:5"));
+    }
+
+    #[test]
+    fn rejects_malformed_etcd_urls() {
+        for u in [
+            "etcd://",
+            "etcd:///p",
+            "etcd://127.0.0.1:2379,",
+            "etcd://127.0.0.1:2379,,127.0.0.2:2379",
+            "etcd://127.0.0.1",
+            "etcd://127.0.0.1:0",
+            "etcd://localhost:2379",
+            "etcd://127.0.0.1:2379,127.0.0.1:2379",
+            "etcd://127.0.0.1:2379/a//b",
+            "etcd://127.0.0.1:2379/../x",
+            "etcd://127.0.0.1:2379/a b",
+            "etcd://127.0.0.1:2379/a\nb",
+            "tcp://127.0.0.1:2379",
+        ] {
+            let e = parse_etcd_url(u).unwrap_err();
+            assert_eq!(e.code(), -2000, "{u}");
+        }
     }
 }

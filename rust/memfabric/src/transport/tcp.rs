@@ -1141,7 +1141,9 @@ impl TcpTransport {
         let r = drive(&mut conns, op, ops.ops(), total, deadline, self.peer);
         let mut pool = self.pool();
         for c in conns {
-            if c.clean() && pool.len() < self.max_conns {
+            if !c.clean() {
+                c.abort();
+            } else if pool.len() < self.max_conns {
                 pool.push(c);
             }
         }
@@ -1308,6 +1310,35 @@ struct Conn {
 }
 
 impl Conn {
+    /// Closes a connection the call gave up on, discarding what its send queue still holds:
+    /// a plain close would let the kernel deliver those bytes once the path is back, and the
+    /// peer would apply a write its caller was told had failed, over whatever came after it.
+    fn abort(self) {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads size_of::<linger>() bytes from a local that lives for the
+        // call; fd belongs to `self.sock`, still open here.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            mf_log!(
+                WARN,
+                "could not make an abandoned data connection close abortively: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        drop(self);
+    }
+
     fn clean(&self) -> bool {
         self.q.is_empty() && self.rx_data.is_none() && self.rs == self.re
     }
