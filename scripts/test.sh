@@ -18,3 +18,8 @@ python -m mypy.stubtest memfabric_hybrid._native --allowlist .stubtest-allowlist
 
 echo "== pytest"
 python -m pytest tests -q
+
+# Coverage-guided fuzzing of the decoders that peers and users feed (store frames, data-plane
+# headers, store URLs, tls_info): 15 s per target on the committed corpus; any finding fails.
+echo "== fuzz"
+bash scripts/fuzz.sh 15
