@@ -142,6 +142,10 @@ fn value_bytes(v: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
 
 /// A client of a config store, named like torch's ``TCPStore`` where the operations match.
 ///
+/// ``url`` is ``tcp://ip:port`` (an embedded store server) or
+/// ``etcd://ip:port[,ip:port...][/prefix]`` (an etcd cluster, keys under ``prefix``; ephemeral
+/// keys live on a lease of 3 s that the client keeps alive).
+///
 /// Every call is acknowledged (a ``set`` that returned is stored), has a deadline (the
 /// ``timeout`` given here unless the call takes its own) and releases the GIL while it waits.
 /// Failures raise ``StoreError`` (``.code`` is the library's error code); timeouts raise
@@ -191,7 +195,8 @@ impl StoreClient {
 
 #[pymethods]
 impl StoreClient {
-    /// Connect to the store at ``url`` (``tcp://ip:port``), retrying until ``timeout`` seconds pass.
+    /// Connect to the store at ``url`` (``tcp://ip:port`` or ``etcd://ip:port[,ip:port...][/prefix]``),
+    /// retrying until ``timeout`` seconds pass.
     #[new]
     #[pyo3(signature = (url, timeout = 30.0))]
     fn new(py: Python<'_>, url: &str, timeout: f64) -> PyResult<Self> {
@@ -409,8 +414,9 @@ impl StoreClient {
 ///
 /// Joining waits until ``world_size`` ranks have joined. Ranks are assigned in join order when
 /// ``rank`` is None (auto-ranking), else the given rank is claimed. Each member's liveness is
-/// its store connection: when a member dies, the others' ``barrier``/``all_gather`` fail with
-/// StoreError (code -3001) at once instead of hanging.
+/// its store connection (on etcd: its lease): when a member dies, the others'
+/// ``barrier``/``all_gather`` fail with StoreError (code -3001) at once (on etcd: within the
+/// 3 s lease) instead of hanging. ``store_url`` as for ``StoreClient``.
 ///
 /// Example:
 ///     >>> g = mf.StoreGroup(url, "job", world_size=4)

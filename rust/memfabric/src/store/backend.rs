@@ -56,6 +56,12 @@ impl StoreBackend for EmbeddedClient {
     fn local_ip(&self) -> Option<IpAddr> {
         EmbeddedClient::local_ip(self)
     }
+    fn reconnected_at(&self) -> Option<Instant> {
+        EmbeddedClient::reconnected_at(self)
+    }
+    fn revive(&self, limit: Duration) -> Result<bool> {
+        EmbeddedClient::revive(self, limit)
+    }
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
         EmbeddedClient::set(self, key, value)
     }

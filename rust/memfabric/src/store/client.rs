@@ -19,6 +19,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
+pub use super::backend::StoreClient;
 use super::proto::{split_frame, Request, Response};
 use crate::error::{Error, Result};
 use crate::log::{DEBUG, INFO, WARN};
@@ -53,7 +54,7 @@ pub fn within<T>(deadline: Instant, f: impl FnOnce() -> T) -> T {
     f()
 }
 
-fn scope_deadline() -> Option<Instant> {
+pub(super) fn scope_deadline() -> Option<Instant> {
     CALL_DEADLINE.with(|d| d.get())
 }
 
@@ -91,7 +92,7 @@ pub fn keep_alive(client: &Arc<StoreClient>) {
                 };
                 for c in live {
                     if let Err(e) = c.revive(KEEP_ATTEMPT) {
-                        mf_log!(DEBUG, "store {} still unreachable: {e}", c.url);
+                        mf_log!(DEBUG, "store {} still unreachable: {e}", c.url());
                     }
                 }
             });
@@ -184,8 +185,9 @@ struct Inner {
     reconnected: Option<Instant>,
 }
 
-/// A connection to a config store. Cheap to share between threads (`Arc`); calls serialize.
-pub struct StoreClient {
+/// A connection to an embedded config store server (the `tcp://` backend of
+/// [`StoreClient`]). Cheap to share between threads (`Arc`); calls serialize.
+pub struct EmbeddedClient {
     addr: SocketAddr,
     url: String,
     opts: ClientOptions,
@@ -201,16 +203,16 @@ fn is_idempotent(r: &Request) -> bool {
     )
 }
 
-impl StoreClient {
+impl EmbeddedClient {
     /// Connects to `url` (`tcp://ip:port`), retrying until `opts.timeout` passes.
-    pub fn connect(url: &str, opts: ClientOptions) -> Result<StoreClient> {
+    pub fn connect(url: &str, opts: ClientOptions) -> Result<EmbeddedClient> {
         let addr = super::url::parse_store_url(url, false)?;
         let tls = match (&opts.tls, opts.force_plaintext) {
             (_, true) => None,
             (Some(t), _) => Some(t.clone()),
             (None, false) => super::tls::current()?.map(|m| m.client.clone()),
         };
-        let client = StoreClient {
+        let client = EmbeddedClient {
             addr,
             url: super::url::format_store_url(addr),
             opts,

@@ -221,9 +221,10 @@ impl EtcdClient {
         k
     }
 
-    /// The deadline of a call that may take `limit`.
+    /// The deadline of a call that may take `limit`, capped by [`super::client::within`].
     fn deadline(&self, limit: Duration) -> Instant {
-        Instant::now() + limit.min(MAX_WAIT)
+        let d = Instant::now() + limit.min(MAX_WAIT);
+        super::client::scope_deadline().map_or(d, |s| s.min(d))
     }
 
     /// Runs a call that is safe to repeat until it succeeds or `limit` passes.

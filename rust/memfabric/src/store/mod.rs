@@ -2,17 +2,23 @@
 //!
 //! - [`proto`]: the wire format (frames, requests, responses);
 //! - [`server`]: the tokio server (embedded in a rank or run by `mf-store`);
-//! - [`client`]: the blocking client with deadlines and reconnects;
+//! - [`backend`]: [`StoreClient`], one client type over the embedded server and etcd;
+//! - [`client`]: the embedded server's blocking client with deadlines and reconnects;
+//! - [`etcd`]: the store on an etcd cluster (cargo feature `etcd`);
 //! - [`group`]: ranks, rendezvous, barrier and all_gather on top of a client;
-//! - [`tls`]: mutual-TLS settings; [`url`]: `tcp://ip:port` parsing.
+//! - [`tls`]: mutual-TLS settings; [`url`]: `tcp://` and `etcd://` URL parsing.
 
+pub mod backend;
 pub mod client;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod group;
 pub mod proto;
 pub mod server;
 pub mod tls;
 pub mod url;
 
-pub use client::{keep_alive, within, ClientOptions, StoreClient};
+pub use backend::{StoreBackend, StoreClient};
+pub use client::{keep_alive, within, ClientOptions, EmbeddedClient};
 pub use group::Group;
 pub use server::StoreServer;
