@@ -260,6 +260,9 @@ impl TransferEngine {
             &info_key(&session),
             &encode_info(&me, generation.fd(), cfg.role),
         )?;
+        // An engine that only serves makes no store calls; after a store restart its records
+        // must still come back for peers to find it.
+        crate::store::keep_alive(&store);
         let force = std::env::var("MF_TRANSPORT")
             .ok()
             .filter(|v| !v.trim().is_empty());
@@ -514,9 +517,33 @@ impl TransferEngine {
         if let Some(i) = ops.iter().position(|o| o.len == 0) {
             return Err(Error::InvalidParam(format!("descriptor {i} has length 0")));
         }
+        // Looking the peer up is part of the call: it ends by the same deadline.
+        crate::store::within(deadline, || self.transfer_until(dest, dir, ops, deadline))
+    }
+
+    fn transfer_until(
+        &self,
+        dest: &str,
+        dir: Direction,
+        ops: Vec<Op>,
+        deadline: Instant,
+    ) -> Result<()> {
+        let mut stale: Option<Error> = None;
         // One retry after a stale peer (restarted under the same session id, or gone).
         for attempt in 0..2 {
-            let peer = self.peer(dest)?;
+            let peer = match (self.peer(dest), stale.take()) {
+                (Ok(p), _) => p,
+                // It failed under this call and has left the store since: it went away, which
+                // is not the same as a session id nobody ever registered.
+                (Err(Error::InvalidParam(_)), Some(first)) => {
+                    return Err(Error::PeerGone(format!(
+                        "peer {dest} went away during the transfer ({first}); it is no longer \
+                         registered in store {}",
+                        self.store.url()
+                    )))
+                }
+                (Err(e), _) => return Err(e),
+            };
             match self.transfer_on(dest, &peer, dir, ops.clone(), deadline) {
                 Err(e) if attempt == 0 && is_stale_peer(&e) => {
                     mf_log!(INFO, "peer {dest} looks stale ({e}); looking it up again");
@@ -524,6 +551,7 @@ impl TransferEngine {
                     if Instant::now() >= deadline {
                         return Err(e);
                     }
+                    stale = Some(e);
                 }
                 Err(e) => {
                     if is_stale_peer(&e) {
@@ -571,9 +599,16 @@ impl TransferEngine {
 
 impl Drop for TransferEngine {
     fn drop(&mut self) {
-        // Best effort: the keys are ephemeral and vanish with the connection anyway.
-        let _ = self.store.delete(&info_key(&self.session));
-        let _ = self.store.delete(&regions_key(&self.session));
+        // Best effort: the keys are ephemeral and vanish with the connection anyway, so a store
+        // that is gone or hung must not hold up the teardown for the store timeout.
+        let limit = Duration::from_secs(2);
+        if self
+            .store
+            .delete_within(&info_key(&self.session), limit)
+            .is_ok()
+        {
+            let _ = self.store.delete_within(&regions_key(&self.session), limit);
+        }
         mf_log!(INFO, "transfer engine {} stopped", self.session);
     }
 }
