@@ -107,7 +107,8 @@ def test_initiator_killed_mid_transfer(store, spawn, path):
         # The target survived the half-sent batch and answers at once.
         t0 = time.monotonic()
         assert target.guards_ok()
-        assert time.monotonic() - t0 < 2
+        answered = time.monotonic() - t0
+        assert answered < 2
         assert target.proc.is_alive()
         # Another initiator is served; its bytes, and only its bytes, are there afterwards.
         e, mem = engine(store.url, SIZE, timeout=TIMEOUT)
@@ -128,6 +129,8 @@ def test_initiator_killed_mid_transfer(store, spawn, path):
             assert target.guards_ok() and mem.guards_ok()
         finally:
             e.destroy()
+        print(f"\n[row 2 {path}] target answered {answered * 1000:.1f} ms after the kill; "
+              f"next initiator's 64 MiB batch ok in {took:.3f}s")
         assert target.proc.is_alive()
     finally:
         target.stop()
