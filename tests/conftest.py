@@ -1,4 +1,5 @@
-"""Shared fixtures: an embedded config store, free ports, spawn-based process helpers."""
+"""Shared fixtures: an embedded config store, an etcd cluster, free ports, spawn-based process
+helpers."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import multiprocessing as mp
 import os
 import socket
 import sys
+import uuid
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import memfabric_hybrid as mf  # noqa: E402
+from memfabric_hybrid.etcd_cluster import LocalEtcdCluster, why_no_etcd  # noqa: E402
 
 
 def free_port() -> int:
@@ -32,3 +35,37 @@ def store():
 def spawn():
     """multiprocessing with the spawn start method (threads do not survive fork)."""
     return mp.get_context("spawn")
+
+
+def need_etcd() -> None:
+    """Skips the calling test when no etcd server binary is installed."""
+    reason = why_no_etcd()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster():
+    """A 3-member etcd cluster on loopback ports, shared by the session's tests (each test
+    uses a prefix of its own); skips when etcd is not installed."""
+    need_etcd()
+    cluster = LocalEtcdCluster(3)
+    yield cluster
+    cluster.stop()
+
+
+class EtcdStore:
+    """Stands where a ConfigStoreServer does for etcd: ``url`` names a fresh key prefix."""
+
+    def __init__(self, cluster: LocalEtcdCluster) -> None:
+        self.cluster = cluster
+        self.url = cluster.url(f"pytest/{uuid.uuid4().hex[:12]}")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def etcd_store(etcd_cluster):
+    """The shared etcd cluster under a prefix of this test's own."""
+    return EtcdStore(etcd_cluster)

@@ -15,6 +15,26 @@ from conftest import free_port
 import _workers
 
 
+@pytest.fixture(params=["embedded", "etcd"])
+def store(request):
+    """The same tests against both backends: an embedded server, and a prefix of a 3-member
+    etcd cluster (skipped, saying why, where etcd is not installed)."""
+    if request.param == "etcd":
+        yield request.getfixturevalue("etcd_store")
+        return
+    server = mf.start_config_store("tcp://127.0.0.1:0")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def embedded_store():
+    """Tests of the embedded server itself (its port, its wire format)."""
+    server = mf.start_config_store("tcp://127.0.0.1:0")
+    yield server
+    server.close()
+
+
 def test_client_operations(store):
     with mf.StoreClient(store.url, timeout=5) as c:
         c.set("a", b"1")
@@ -74,14 +94,19 @@ def test_client_type_errors(store):
         mf.StoreClient(store.url, timeout=0)
 
 
-def test_missing_store_fails_within_timeout():
+@pytest.mark.parametrize("backend", ["embedded", "etcd"])
+def test_missing_store_fails_within_timeout(backend):
+    missing, host_name = {
+        "embedded": (f"tcp://127.0.0.1:{free_port()}", "tcp://no-such-host:1"),
+        "etcd": (f"etcd://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/p", "etcd://no-such-host:1/p"),
+    }[backend]
     t = time.monotonic()
     with pytest.raises(mf.StoreError) as ei:
-        mf.StoreClient(f"tcp://127.0.0.1:{free_port()}", timeout=0.5)
+        mf.StoreClient(missing, timeout=0.5)
     assert ei.value.code == mf.SMEM_NOT_CONNECTED
     assert time.monotonic() - t < 3
     with pytest.raises(mf.StoreError) as ei:
-        mf.StoreClient("tcp://no-such-host:1", timeout=0.5)
+        mf.StoreClient(host_name, timeout=0.5)
     assert ei.value.code == mf.SMEM_INVALID_PARAM
 
 
@@ -175,7 +200,8 @@ def _send_raw(port: int, data: bytes) -> bytes:
             return b""
 
 
-def test_malformed_frames_do_not_crash_the_server(store):
+def test_malformed_frames_do_not_crash_the_server(embedded_store):
+    store = embedded_store
     port = store.port
     assert _send_raw(port, struct.pack(">IBB", 1 << 30, 1, 2)) == b""  # 1 GiB length prefix
     assert _send_raw(port, struct.pack(">IBB", 2, 77, 1)) == b""  # unknown version
