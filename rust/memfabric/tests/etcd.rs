@@ -43,11 +43,7 @@ impl Etcd {
         } else {
             std::env::temp_dir()
         };
-        let dir = base.join(format!(
-            "mf-etcd-rs-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
+        let dir = base.join(format!("mf-etcd-rs-{}-{}", std::process::id(), free_port()));
         let mut e = Etcd {
             child: None,
             dir,
@@ -142,7 +138,12 @@ fn operations_leases_groups_and_an_outage() {
         vec![true, false]
     );
     assert!(c.delete("a").unwrap() && !c.delete("a").unwrap());
-    assert_eq!(c.get_wait("never", Duration::from_millis(200)).unwrap_err().code(), -2004);
+    assert_eq!(
+        c.get_wait("never", Duration::from_millis(200))
+            .unwrap_err()
+            .code(),
+        -2004
+    );
 
     // A waiter wakes when another client sets the key.
     let c = Arc::new(c);
@@ -150,7 +151,9 @@ fn operations_leases_groups_and_an_outage() {
         let url = url.clone();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
-            connect(&url, Duration::from_secs(5)).set("late", b"v").unwrap();
+            connect(&url, Duration::from_secs(5))
+                .set("late", b"v")
+                .unwrap();
         })
     };
     assert_eq!(c.get_wait("late", Duration::from_secs(10)).unwrap(), b"v");
