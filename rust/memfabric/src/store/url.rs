@@ -120,6 +120,11 @@ pub fn parse_etcd_url(url: &str) -> Result<EtcdUrl> {
     let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     let mut endpoints = Vec::new();
     for h in hosts.split(',') {
+        // Before parsing another member, not after the loop: the duplicate check is quadratic,
+        // so a URL with a huge member list must stop costing at the limit.
+        if endpoints.len() == MAX_ETCD_ENDPOINTS {
+            return Err(bad(&format!("more than {MAX_ETCD_ENDPOINTS} members")));
+        }
         if h.is_empty() {
             return Err(bad("empty member address"));
         }
@@ -131,9 +136,6 @@ pub fn parse_etcd_url(url: &str) -> Result<EtcdUrl> {
             return Err(bad(&format!("member {addr} named twice")));
         }
         endpoints.push(addr);
-    }
-    if endpoints.len() > MAX_ETCD_ENDPOINTS {
-        return Err(bad(&format!("more than {MAX_ETCD_ENDPOINTS} members")));
     }
     let prefix = prefix.trim_end_matches('/');
     if prefix.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -225,5 +227,18 @@ mod tests {
             let e = parse_etcd_url(u).unwrap_err();
             assert_eq!(e.code(), -2000, "{u}");
         }
+    }
+
+    #[test]
+    fn etcd_member_list_stops_at_the_limit() {
+        let members: Vec<String> = (0..65).map(|i| format!("10.0.0.{i}:2379")).collect();
+        assert!(parse_etcd_url(&format!("etcd://{}", members[..64].join(","))).is_ok());
+        let e = parse_etcd_url(&format!("etcd://{}", members.join(","))).unwrap_err();
+        assert!(e.to_string().contains("more than 64 members"), "{e}");
+        // Parsing ends at the 65th member: what follows is never looked at, so that a long
+        // list costs nothing more (its duplicate check is quadratic).
+        let tail = ",x".repeat(500_000);
+        let e = parse_etcd_url(&format!("etcd://{}{tail}", members.join(","))).unwrap_err();
+        assert!(e.to_string().contains("more than 64 members"), "{e}");
     }
 }
