@@ -1,12 +1,17 @@
-"""Config store benchmark: ops/s and latency of set/get/add/compare_set, side by side with
-torch's TCPStore, plus the time for 1024 ranks to rendezvous and all_gather 64 bytes.
+"""Config store benchmark: ops/s and latency of set/get/add/compare_set on our embedded store,
+on our store over a 3-member etcd cluster, and on torch's TCPStore, plus the time for N ranks to
+rendezvous and all_gather 64 bytes (embedded and etcd).
 
     python -m memfabric_hybrid.bench store [--seconds 1] [--clients 1,8] [--sizes 64,1048576]
-                                           [--ranks 1024] [--json FILE]
+                                           [--ranks 1024] [--etcd-ranks N] [--no-etcd]
+                                           [--no-torch] [--json FILE]
 
-Servers run in this process; clients run in their own processes (spawn) so that eight clients
-really are concurrent. Every memfabric ``set`` is acknowledged by the server; TCPStore's ``set``
-is not, so its set figures measure sending, not storing. ``multi_set`` is our bulk write.
+Servers run in this process (etcd: three local members on loopback, data in /dev/shm, see
+memfabric_hybrid.etcd_cluster); clients run in their own processes (spawn) so that eight
+clients really are concurrent. Every memfabric ``set`` is acknowledged by the server (on etcd:
+committed by a majority); TCPStore's ``set`` is not, so its set figures measure sending, not
+storing. ``multi_set`` is our bulk write. The etcd column is skipped, saying why, where etcd is
+not installed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import multiprocessing as mp
 import threading
 import time
+import uuid
 from typing import Any
 
 from ._util import free_port, percentile, table, write_json
@@ -24,25 +30,26 @@ OPS = ("set", "get", "add", "compare_set")
 
 # ---- clients (run in worker processes) ----------------------------------------------------------
 
-def _connect(backend: str, port: int):
-    if backend == "memfabric":
+def _connect(backend: str, addr: Any):
+    """``addr``: the store URL (memfabric, etcd) or TCPStore's port."""
+    if backend in ("memfabric", "etcd"):
         import memfabric_hybrid as mf
 
-        return mf.StoreClient(f"tcp://127.0.0.1:{port}", timeout=60)
+        return mf.StoreClient(addr, timeout=60)
     from torch.distributed import TCPStore
 
-    return TCPStore("127.0.0.1", port, is_master=False, timeout=__import__("datetime").timedelta(seconds=60))
+    return TCPStore("127.0.0.1", addr, is_master=False, timeout=__import__("datetime").timedelta(seconds=60))
 
 
-def _client_loop(backend: str, port: int, op: str, size: int, seconds: float, idx: int, go, out) -> None:
-    store = _connect(backend, port)
+def _client_loop(backend: str, addr: Any, op: str, size: int, seconds: float, idx: int, go, out) -> None:
+    store = _connect(backend, addr)
     value_a, value_b = b"a" * size, b"b" * size
     key = f"bench/{op}/{idx}"
     if op == "get":
         key = "bench/get"
     if op == "compare_set":
         store.set(key, value_a)
-    if backend == "memfabric":
+    if backend in ("memfabric", "etcd"):
         fn = {
             "set": lambda i: store.set(key, value_a),
             "get": lambda i: store.get(key),
@@ -79,10 +86,10 @@ def _client_loop(backend: str, port: int, op: str, size: int, seconds: float, id
     out.put((len(lat), clock() - start, lat))
 
 
-def _measure(backend: str, port: int, op: str, size: int, clients: int, seconds: float) -> dict[str, Any]:
+def _measure(backend: str, addr: Any, op: str, size: int, clients: int, seconds: float) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     go, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_client_loop, args=(backend, port, op, size, seconds, i, go, out)) for i in range(clients)]
+    procs = [ctx.Process(target=_client_loop, args=(backend, addr, op, size, seconds, i, go, out)) for i in range(clients)]
     for p in procs:
         p.start()
     time.sleep(0.5 + 0.15 * clients)  # let every client connect and warm up
@@ -99,14 +106,25 @@ def _measure(backend: str, port: int, op: str, size: int, clients: int, seconds:
 # ---- servers (in this process) -----------------------------------------------------------------
 
 class _Server:
-    def __init__(self, backend: str):
+    """One cell's store: a fresh embedded server, a fresh prefix of the etcd cluster, or a
+    fresh TCPStore. ``addr`` is what clients connect to."""
+
+    def __init__(self, backend: str, etcd: Any = None):
         self.backend = backend
         self.port = free_port()
+        self.addr: Any = self.port
         if backend == "memfabric":
             import memfabric_hybrid as mf
 
             self._server = mf.start_config_store(f"tcp://127.0.0.1:{self.port}")
             self._client = mf.StoreClient(self._server.url)
+            self.addr = self._server.url
+        elif backend == "etcd":
+            import memfabric_hybrid as mf
+
+            self.addr = etcd.url(f"bench/{uuid.uuid4().hex[:12]}")
+            self._server = None
+            self._client = mf.StoreClient(self.addr)
         else:
             from datetime import timedelta
 
@@ -119,8 +137,9 @@ class _Server:
         self._client.set(key, value)
 
     def close(self) -> None:
-        if self.backend == "memfabric":
+        if self.backend in ("memfabric", "etcd"):
             self._client.close()
+        if self.backend == "memfabric":
             self._server.close()
         self._server = self._client = None
 
@@ -160,14 +179,18 @@ def _rendezvous_proc(url: str, name: str, world: int, threads: int, go, out) -> 
     out.put((time.monotonic(), sum(ok), errors[:3]))
 
 
-def rendezvous(world: int, procs: int = 4) -> dict[str, Any]:
+def rendezvous(world: int, procs: int = 4, url: str | None = None) -> dict[str, Any]:
+    """``world`` ranks (threads in ``procs`` processes, one client each) join one group and
+    all_gather 64 bytes; on a fresh embedded store, or on ``url`` (an etcd prefix)."""
     import memfabric_hybrid as mf
 
-    server = mf.start_config_store("tcp://127.0.0.1:0")
+    server = mf.start_config_store("tcp://127.0.0.1:0") if url is None else None
+    if server is not None:
+        url = server.url
     ctx = mp.get_context("spawn")
     go, out = ctx.Event(), ctx.Queue()
     per = [world // procs + (1 if i < world % procs else 0) for i in range(procs)]
-    ps = [ctx.Process(target=_rendezvous_proc, args=(server.url, "rdv", world, n, go, out)) for n in per]
+    ps = [ctx.Process(target=_rendezvous_proc, args=(url, "rdv", world, n, go, out)) for n in per]
     for p in ps:
         p.start()
     time.sleep(2.0)  # interpreters up and imports done before the clock starts
@@ -176,7 +199,8 @@ def rendezvous(world: int, procs: int = 4) -> dict[str, Any]:
     res = [out.get(timeout=300) for _ in ps]
     for p in ps:
         p.join(30)
-    server.close()
+    if server is not None:
+        server.close()
     took = max(r[0] for r in res) - t0
     good = sum(r[1] for r in res)
     errs = [e for r in res for e in r[2]]
@@ -185,6 +209,12 @@ def rendezvous(world: int, procs: int = 4) -> dict[str, Any]:
 
 # ---- main ---------------------------------------------------------------------------------------
 
+def _etcd_missing() -> str | None:
+    from memfabric_hybrid.etcd_cluster import why_no_etcd
+
+    return why_no_etcd()
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m memfabric_hybrid.bench store", description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=1.0, help="measuring time per cell")
@@ -192,6 +222,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sizes", default="64,1048576", help="value sizes in bytes")
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--ranks", type=int, default=1024, help="ranks for the rendezvous test (0: skip)")
+    p.add_argument("--etcd-ranks", type=int, default=None,
+                   help="ranks for the etcd rendezvous (default: --ranks; 0: skip)")
+    p.add_argument("--no-etcd", action="store_true", help="skip the etcd column")
     p.add_argument("--no-torch", action="store_true", help="skip the TCPStore column")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -199,10 +232,28 @@ def main(argv: list[str]) -> int:
     sizes = [int(x) for x in a.sizes.split(",") if x]
     ops = [o for o in a.ops.split(",") if o]
     torch_missing = "skipped by --no-torch" if a.no_torch else _torch_available()
-    backends = ["memfabric"] + ([] if torch_missing else ["tcpstore"])
+    etcd_missing = "skipped by --no-etcd" if a.no_etcd else _etcd_missing()
+    backends = (["memfabric"] + ([] if etcd_missing else ["etcd"])
+                + ([] if torch_missing else ["tcpstore"]))
+    if etcd_missing:
+        print(f"etcd column: {etcd_missing}")
     if torch_missing:
         print(f"TCPStore column: {torch_missing}")
+    cluster = None
+    if not etcd_missing:
+        from memfabric_hybrid.etcd_cluster import LocalEtcdCluster
 
+        # Room for the 1 MiB cells: etcd keeps every revision until it compacts.
+        cluster = LocalEtcdCluster(3, extra_args=["--quota-backend-bytes", str(8 << 30)])
+    try:
+        return _run(a, clients, sizes, ops, backends, cluster, torch_missing, etcd_missing)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def _run(a: argparse.Namespace, clients: list[int], sizes: list[int], ops: list[str], backends: list[str],
+         cluster: Any, torch_missing: str | None, etcd_missing: str | None) -> int:
     rows, figures = [], []
     for op in ops:
         for size in sizes:
@@ -211,29 +262,41 @@ def main(argv: list[str]) -> int:
             for n in clients:
                 cell: dict[str, Any] = {"op": op, "value_bytes": size if op != "add" else 8, "clients": n}
                 for b in backends:
-                    srv = _Server(b)
+                    srv = _Server(b, cluster)
                     if op == "get":
                         srv.set("bench/get", b"g" * size)
-                    cell[b] = _measure(b, srv.port, op, size, n, a.seconds)
+                    cell[b] = _measure(b, srv.addr, op, size, n, a.seconds)
                     srv.close()
                 figures.append(cell)
-                ours = cell["memfabric"]
-                theirs = cell.get("tcpstore")
-                ratio = ours["ops_per_s"] / theirs["ops_per_s"] if theirs else float("nan")
-                rows.append([op, cell["value_bytes"], n, ours["ops_per_s"], ours["p50_us"], ours["p99_us"],
-                             theirs["ops_per_s"] if theirs else float("nan"),
-                             theirs["p50_us"] if theirs else float("nan"),
-                             theirs["p99_us"] if theirs else float("nan"), ratio])
+                nan = {"ops_per_s": float("nan"), "p50_us": float("nan"), "p99_us": float("nan")}
+                ours, etcd, theirs = cell["memfabric"], cell.get("etcd", nan), cell.get("tcpstore", nan)
+                rows.append([op, cell["value_bytes"], n,
+                             ours["ops_per_s"], ours["p50_us"], ours["p99_us"],
+                             etcd["ops_per_s"], etcd["p50_us"], etcd["p99_us"],
+                             theirs["ops_per_s"], theirs["p50_us"], theirs["p99_us"],
+                             ours["ops_per_s"] / theirs["ops_per_s"]])
                 print(f"  measured {op} {cell['value_bytes']} B x{n}", flush=True)
     print()
     print(table(["op", "value B", "clients", "ours ops/s", "p50 us", "p99 us",
+                 "etcd ops/s", "p50 us", "p99 us",
                  "TCPStore ops/s", "p50 us", "p99 us", "ours/TCPStore"], rows))
-    result: dict[str, Any] = {"cells": figures, "tcpstore": torch_missing or "measured"}
+    result: dict[str, Any] = {"cells": figures, "tcpstore": torch_missing or "measured",
+                              "etcd": etcd_missing or "measured (3 local members)"}
+
+    def say(what: str, r: dict[str, Any]) -> None:
+        print(f"rendezvous + all_gather(64 B) of {r['ranks']} ranks (one connection each), {what}: "
+              f"{r['seconds']:.3f} s, {r['verified_members']} members verified"
+              + (f", errors: {r['errors']}" if r["errors"] else ""))
+
+    print()
     if a.ranks > 0:
         r = rendezvous(a.ranks)
         result["rendezvous"] = r
-        print(f"\nrendezvous + all_gather(64 B) of {r['ranks']} ranks (one connection each): "
-              f"{r['seconds']:.3f} s, {r['verified_members']} members verified"
-              + (f", errors: {r['errors']}" if r["errors"] else ""))
+        say("embedded store", r)
+    etcd_ranks = a.ranks if a.etcd_ranks is None else a.etcd_ranks
+    if cluster is not None and etcd_ranks > 0:
+        r = rendezvous(etcd_ranks, url=cluster.url(f"bench/rdv-{uuid.uuid4().hex[:12]}"))
+        result["rendezvous_etcd"] = r
+        say("etcd", r)
     write_json(a.json, result)
     return 0
