@@ -688,6 +688,11 @@ impl EmbeddedClient {
         let tcp = TcpStream::connect_timeout(&self.addr, remaining.min(Duration::from_secs(5)))
             .map_err(|e| Error::io(format!("connect to store {}", self.url), e))?;
         let _ = tcp.set_nodelay(true);
+        // The server drops a session whose keepalive probes go unanswered (a network
+        // partition) and deletes its ephemeral keys. This end must learn of it as well, or a
+        // client that makes no call never publishes them again: its own probes turn the silent
+        // connection into an error that the next call or the keeper sees.
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&crate::net::keepalive());
         let stream = match &self.tls {
             None => Stream::Plain(tcp),
             Some(cfg) => {
