@@ -159,20 +159,42 @@ def netns_initiator(ip: str, size: int, timeout: float, conn) -> None:
                 if rc != 0:
                     break
         elif cmd[0] == "write":
-            # One write of [off, off + n), read back if it worked:
-            # (rc, seconds, message, digest, read back ok, guards ok).
-            _, seed, off, n = cmd
+            # A write of [off, off + n), tried again for up to `retry_for` seconds while it
+            # fails, read back once it worked:
+            # (rc, seconds of the last try, message, digest, read back ok, guards ok, tries,
+            #  seconds until it worked).
+            _, seed, off, n, retry_for = cmd
             data = pattern(n, seed)
             mem[off:off + n] = data
-            t0 = time.monotonic()
-            rc = e.transfer_sync_write(session, mem.addr + off, peer_addr + off, n)
-            took, msg = time.monotonic() - t0, mf.get_last_err_msg()
+            first = time.monotonic()
+            tries = 0
+            while True:
+                tries += 1
+                t0 = time.monotonic()
+                rc = e.transfer_sync_write(session, mem.addr + off, peer_addr + off, n)
+                took, msg = time.monotonic() - t0, mf.get_last_err_msg()
+                if rc == 0 or time.monotonic() - first > retry_for:
+                    break
+                time.sleep(0.05)
+            until = time.monotonic() - first
             read_ok = False
             if rc == 0:
                 mem[off:off + n] = b"\0" * n
                 read_ok = e.transfer_sync_read(session, mem.addr + off, peer_addr + off, n) == 0 \
                     and mem[off:off + n] == data
-            conn.send((rc, took, msg, sha(data), read_ok, mem.guards_ok()))
+            conn.send((rc, took, msg, sha(data), read_ok, mem.guards_ok(), tries, until))
+        elif cmd[0] == "record":
+            # Seconds until the target's engine record is in the store, or None.
+            _, within = cmd
+            with mf.StoreClient(server.url, timeout=5) as c:
+                t0 = time.monotonic()
+                while not c.exists(f"mf/te/{session}"):
+                    if time.monotonic() - t0 > within:
+                        conn.send(None)
+                        break
+                    time.sleep(0.02)
+                else:
+                    conn.send(time.monotonic() - t0)
         elif cmd[0] == "stop":
             e.destroy()
             server.close()
