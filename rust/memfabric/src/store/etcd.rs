@@ -57,6 +57,8 @@ const MAX_MESSAGE: usize = 256 << 20;
 const INTERNAL: &[u8] = b"\0mf/";
 /// Longest a close waits to revoke the lease (teardown, perhaps with etcd gone).
 const REVOKE_LIMIT: Duration = Duration::from_secs(2);
+/// Conflicts on one read-modify-write after which it pauses between attempts.
+const EAGER_RETRIES: u32 = 32;
 /// Longest wait, as the embedded server caps it.
 const MAX_WAIT: Duration = Duration::from_secs(86_400);
 
@@ -337,13 +339,19 @@ impl EtcdClient {
                         if let Some(r) = landed(&tag, seq, &intended) {
                             return Ok(r);
                         }
-                        let (v, rev) = kv.map_or((None, 0), |(v, r)| (Some(v), r));
-                        known = Some((v, rev, false));
                         conflicts += 1;
-                        if conflicts > 1 {
-                            // Many writers on one key (a barrier's counter): spread them out,
-                            // or each round lets one through and costs everybody a transaction.
-                            let cap = Duration::from_micros(250 << conflicts.min(8));
+                        let (v, rev) = kv.map_or((None, 0), |(v, r)| (Some(v), r));
+                        if conflicts <= EAGER_RETRIES {
+                            // Straight again with what the failed attempt saw: etcd batches
+                            // the contenders' proposals, so each round costs one raft round
+                            // trip and lets one writer through.
+                            known = Some((v, rev, false));
+                        } else {
+                            // Very many writers on one key: every attempt is a raft proposal,
+                            // failed or not, so spread them out, then read again (what the
+                            // failed attempt saw is stale once the pause ends).
+                            let cap =
+                                Duration::from_micros(500 << (conflicts - EAGER_RETRIES).min(10));
                             let d = cap * (jitter_permille() as u32) / 1000;
                             tokio::time::sleep(
                                 d.min(deadline.saturating_duration_since(Instant::now())),
