@@ -57,6 +57,10 @@ const MAX_MESSAGE: usize = 256 << 20;
 const INTERNAL: &[u8] = b"\0mf/";
 /// Longest a close waits to revoke the lease (teardown, perhaps with etcd gone).
 const REVOKE_LIMIT: Duration = Duration::from_secs(2);
+/// Values up to this size are remembered after a read-modify-write (see `written`).
+const REMEMBER_MAX: usize = 4096;
+/// Keys remembered so at most (the memory is cleared when full).
+const REMEMBER_KEYS: usize = 1024;
 /// Conflicts on one read-modify-write after which it pauses between attempts.
 const EAGER_RETRIES: u32 = 32;
 /// Longest wait, as the embedded server caps it.
@@ -72,10 +76,16 @@ pub struct EtcdClient {
     marker_base: Vec<u8>,
     /// Marker slots free for the next call.
     free_slots: Mutex<Vec<u32>>,
+    /// What this client last wrote to small keys by read-modify-write, and at which revision:
+    /// the first guess of the next one (a counter it keeps adding to needs no read then).
+    written: Mutex<Written>,
     next_slot: AtomicU32,
     seq: AtomicU64,
     keeper: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// Keys with the value and mod_revision a client last wrote to them.
+type Written = HashMap<Vec<u8>, (Vec<u8>, i64)>;
 
 /// What the lease keeper shares with the calls.
 struct Session {
@@ -191,6 +201,7 @@ impl EtcdClient {
             session,
             marker_base: marker,
             free_slots: Mutex::new(Vec::new()),
+            written: Mutex::new(HashMap::new()),
             next_slot: AtomicU32::new(0),
             seq: AtomicU64::new(0),
             keeper: Some(keeper),
@@ -255,7 +266,9 @@ impl EtcdClient {
     }
 
     /// Reads `key` and writes what `plan` makes of its value, exactly once (see the module
-    /// docs). `assume_absent` saves the first read where the key is most likely new.
+    /// docs). The first attempt goes without a read when this client wrote the key last (it
+    /// guesses that nobody wrote since) or, with `assume_absent`, where the key is most likely
+    /// new; a wrong guess costs one failed transaction, which returns the real value.
     fn read_modify_write<R, P>(
         &self,
         what: &str,
@@ -276,8 +289,11 @@ impl EtcdClient {
         let r = block(async move {
             let mut intended: Vec<R> = Vec::new();
             // (value, mod_revision, whether it was only assumed)
-            let mut known: Option<(Option<Vec<u8>>, i64, bool)> =
-                assume_absent.then_some((None, 0, true));
+            let cached = lock(&self.written).get(&key).cloned();
+            let mut known: Option<(Option<Vec<u8>>, i64, bool)> = match cached {
+                Some((v, rev)) => Some((Some(v), rev, true)),
+                None => assume_absent.then_some((None, 0, true)),
+            };
             let mut backoff = Backoff::new();
             let mut last: Option<Error> = None;
             let mut conflicts = 0u32;
@@ -315,6 +331,7 @@ impl EtcdClient {
                 let attempt = intended.len();
                 intended.push(answer);
                 let lease = s.lease.load(Ordering::Relaxed);
+                let remember = (new.len() <= REMEMBER_MAX).then(|| new.clone());
                 let txn = Txn::new()
                     .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
                     .and_then([
@@ -332,7 +349,21 @@ impl EtcdClient {
                 let mut kv = s.kv.clone();
                 match tokio::time::timeout(left, kv.txn(txn)).await {
                     Err(_) => return Err(gave_up(&s.url, what, self.timeout, last)),
-                    Ok(Ok(resp)) if resp.succeeded() => return Ok(intended[attempt].clone()),
+                    Ok(Ok(resp)) if resp.succeeded() => {
+                        let mut written = lock(&self.written);
+                        match (remember, resp.header().map(|h| h.revision())) {
+                            (Some(v), Some(rev)) => {
+                                if written.len() >= REMEMBER_KEYS {
+                                    written.clear();
+                                }
+                                written.insert(key.clone(), (v, rev));
+                            }
+                            _ => {
+                                written.remove(&key);
+                            }
+                        }
+                        return Ok(intended[attempt].clone());
+                    }
                     Ok(Ok(resp)) => {
                         // Another writer came first: go again from what the transaction saw.
                         let (kv, tag) = read_pair(&resp);
@@ -858,6 +889,7 @@ impl StoreBackend for EtcdClient {
     fn delete_within(&self, key: &str, limit: Duration) -> Result<bool> {
         let k = self.key(key);
         lock(&self.session.ephemeral).remove(&k);
+        lock(&self.written).remove(&k);
         let s = &self.session;
         self.call("delete", limit, || async {
             let mut kv = s.kv.clone();
