@@ -1,11 +1,12 @@
 """Memory objects accepted wherever an address is taken.
 
 Every API that takes an address (and a size) also takes, in place of the int:
-- a torch tensor (``data_ptr()``, ``nbytes``; CPU here, CUDA once a device backend exists),
+- a torch tensor (``data_ptr()``, ``nbytes``; CPU, or CUDA where the CUDA backend loaded:
+  see ``mf.device_info()``),
 - a numpy array (``__array_interface__``),
 - any object with ``__dlpack__`` (CuPy, JAX, TensorFlow, PaddlePaddle, ...): the DLPack capsule
   gives the device, pointer, byte offset, shape and strides; host memory (kDLCPU,
-  kDLCUDAHost, kDLCUDAManaged) only until a device backend exists,
+  kDLCUDAHost, kDLCUDAManaged), and CUDA device memory (kDLCUDA) where the CUDA backend loaded,
 - ``bytearray``, ``memoryview``, ``mmap.mmap`` or any object with the buffer protocol
   (``bytes`` and other read-only buffers only as a source).
 
@@ -44,7 +45,7 @@ def buffer_info(obj: Any, writable: bool) -> Tuple[int, int, Any]:
             raise ValueError("the tensor is not contiguous: pass tensor.contiguous() (a copy) or a contiguous view")
         device = getattr(getattr(obj, "device", None), "type", "cpu")
         if device != "cpu":
-            raise ValueError(f"a {device} tensor needs a device backend, and none is present on this host")
+            _need_backend(device)
         return int(obj.data_ptr()), int(obj.numel() * obj.element_size()), obj
     iface = getattr(obj, "__array_interface__", None)
     if iface is not None:  # numpy and friends
@@ -87,7 +88,7 @@ def buffer_info(obj: Any, writable: bool) -> Tuple[int, int, Any]:
 # consumed: left unconsumed, its destructor runs the producer's deleter, so holding the capsule
 # holds the memory for as long as the call (or registration) needs it.
 
-_KDL_CPU, _KDL_CUDA_HOST, _KDL_CUDA_MANAGED = 1, 3, 13
+_KDL_CPU, _KDL_CUDA, _KDL_CUDA_HOST, _KDL_CUDA_MANAGED = 1, 2, 3, 13
 _HOST_DEVICES = {_KDL_CPU, _KDL_CUDA_HOST, _KDL_CUDA_MANAGED}
 _DEVICE_NAMES = {2: "CUDA", 4: "OpenCL", 7: "Vulkan", 8: "Metal", 9: "VPI", 10: "ROCm", 14: "oneAPI"}
 _FLAG_READ_ONLY = 1
@@ -143,10 +144,7 @@ def _dlpack_info(obj: Any, writable: bool) -> Tuple[int, int, Any]:
     """(address, size, owner) of an object exporting ``__dlpack__``."""
     device = getattr(obj, "__dlpack_device__", None)
     if device is not None:
-        dev_type = int(device()[0])
-        if dev_type not in _HOST_DEVICES:
-            name = _DEVICE_NAMES.get(dev_type, f"device type {dev_type}")
-            raise ValueError(f"a {name} DLPack tensor needs a device backend, and none is present on this host")
+        _need_dlpack_backend(int(device()[0]))
     try:
         capsule = obj.__dlpack__(max_version=(1, 0))
     except TypeError:  # a producer older than DLPack 1.0
@@ -163,9 +161,7 @@ def _dlpack_info(obj: Any, writable: bool) -> Tuple[int, int, Any]:
     else:
         raise TypeError(f"__dlpack__ returned a capsule named {name!r}, not a DLPack tensor")
     t = managed.dl_tensor
-    if t.device.device_type not in _HOST_DEVICES:
-        name_ = _DEVICE_NAMES.get(t.device.device_type, f"device type {t.device.device_type}")
-        raise ValueError(f"a {name_} DLPack tensor needs a device backend, and none is present on this host")
+    _need_dlpack_backend(int(t.device.device_type))
     if t.dtype.bits % 8:
         raise ValueError(f"DLPack elements of {t.dtype.bits} bits are not whole bytes")
     shape = [t.shape[i] for i in range(t.ndim)]
@@ -184,3 +180,36 @@ def _dlpack_info(obj: Any, writable: bool) -> Tuple[int, int, Any]:
             expected *= shape[i]
     addr = (t.data or 0) + t.byte_offset
     return addr, numel * itemsize, (obj, capsule)
+
+
+# torch device type / DLPack device type -> the backend that moves that memory.
+_TORCH_BACKENDS = {"cuda": "cuda", "npu": "ascend"}
+
+
+def _backend_reason(backend: str) -> str:
+    """'' when `backend` loaded in this process, else why not (from ``device_info()``)."""
+    from . import _native
+
+    entry = _native.device_info().get(backend, {})
+    return "" if entry.get("available") else str(entry.get("reason", f"no {backend} backend"))
+
+
+def _need_backend(torch_device: str) -> None:
+    backend = _TORCH_BACKENDS.get(torch_device)
+    if backend is None:
+        raise ValueError(f"a {torch_device} tensor is not memory this library can move (host, CUDA or Ascend)")
+    why = _backend_reason(backend)
+    if why:
+        raise ValueError(f"a {torch_device} tensor needs the {backend} backend, which is not available here: {why}")
+
+
+def _need_dlpack_backend(dev_type: int) -> None:
+    if dev_type in _HOST_DEVICES:
+        return
+    if dev_type == _KDL_CUDA:
+        why = _backend_reason("cuda")
+        if not why:
+            return
+        raise ValueError(f"a CUDA DLPack tensor needs the cuda backend, which is not available here: {why}")
+    name = _DEVICE_NAMES.get(dev_type, f"device type {dev_type}")
+    raise ValueError(f"a {name} DLPack tensor is not memory this library can move (host or CUDA)")

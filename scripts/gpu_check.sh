@@ -39,7 +39,11 @@ run() {
     echo "== rust GPU tests"
     timeout 300 "$DEV/memfabric-tests" device:: --nocapture --test-threads=1 2>&1 | tee "$out/rust_gpu.log" | tail -n 40 || rc=1
     echo "== pytest (device)"
-    timeout 400 python3 -m pytest tests/test_device.py -q -p no:cacheprovider -W ignore 2>&1 | tee "$out/pytest_device.log" | tail -n 40 || rc=1
+    timeout 400 python3 -m pytest tests/test_device.py tests/test_cuda.py -v -p no:cacheprovider -W ignore \
+        -o timeout=120 2>&1 | tee "$out/pytest_device.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed|Error|assert" | tail -n 60 || rc=1
+    echo "== pytest (host paths with the CUDA backend loaded)"
+    timeout 200 python3 -m pytest tests/test_tensors.py tests/test_buffers.py tests/test_bad_inputs.py -q \
+        -p no:cacheprovider -W ignore -o timeout=60 2>&1 | tee "$out/pytest_host.log" | tail -n 15 || rc=1
     if [ "${1:-}" = bench ]; then
         echo "== device benchmark"
         timeout 300 python3 -m memfabric_hybrid.bench device --json "$out/bench_device.json" 2>&1 | tee "$out/bench_device.log" || rc=1

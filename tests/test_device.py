@@ -160,22 +160,6 @@ class TestCuda:
             assert d["name"] == torch.cuda.get_device_name(d["id"])
             assert d["memory"] == torch.cuda.get_device_properties(d["id"]).total_memory
 
-    def test_bm_hbm_says_the_backend_is_not_wired_yet(self, store):
-        cfg = mf.bm.BmConfig()
-        cfg.auto_ranking = True
-        cfg.set_nic("lo")
-        assert mf.bm.initialize(store.url, 1, 0, cfg) == 0, mf.get_last_err_msg()
-        try:
-            with pytest.raises(mf.MemFabricError) as ei:
-                mf.bm.create(0, MiB, local_hbm_size=MiB)
-            assert ei.value.code == mf.MF_UNSUPPORTED
-            assert "device backend is present" in str(ei.value)
-            big = mf.bm.create(1, 2 * MiB)
-            assert big.copy_data(1, 2, 8, mf.bm.BmCopyType.H2G, 0, 0x1234) == mf.MF_UNSUPPORTED
-            assert "cuda backend is present" in mf.get_last_err_msg()
-        finally:
-            mf.bm.uninitialize()
-
     def test_torch_cuda_tensors_round_trip(self):
         # The device the backend reports is usable by the framework in the same process
         # (primary contexts are shared): allocate, copy both ways, verify.
@@ -191,14 +175,18 @@ class TestCuda:
     def test_rust_gpu_suite(self):
         # The device API itself (alloc, H2D/D2H/D2D, streams, events, IPC across processes)
         # is checked by the Rust GPU tests; run them here so one pytest run covers it all.
+        # MF_GPU_TEST_BINARY: the core's test binary built elsewhere (scripts/gpu_check.sh),
+        # for GPU machines without a Rust toolchain.
+        binary = os.environ.get("MF_GPU_TEST_BINARY")
         cargo = shutil.which("cargo")
-        if cargo is None:
-            pytest.skip("cargo is not installed here")
-        out = subprocess.run(
-            [cargo, "test", "-q", "-p", "memfabric", "--lib", "device::cuda::gpu", "--", "--nocapture",
-             "--test-threads=1"],
-            cwd=ROOT, capture_output=True, text=True, timeout=900,
-        )
+        if binary:
+            cmd = [binary, "device::cuda::gpu", "--nocapture", "--test-threads=1"]
+        elif cargo is not None:
+            cmd = [cargo, "test", "-q", "-p", "memfabric", "--lib", "device::cuda::gpu", "--", "--nocapture",
+                   "--test-threads=1"]
+        else:
+            pytest.skip("cargo is not installed here and MF_GPU_TEST_BINARY is not set")
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
         text = out.stdout + out.stderr
         assert out.returncode == 0, text
         assert "GPU check skipped" not in text, text

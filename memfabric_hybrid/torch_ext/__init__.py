@@ -98,7 +98,9 @@ def _geometry(t: Any) -> Tuple[int, List[int], List[int], int]:
     if hasattr(t, "data_ptr") and hasattr(t, "stride"):  # torch.Tensor
         device = getattr(getattr(t, "device", None), "type", "cpu")
         if device != "cpu":
-            raise ValueError(f"a {device} tensor needs a device backend, and none is present on this host")
+            from ..buffers import _need_backend
+
+            _need_backend(device)
         es = int(t.element_size())
         return int(t.data_ptr()), [int(d) for d in t.shape], [int(s) * es for s in t.stride()], es
     iface = getattr(t, "__array_interface__", None)

@@ -222,18 +222,37 @@ impl BigMemory {
         0
     }
 
-    /// Bytes this rank contributed (``mem_type`` accepted; host DRAM is the part that exists).
+    /// Bytes this rank contributed of ``mem_type``: DEVICE (2, the default) or LOCAL_DEVICE (0)
+    /// gives the HBM part, HOST (3) or LOCAL_HOST (1) the DRAM part. An object without an HBM
+    /// part answers DEVICE with its DRAM part, so seed-style calls keep working.
     #[pyo3(signature = (mem_type = 2))]
     fn local_mem_size(&self, mem_type: i64) -> u64 {
-        let _ = mem_type;
-        self.get().map(|b| b.local_mem_size()).unwrap_or(0)
+        self.get()
+            .map(|b| {
+                let hbm = b.local_hbm_size();
+                if is_device_type(mem_type) && hbm > 0 {
+                    hbm
+                } else {
+                    b.local_mem_size()
+                }
+            })
+            .unwrap_or(0)
     }
 
-    /// The GVA of ``peer_rank``'s part (0 and an error message for a bad rank).
+    /// The GVA of ``peer_rank``'s part of ``mem_type`` (DEVICE, the default: its HBM part when
+    /// the object has one, else its DRAM part; HOST: its DRAM part). 0 and an error message
+    /// for a bad rank.
     #[pyo3(signature = (peer_rank, mem_type = 2))]
     fn peer_rank_ptr(&self, peer_rank: u32, mem_type: i64) -> u64 {
-        let _ = mem_type;
-        match self.get().and_then(|b| b.peer_rank_ptr(peer_rank)) {
+        let ptr = self.get().and_then(|b| {
+            if is_device_type(mem_type) {
+                if let Some(p) = b.peer_rank_hbm_ptr(peer_rank)? {
+                    return Ok(p);
+                }
+            }
+            b.peer_rank_ptr(peer_rank)
+        });
+        match ptr {
             Ok(p) => p,
             Err(e) => {
                 fail(e);
@@ -250,8 +269,9 @@ impl BigMemory {
         }
     }
 
-    /// The address of ``gva`` in this process (same-host parts: the GVA itself); 0 and an
-    /// error message for parts on other hosts.
+    /// The address of ``gva`` in this process: for DRAM parts on this host the GVA itself,
+    /// for HBM parts on this host the device pointer (usable by kernels); 0 and an error
+    /// message for parts on other hosts.
     #[pyo3(signature = (gva, mem_type = 1))]
     fn gva_to_va(&self, gva: u64, mem_type: i64) -> u64 {
         let _ = mem_type;
@@ -426,4 +446,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bm_rank_id, m)?)?;
     m.add_function(wrap_pyfunction!(bm_create, m)?)?;
     Ok(())
+}
+
+/// BmMemType DEVICE (2) and LOCAL_DEVICE (0) name the HBM part.
+fn is_device_type(mem_type: i64) -> bool {
+    mem_type == 0 || mem_type == 2
 }

@@ -199,11 +199,29 @@ impl StreamArg {
                 r
             })),
             StreamArg::Device(h) => {
-                let why = crate::device::unavailable(py, "a transfer on a device stream");
-                fail(Error::Unsupported(format!(
-                    "device stream handle {h:#x} given, but {why}; \
-                     pass a memfabric_hybrid.Stream or None"
-                )))
+                let dev = match py.detach(memfabric::device::select) {
+                    Ok(d) => d,
+                    Err(_) => {
+                        let why = crate::device::unavailable(py, "a transfer on a device stream");
+                        return fail(Error::Unsupported(format!(
+                            "device stream handle {h:#x} given, but {why}; \
+                             pass a memfabric_hybrid.Stream or None"
+                        )));
+                    }
+                };
+                let job = Box::new(move || {
+                    let r = job();
+                    drop(owner);
+                    r
+                });
+                code(py.detach(|| {
+                    memfabric::device::stream_order::submit(
+                        &dev,
+                        memfabric::device::StreamHandle(h),
+                        job,
+                        memfabric::trans::DEFAULT_TRANSFER_TIMEOUT,
+                    )
+                }))
             }
         }
     }

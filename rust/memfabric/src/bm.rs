@@ -2,10 +2,11 @@
 //! direction (the seed's `memfabric_hybrid.bm`), on the same [`SymmetricMemory`] as Share
 //! Memory.
 //!
-//! Ascend names: "L"/local and "H"/host buffers are both memory of this process on a host
-//! without a device; "G" and "GH" are GVAs (the DRAM parts, the only parts that exist here).
-//! Device (HBM) contributions are refused with `Unsupported`; the message says what
-//! [`crate::device`] looked for (or that a backend exists but is not used by BM yet).
+//! Ascend names: "L"/local and "H"/host buffers are memory of this process (device or host
+//! memory); "G" and "GH" are GVAs. With `local_hbm_size > 0` (a device backend is needed;
+//! otherwise `Unsupported` says what [`crate::device`] looked for) every rank also
+//! contributes device memory, named by a second window of GVAs (see [`crate::hbm`]); a copy
+//! goes by the addresses it is given: any side in the HBM window is device memory.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +17,9 @@ use crate::shm::secs;
 
 pub const MAX_RANKS: u32 = 1024;
 pub const MAX_OBJECT_ID: u32 = 63;
+/// DRAM contributed (and not reported) by an object created with only HBM: the group and
+/// the network engine live on the DRAM object.
+const HBM_ONLY_DRAM: u64 = 4096;
 
 /// The seed's BmConfig (timeouts in seconds, [1, u32::MAX]).
 #[derive(Clone, Debug)]
@@ -175,26 +179,48 @@ impl BmRuntime {
             )));
         }
         if hbm > 0 {
-            let reg = crate::device::registry();
-            return Err(Error::Unsupported(match reg.missing_reason() {
-                Some(why) => format!("local_hbm_size {hbm}: no device memory here ({why})"),
-                None => format!(
-                    "local_hbm_size {hbm}: a device backend is present, but Big Memory does not \
-                     place contributions in device memory yet"
-                ),
-            }));
+            if let Some(why) = crate::device::registry().missing_reason() {
+                return Err(Error::Unsupported(format!(
+                    "local_hbm_size {hbm}: no device memory here ({why})"
+                )));
+            }
+            if self.cfg.dynamic_world_size {
+                return Err(Error::Unsupported(format!(
+                    "local_hbm_size {hbm} with dynamic_world_size: device parts need a fixed set \
+                     of ranks"
+                )));
+            }
         }
-        if dram == 0 {
+        if dram == 0 && hbm == 0 {
             return Err(Error::InvalidParam(
-                "local_dram_size must be positive".into(),
+                "local_dram_size and local_hbm_size are both 0: nothing to contribute".into(),
             ));
         }
         let timeout = Duration::from_secs(self.cfg.create_timeout as u64);
-        let mem = self
-            .core
-            .create_object(id, group.world(), group.rank(), dram, timeout)?;
+        // The DRAM object also carries the group; with only HBM asked for it is one page.
+        let mem = self.core.create_object(
+            id,
+            group.world(),
+            group.rank(),
+            dram.max(HBM_ONLY_DRAM),
+            timeout,
+        )?;
+        let hbm = if hbm > 0 {
+            match crate::hbm::HbmPart::create(&mem, self.device_id.max(0), hbm, timeout) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    let _ = mem.group().leave();
+                    self.core.release(id);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         Ok(BigMemory {
             id,
+            hbm,
+            dram,
             mem,
             runtime: self.clone(),
         })
@@ -204,6 +230,11 @@ impl BmRuntime {
 /// One Big Memory object.
 pub struct BigMemory {
     id: u32,
+    /// Declared before `mem`: the device part is released while the DRAM part's engine and
+    /// group still exist.
+    hbm: Option<crate::hbm::HbmPart>,
+    /// DRAM bytes asked for (0 for an HBM-only object).
+    dram: u64,
     mem: SymmetricMemory,
     runtime: Arc<BmRuntime>,
 }
@@ -215,8 +246,14 @@ impl BigMemory {
     pub fn memory(&self) -> &SymmetricMemory {
         &self.mem
     }
+    /// DRAM bytes this rank contributed.
     pub fn local_mem_size(&self) -> u64 {
-        self.mem.local_size()
+        self.dram
+    }
+
+    /// HBM bytes this rank contributed (0 without a device part).
+    pub fn local_hbm_size(&self) -> u64 {
+        self.hbm.as_ref().map_or(0, |h| h.size())
     }
 
     /// The GVA of `rank`'s part.
@@ -224,12 +261,25 @@ impl BigMemory {
         self.mem.part(rank)
     }
 
+    /// The HBM GVA of `rank`'s device part (`None` without one).
+    pub fn peer_rank_hbm_ptr(&self, rank: u32) -> Result<Option<u64>> {
+        self.mem.part(rank)?;
+        Ok(self.hbm.as_ref().map(|h| h.part(rank)))
+    }
+
     pub fn rank_of_gva(&self, gva: u64) -> Result<u32> {
+        if let Some(h) = self.hbm.as_ref().filter(|h| h.contains(gva)) {
+            return h.locate(gva, 1).map(|(r, _)| r);
+        }
         self.mem.locate(gva, 1)
     }
 
-    /// The address of `gva` usable by plain loads and stores here (parts mapped here only).
+    /// The address of `gva` usable here: plain loads and stores for DRAM parts mapped here,
+    /// a device pointer (for kernels and device copies) for HBM parts of this host.
     pub fn gva_to_va(&self, gva: u64) -> Result<u64> {
+        if let Some(h) = self.hbm.as_ref().filter(|h| h.contains(gva)) {
+            return h.va(gva);
+        }
         let r = self.mem.locate(gva, 1)?;
         match self.mem.reach(r)? {
             Reach::Own | Reach::Mapped => Ok(gva),
@@ -282,6 +332,22 @@ impl BigMemory {
     pub fn copy(&self, src: u64, dst: u64, len: u64, ty: CopyType) -> Result<()> {
         if len == 0 {
             return Err(Error::InvalidParam("size 0".into()));
+        }
+        if let Some(h) = self
+            .hbm
+            .as_ref()
+            .filter(|h| h.contains(src) || h.contains(dst))
+        {
+            if let Some((src_g, dst_g)) = ty.sides() {
+                let is_g = |a: u64| h.contains(a) || self.is_gva(a);
+                if (src_g && !is_g(src)) || (dst_g && !is_g(dst)) {
+                    return Err(Error::InvalidParam(format!(
+                        "{ty:?}: {src:#x} -> {dst:#x} does not match the copy type (which side \
+                         is a global address)"
+                    )));
+                }
+            }
+            return h.copy(&self.mem, src, dst, len);
         }
         let (src_g, dst_g) = match ty.sides() {
             Some(s) => s,
@@ -336,6 +402,9 @@ impl BigMemory {
 
 impl Drop for BigMemory {
     fn drop(&mut self) {
+        if let Some(h) = self.hbm.as_mut() {
+            h.release(&self.mem);
+        }
         let _ = self.mem.group().leave();
         self.runtime.core.release(self.id);
     }

@@ -115,6 +115,34 @@ impl Error {
         }
     }
 
+    /// An error of the kind `code` names carrying `msg` (for errors kept as code and text,
+    /// e.g. across threads); an unknown code gives `Failed`.
+    pub fn from_code_message(code: i32, msg: String) -> Self {
+        match code {
+            -2000 => Error::InvalidParam(msg),
+            -2001 => Error::MallocFailed(msg),
+            -2002 => Error::NoResources(msg),
+            -2003 => Error::NotStarted(msg),
+            -2004 => Error::Timeout(msg),
+            -2005 => Error::RepeatInvoke(msg),
+            -2006 => Error::Duplicated(msg),
+            -2007 => Error::NotExist(msg),
+            -2008 => Error::NotInit(msg),
+            -2009 => Error::InUse(msg),
+            -2010 => Error::Reconnected(msg),
+            -2012 => Error::PartialFailed(msg),
+            -2014 => Error::NotConnected(msg),
+            -2015 => Error::BufferTooSmall(msg),
+            -3001 => Error::PeerGone(msg),
+            -3002 => Error::OutOfBounds(msg),
+            -3003 => Error::Refused(msg),
+            -3004 => Error::Tls(msg),
+            -3005 => Error::Protocol(msg),
+            -3006 => Error::Unsupported(msg),
+            _ => Error::Failed(msg),
+        }
+    }
+
     /// Whether retrying the same call later may succeed (drives connect retry).
     pub fn is_temporary(&self) -> bool {
         match self {

@@ -217,6 +217,11 @@ impl SymmetricMemory {
         self.timeout
     }
 
+    /// The engine serving this rank's part to other hosts (present when some rank is remote).
+    pub fn engine(&self) -> Option<&TransferEngine> {
+        self.engine.as_ref()
+    }
+
     /// The GVA of rank `r`'s part.
     pub fn part(&self, r: u32) -> Result<u64> {
         if r >= self.world() {

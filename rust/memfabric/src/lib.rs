@@ -15,6 +15,7 @@ pub mod bm;
 pub mod device;
 pub mod error;
 pub mod fabric;
+pub mod hbm;
 pub mod log;
 pub mod mem;
 pub mod net;

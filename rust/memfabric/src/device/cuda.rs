@@ -33,6 +33,7 @@ type CUdeviceptr = u64;
 type CUcontext = *mut c_void;
 type CUstream = *mut c_void;
 type CUevent = *mut c_void;
+type CUhostFn = unsafe extern "C" fn(*mut c_void);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -132,6 +133,7 @@ driver_api! {
     cuIpcOpenMemHandle_v2(*mut CUdeviceptr, CUipcMemHandle, c_uint);
     cuIpcCloseMemHandle(CUdeviceptr);
     cuPointerGetAttribute(*mut c_void, c_uint, CUdeviceptr);
+    cuLaunchHostFunc(CUstream, CUhostFn, *mut c_void);
     cuGetErrorName(CUresult, *mut *const c_char);
     cuGetErrorString(CUresult, *mut *const c_char);
 }
@@ -206,8 +208,50 @@ struct Tables {
     // Keyed by the driver's base address of the mapping.
     opened: BTreeMap<u64, Opened>,
     streams: HashSet<u64>,
+    // Callers' stream handles seen to point at mapped memory (see check_stream_handle).
+    foreign_streams: HashSet<u64>,
     // Event -> the context it was created in.
     events: HashMap<u64, usize>,
+}
+
+thread_local! {
+    /// Set on threads that run work ordered on a caller's stream (see
+    /// [`crate::device::stream_order`]): their synchronous copies must not use the legacy
+    /// default stream, which may be the very stream waiting for them.
+    static PRIVATE_STREAM_COPIES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes synchronous copies on this thread run on a private non-blocking stream.
+pub(crate) fn use_private_stream_copies(on: bool) {
+    PRIVATE_STREAM_COPIES.with(|c| c.set(on));
+}
+
+/// Whether this thread's synchronous copies run on a private stream (threads a job starts
+/// inherit it).
+pub(crate) fn private_stream_copies() -> bool {
+    PRIVATE_STREAM_COPIES.with(|c| c.get())
+}
+
+/// Runs `f` with this thread's synchronous copies on a private non-blocking stream: for
+/// copies that must not wait behind (or be ordered with) the legacy default stream, such as
+/// the data server's, which a stream-ordered job of this process may be holding.
+pub(crate) fn with_private_stream_copies<T>(f: impl FnOnce() -> T) -> T {
+    let before = private_stream_copies();
+    use_private_stream_copies(true);
+    let out = f();
+    use_private_stream_copies(before);
+    out
+}
+
+/// Timeout of a synchronous copy on a private stream: longer than any copy takes.
+const PRIVATE_COPY_TIMEOUT: Duration = Duration::from_secs(120);
+
+unsafe extern "C" fn run_host_fn(data: *mut c_void) {
+    // SAFETY: `data` is the Box leaked by `launch_host_func`, handed to the driver once, and
+    // the driver calls this function exactly once with it.
+    let f: Box<Box<dyn FnOnce() + Send>> = unsafe { Box::from_raw(data.cast()) };
+    // A panic must not unwind into the driver.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
 }
 
 /// The CUDA backend.
@@ -219,6 +263,8 @@ pub struct Cuda {
     // Retained primary contexts by ordinal (0 = not retained yet).
     contexts: Mutex<Vec<usize>>,
     tables: Mutex<Tables>,
+    /// Per device: the private non-blocking stream for copies of stream-ordered work.
+    private_streams: Mutex<Vec<u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -302,6 +348,7 @@ impl Cuda {
             count,
             contexts: Mutex::new(vec![0; count as usize]),
             tables: Mutex::new(Tables::default()),
+            private_streams: Mutex::new(vec![0; count as usize]),
         })
     }
 
@@ -370,6 +417,7 @@ impl Cuda {
     /// Enters the context a call on `stream` needs: the stream's own, or for the legacy
     /// default stream (0) that of `device`.
     fn enter_stream(&self, stream: StreamHandle, device: i32) -> Result<Current<'_>> {
+        self.check_stream_handle(stream)?;
         if stream.0 == 0 {
             self.enter_device(device)
         } else {
@@ -405,6 +453,41 @@ impl Cuda {
     fn device_side(&self, addr: u64) -> Result<i32> {
         self.device_of(addr)
             .ok_or_else(|| Error::InvalidParam(format!("{addr:#x} is not CUDA device memory")))
+    }
+
+    /// Refuses a stream handle that cannot be one: the driver dereferences handles, so a
+    /// wrong int from a caller would crash the process inside it. Accepted: the special
+    /// handles (0 legacy, 1 legacy, 2 per-thread), streams made here, and handles that point
+    /// at mapped read-write memory (driver stream objects do; remembered once seen).
+    fn check_stream_handle(&self, stream: StreamHandle) -> Result<()> {
+        if stream.0 <= 2 {
+            return Ok(());
+        }
+        {
+            let t = lock(&self.tables);
+            if t.streams.contains(&stream.0) || t.foreign_streams.contains(&stream.0) {
+                return Ok(());
+            }
+        }
+        crate::mem::regions::check_mapped_rw(stream.0, 64).map_err(|_| {
+            Error::InvalidParam(format!(
+                "{:#x} is not a CUDA stream handle (pass torch.cuda.current_stream(), a \
+                 torch.cuda.Stream or its cuda_stream)",
+                stream.0
+            ))
+        })?;
+        lock(&self.tables).foreign_streams.insert(stream.0);
+        Ok(())
+    }
+
+    /// The private non-blocking stream of `device`, made on first use (kept for the process).
+    fn private_stream(&self, device: i32) -> Result<StreamHandle> {
+        let i = self.ordinal(device)?;
+        let mut ps = lock(&self.private_streams);
+        if ps[i] == 0 {
+            ps[i] = self.stream_create(device)?.0;
+        }
+        Ok(StreamHandle(ps[i]))
     }
 
     fn event_context(&self, event: EventHandle) -> Result<CUcontext> {
@@ -507,6 +590,12 @@ impl Device for Cuda {
             return Ok(());
         }
         let dev = self.device_side(device_ptr_side(dir, dst, src))?;
+        if PRIVATE_STREAM_COPIES.with(|c| c.get()) {
+            let s = self.private_stream(dev)?;
+            // SAFETY: forwarded from the caller; the copy is complete when this returns.
+            unsafe { self.copy_async(dir, dst, src, len, s)? };
+            return self.stream_synchronize(s, PRIVATE_COPY_TIMEOUT);
+        }
         let _g = self.enter_device(dev)?;
         // SAFETY: the caller guarantees valid ranges of `len` bytes on both sides (trait
         // contract); the driver checks that the device side is device memory.
@@ -596,6 +685,7 @@ impl Device for Cuda {
     }
 
     fn event_record(&self, stream: StreamHandle) -> Result<EventHandle> {
+        self.check_stream_handle(stream)?;
         let ctx = if stream.0 == 0 {
             self.context(0)?
         } else {
@@ -665,6 +755,21 @@ impl Device for Cuda {
             unsafe { (self.api.cuStreamWaitEvent)(stream.0 as CUstream, event.0 as CUevent, 0) },
             "cuStreamWaitEvent",
         )
+    }
+
+    fn launch_host_func(&self, stream: StreamHandle, f: Box<dyn FnOnce() + Send>) -> Result<()> {
+        let _g = self.enter_stream(stream, 0)?;
+        let data = Box::into_raw(Box::new(f));
+        // SAFETY: `run_host_fn` takes back the box exactly once when the driver calls it.
+        let r =
+            unsafe { (self.api.cuLaunchHostFunc)(stream.0 as CUstream, run_host_fn, data.cast()) };
+        if r != CUDA_SUCCESS {
+            // SAFETY: the driver refused the launch, so it will never call `run_host_fn`; the
+            // box is still ours.
+            drop(unsafe { Box::from_raw(data) });
+            return Err(self.api.error(r, "cuLaunchHostFunc"));
+        }
+        Ok(())
     }
 
     fn ipc_export(&self, ptr: u64) -> Result<IpcHandle> {
@@ -759,6 +864,17 @@ impl Device for Cuda {
             unsafe { (self.api.cuIpcCloseMemHandle)(o.base) },
             "cuIpcCloseMemHandle",
         )
+    }
+
+    fn allocation_of(&self, addr: u64) -> Option<(u64, usize)> {
+        let dev = self.device_of(addr)?;
+        let _g = self.enter_device(dev).ok()?;
+        let mut base: CUdeviceptr = 0;
+        let mut size: usize = 0;
+        // SAFETY: writes the allocation's base and size; an address that is not device
+        // memory is reported as an error code.
+        let r = unsafe { (self.api.cuMemGetAddressRange_v2)(&mut base, &mut size, addr) };
+        (r == CUDA_SUCCESS).then_some((base, size))
     }
 
     fn device_of(&self, addr: u64) -> Option<i32> {

@@ -16,6 +16,7 @@
 pub mod ascend;
 pub mod cuda;
 pub mod host;
+pub mod stream_order;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -150,6 +151,75 @@ pub trait Device: Send + Sync {
     /// The device ordinal when `addr` is memory of this backend's devices; `None` otherwise
     /// (for the host backend: memory it allocated or opened).
     fn device_of(&self, addr: u64) -> Option<i32>;
+
+    /// Queues `f` on `stream`: it runs on a driver thread once the work queued before it is
+    /// done, and work queued after it waits until it returns. `f` must not call the device
+    /// API (the driver's rule for such functions).
+    fn launch_host_func(&self, stream: StreamHandle, f: Box<dyn FnOnce() + Send>) -> Result<()> {
+        let _ = (stream, f);
+        Err(Error::Unsupported(format!(
+            "{} streams cannot run host functions",
+            self.kind().name()
+        )))
+    }
+
+    /// The allocation holding device address `addr`: (base, length). `None` for an address
+    /// that is not device memory of this backend.
+    fn allocation_of(&self, addr: u64) -> Option<(u64, usize)> {
+        let _ = addr;
+        None
+    }
+
+    /// Copies `len` bytes from `src` to `dst`, either of which may be device memory (the
+    /// direction is found from the addresses); on `stream` when given, else synchronously.
+    ///
+    /// # Safety
+    /// As for [`Device::copy`] (and [`Device::copy_async`] with a stream).
+    unsafe fn copy_between(
+        &self,
+        dst: u64,
+        src: u64,
+        len: usize,
+        stream: Option<StreamHandle>,
+    ) -> Result<()> {
+        let dir = match (self.device_of(dst).is_some(), self.device_of(src).is_some()) {
+            (true, true) => Direction::DeviceToDevice,
+            (true, false) => Direction::HostToDevice,
+            (false, true) => Direction::DeviceToHost,
+            (false, false) => {
+                return Err(Error::InvalidParam(format!(
+                    "neither {dst:#x} nor {src:#x} is {} device memory",
+                    self.kind().name()
+                )))
+            }
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match stream {
+                Some(s) => self.copy_async(dir, dst, src, len, s),
+                None => self.copy(dir, dst, src, len),
+            }
+        }
+    }
+}
+
+/// The backend whose device memory holds `addr`, with the device ordinal; `None` for host
+/// memory (or when no accelerator is present).
+pub fn memory_of(addr: u64) -> Option<(Arc<dyn Device>, i32)> {
+    let reg = registry();
+    for kind in [Kind::Cuda, Kind::Ascend] {
+        if let Ok(d) = reg.get(kind) {
+            if let Some(ord) = d.device_of(addr) {
+                return Some((d.clone(), ord));
+            }
+        }
+    }
+    None
+}
+
+/// Whether any accelerator backend loaded (cheap after the first call).
+pub fn any_accelerator() -> bool {
+    registry().accelerator().is_ok()
 }
 
 /// The outcome of probing one backend.

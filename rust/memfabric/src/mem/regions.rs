@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
@@ -29,6 +30,11 @@ const LIST_ENTRY: usize = 16;
 #[derive(Debug, Default)]
 pub struct RegionTable {
     map: RwLock<BTreeMap<u64, u64>>,
+    /// The regions that are device memory: start -> device ordinal. Plain loads and stores
+    /// (memcpy, recv into the address) must not touch these; copies go through the device
+    /// backend. Empty, and never locked, on hosts that register no device memory.
+    device: RwLock<BTreeMap<u64, i32>>,
+    has_device: AtomicBool,
 }
 
 fn range_str(addr: u64, len: u64) -> String {
@@ -107,13 +113,77 @@ impl RegionTable {
         Ok(())
     }
 
+    /// Registers `[addr, addr + len)` of device memory on `device`. The caller has checked
+    /// with the device backend that the range lies inside one live allocation (the maps file
+    /// knows nothing of device memory).
+    pub fn register_device(&self, addr: u64, len: u64, device: i32) -> Result<()> {
+        validate_shape(addr, len)?;
+        let mut map = self.write();
+        if let Some((s, l)) = overlapping(&map, addr, len) {
+            return Err(Error::Duplicated(format!(
+                "{} overlaps the registered region {}",
+                range_str(addr, len),
+                range_str(s, l)
+            )));
+        }
+        map.insert(addr, len);
+        self.mark_device(addr, device);
+        Ok(())
+    }
+
+    /// Records that the region starting at `start` is device memory (for a peer's table,
+    /// built from its published lists).
+    pub fn mark_device(&self, start: u64, device: i32) {
+        let mut d = self.device.write().unwrap_or_else(|p| p.into_inner());
+        d.insert(start, device);
+        self.has_device.store(true, Ordering::Release);
+    }
+
+    /// Whether any region is device memory.
+    pub fn has_device(&self) -> bool {
+        self.has_device.load(Ordering::Acquire)
+    }
+
+    /// The device ordinal of the region starting at `start`, `None` for host memory.
+    pub fn device_at(&self, start: u64) -> Option<i32> {
+        if !self.has_device() {
+            return None;
+        }
+        let d = self.device.read().unwrap_or_else(|p| p.into_inner());
+        d.get(&start).copied()
+    }
+
+    /// [`check`](Self::check), also telling whether the range is device memory (its ordinal).
+    pub fn check_kind(&self, addr: u64, len: u64) -> Result<Option<i32>> {
+        let start = check_in(&self.read(), addr, len)?;
+        Ok(self.device_at(start))
+    }
+
+    /// The device regions: (start, length, device ordinal), sorted by address.
+    pub fn device_regions(&self) -> Vec<(u64, u64, i32)> {
+        if !self.has_device() {
+            return Vec::new();
+        }
+        let map = self.read();
+        let d = self.device.read().unwrap_or_else(|p| p.into_inner());
+        d.iter()
+            .filter_map(|(&s, &dev)| map.get(&s).map(|&l| (s, l, dev)))
+            .collect()
+    }
+
     /// Removes the registration that starts at `addr`; `NotExist` when none does.
     ///
     /// Transfers already past their region check may still be copying; the owner must not
     /// unmap the memory until its own transfers to this engine have finished.
     pub fn unregister(&self, addr: u64) -> Result<()> {
         match self.write().remove(&addr) {
-            Some(_) => Ok(()),
+            Some(_) => {
+                if self.has_device() {
+                    let mut d = self.device.write().unwrap_or_else(|p| p.into_inner());
+                    d.remove(&addr);
+                }
+                Ok(())
+            }
             None => Err(Error::NotExist(format!(
                 "no registered region starts at {addr:#x}"
             ))),
@@ -242,7 +312,7 @@ fn check_in(map: &BTreeMap<u64, u64>, addr: u64, len: u64) -> Result<u64> {
 /// /proc/self/maps is the only interface that reports protections (mincore and msync only
 /// see holes, and a PROT_NONE reservation, like the GVA space, is mapped but would fault).
 /// The file is sorted by address, so the scan stops as soon as it passes the range.
-fn check_mapped_rw(addr: u64, len: u64) -> Result<()> {
+pub(crate) fn check_mapped_rw(addr: u64, len: u64) -> Result<()> {
     let end = addr + len;
     let file = std::fs::File::open("/proc/self/maps")
         .map_err(|e| Error::io("cannot read /proc/self/maps to check a registration", e))?;

@@ -21,6 +21,7 @@
 //! ways (see [`crate::transport::auth`]); with the store's TLS on, connections also run mutual
 //! TLS with the same certificates.
 
+pub mod device_path;
 pub mod generation;
 
 use std::collections::HashMap;
@@ -28,9 +29,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::device::IpcHandle;
 use crate::error::{Error, Result};
 use crate::log::{INFO, WARN};
-use crate::mem::regions::{decode_list, RegionTable};
+use crate::mem::regions::RegionTable;
 use crate::mf_log;
 use crate::store::{ClientOptions, StoreClient, StoreServer};
 use crate::transport::auth::DataAuth;
@@ -38,6 +40,7 @@ use crate::transport::cma::{self, CmaTransport};
 use crate::transport::local::LocalTransport;
 use crate::transport::tcp::{TcpDataServer, TcpTransport};
 use crate::transport::{select, CheckedOps, Kind, Op, PeerInfo, Transport};
+use device_path::{IpcCache, PeerTable};
 use generation::{GenerationPage, GenerationView};
 
 /// Default deadline of one transfer call (sync, batch, or one async job).
@@ -106,7 +109,7 @@ struct Peer {
     /// For same-host peers: their generation counter.
     generation: Option<GenerationView>,
     /// The peer's published regions and the generation they were read at.
-    table: RwLock<(u64, Arc<RegionTable>)>,
+    table: RwLock<(u64, Arc<PeerTable>)>,
 }
 
 /// A running Transfer Engine. Dropping it unpublishes it and stops its data server.
@@ -127,6 +130,10 @@ pub struct TransferEngine {
     publish: Mutex<()>,
     transfer_timeout: Duration,
     force: Option<String>,
+    /// IPC handles of this engine's device regions, by region start (published with them).
+    ipc: Mutex<HashMap<u64, IpcHandle>>,
+    /// Same-host peers' device memory mapped here.
+    opened: IpcCache,
     /// A config store this engine started (store_server_role).
     _store_server: Option<StoreServer>,
 }
@@ -286,6 +293,8 @@ impl TransferEngine {
             publish: Mutex::new(()),
             transfer_timeout: cfg.transfer_timeout,
             force,
+            ipc: Mutex::new(HashMap::new()),
+            opened: IpcCache::default(),
             _store_server: store_server,
         })
     }
@@ -342,26 +351,53 @@ impl TransferEngine {
         }
         let _g = self.publish.lock().unwrap_or_else(|p| p.into_inner());
         for (i, &(addr, len)) in list.iter().enumerate() {
-            if let Err(e) = self.regions.register(addr, len) {
+            if let Err(e) = self.register_one(addr, len) {
                 for &(a, _) in &list[..i] {
-                    let _ = self.regions.unregister(a);
+                    self.unregister_one(a);
                 }
                 return Err(if list.len() > 1 { with_index(e, i) } else { e });
             }
         }
         if let Err(e) = self.publish_regions() {
             for &(a, _) in list {
-                let _ = self.regions.unregister(a);
+                self.unregister_one(a);
             }
             return Err(e);
         }
         Ok(())
     }
 
+    /// Host memory is checked against the process's mappings; device memory (when an
+    /// accelerator backend is loaded) against its allocation, and its IPC handle is kept for
+    /// publishing.
+    fn register_one(&self, addr: u64, len: u64) -> Result<()> {
+        if crate::device::any_accelerator() {
+            if let Some(found) = device_path::check_device_registration(addr, len) {
+                let found = found?;
+                self.regions.register_device(addr, len, found.ordinal)?;
+                if let Some(h) = found.ipc {
+                    self.lock_ipc().insert(addr, h);
+                }
+                return Ok(());
+            }
+        }
+        self.regions.register(addr, len)
+    }
+
+    fn unregister_one(&self, addr: u64) {
+        let _ = self.regions.unregister(addr);
+        self.lock_ipc().remove(&addr);
+    }
+
+    fn lock_ipc(&self) -> MutexGuard<'_, HashMap<u64, IpcHandle>> {
+        self.ipc.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Unregisters the region that starts at `addr`. Peers see it gone when this returns.
     pub fn unregister(&self, addr: u64) -> Result<()> {
         let _g = self.publish.lock().unwrap_or_else(|p| p.into_inner());
         self.regions.unregister(addr)?;
+        self.lock_ipc().remove(&addr);
         let published = self.publish_regions();
         // Bump even if publishing failed: same-host peers then refetch, and a failed refetch
         // fails their transfer instead of using the old table.
@@ -370,11 +406,9 @@ impl TransferEngine {
     }
 
     fn publish_regions(&self) -> Result<()> {
-        let list = self.regions.snapshot();
-        self.store.set_ephemeral(
-            &regions_key(&self.session),
-            &crate::mem::regions::encode_list(&list),
-        )
+        let value = device_path::encode_published(&self.regions, &self.lock_ipc());
+        self.store
+            .set_ephemeral(&regions_key(&self.session), &value)
     }
 
     // ---- peers ----------------------------------------------------------------------------
@@ -412,9 +446,9 @@ impl TransferEngine {
         dest: &str,
         info: PeerInfo,
         genfd: i32,
-        table: Arc<RegionTable>,
+        table: Arc<PeerTable>,
     ) -> Result<Peer> {
-        let tcp = |info: PeerInfo, table: Arc<RegionTable>| Peer {
+        let tcp = |info: PeerInfo, table: Arc<PeerTable>| Peer {
             transport: Box::new(TcpTransport::new(info.data_addr, self.auth.clone())),
             info,
             kind: Kind::Tcp,
@@ -435,7 +469,12 @@ impl TransferEngine {
         let transport: Box<dyn Transport> = if kind == Kind::Local {
             Box::new(LocalTransport::new())
         } else {
-            if let Some(&(addr, _)) = table.snapshot().first() {
+            let host_region = table
+                .regions
+                .snapshot()
+                .into_iter()
+                .find(|&(a, _)| table.regions.device_at(a).is_none());
+            if let Some((addr, _)) = host_region {
                 if let Err(e) = cma::probe(info.pid, addr) {
                     mf_log!(
                         WARN,
@@ -459,12 +498,12 @@ impl TransferEngine {
         })
     }
 
-    fn fetch_table(&self, dest: &str) -> Result<RegionTable> {
+    fn fetch_table(&self, dest: &str) -> Result<PeerTable> {
         let raw = self
             .store
             .get(&regions_key(dest))?
             .ok_or_else(|| Error::PeerGone(format!("peer {dest} has left the store")))?;
-        RegionTable::from_list(&decode_list(&raw)?)
+        device_path::decode_published(&raw)
     }
 
     /// The peer's table, refetched first when its generation moved (same-host peers).
@@ -473,7 +512,7 @@ impl TransferEngine {
         dest: &str,
         peer: &Peer,
         force_refresh: bool,
-    ) -> Result<Arc<RegionTable>> {
+    ) -> Result<Arc<PeerTable>> {
         let gen = peer.generation.as_ref().map(|g| g.get());
         {
             let t = peer.table.read().unwrap_or_else(|p| p.into_inner());
@@ -574,19 +613,45 @@ impl TransferEngine {
         deadline: Instant,
     ) -> Result<()> {
         let table = self.current_table(dest, peer, false)?;
-        let checked = match CheckedOps::new(ops.clone(), &self.regions, Some(&table)) {
-            Ok(c) => c,
-            Err(first) => {
-                // The cached table may predate a registration: refetch once before refusing.
-                let fresh = self.current_table(dest, peer, true)?;
-                CheckedOps::new(ops, &self.regions, Some(&fresh)).map_err(|_| first)?
-            }
+        let (checked, table) =
+            match CheckedOps::new(ops.clone(), &self.regions, Some(&table.regions)) {
+                Ok(c) => (c, table),
+                Err(first) => {
+                    // The cached table may predate a registration: refetch once before refusing.
+                    let fresh = self.current_table(dest, peer, true)?;
+                    let c = CheckedOps::new(ops, &self.regions, Some(&fresh.regions))
+                        .map_err(|_| first)?;
+                    (c, fresh)
+                }
+            };
+        let run = |checked: &CheckedOps| match dir {
+            Direction::Write => peer.transport.write(checked, deadline),
+            Direction::Read => peer.transport.read(checked, deadline),
         };
-        match dir {
-            Direction::Write => peer.transport.write(&checked, deadline),
-            Direction::Read => peer.transport.read(&checked, deadline),
-        }
-        .map_err(|e| match e {
+        let moved = if self.regions.has_device() || table.regions.has_device() {
+            let (host, device) = device_path::split(&checked, &self.regions, &table)?;
+            // SAFETY: a subset of descriptors checked above, unchanged.
+            let host = unsafe { CheckedOps::assume_checked(host, true) };
+            (if host.ops().is_empty() {
+                Ok(())
+            } else {
+                run(&host)
+            })
+            .and_then(|_| {
+                device_path::transfer(
+                    peer.kind,
+                    peer.transport.as_ref(),
+                    &table,
+                    &self.opened,
+                    dir == Direction::Write,
+                    device,
+                    deadline,
+                )
+            })
+        } else {
+            run(&checked)
+        };
+        moved.map_err(|e| match e {
             Error::Timeout(m) => Error::Timeout(format!(
                 "transfer to {dest} ({}, pid {}): {m}",
                 peer.kind.name(),

@@ -695,9 +695,36 @@ async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
         while re - rs >= REQ_HDR {
             let h = parse_req(&rbuf[rs..rs + REQ_HDR])?;
             rs += REQ_HDR;
-            let verdict = regions.check(h.addr, h.len);
-            if h.op == OP_READ {
+            let (verdict, on_device) = check_request(regions, h.addr, h.len);
+            if h.op == OP_READ && on_device {
+                match device_read(h.addr, h.len as usize) {
+                    Ok(data) => out.read_reply_owned(h.req_id, &data),
+                    Err(e) => out.status(h.req_id, &Err(e)),
+                }
+            } else if h.op == OP_READ {
                 out.read_reply(h.req_id, &verdict, h.addr, h.len);
+            } else if on_device {
+                // Device memory cannot be a recv target: stage through host memory.
+                let len = h.len as usize;
+                let avail = len.min(re - rs);
+                let mut applied = device_write(h.addr, &rbuf[rs..rs + avail]);
+                rs += avail;
+                let mut off = avail;
+                if off < len {
+                    rs = 0;
+                    re = 0;
+                    let mut stage = vec![0u8; (len - off).min(DEVICE_STAGE)];
+                    while off < len {
+                        let n = (len - off).min(stage.len());
+                        let at = stage.as_mut_ptr() as u64;
+                        recv_payload(stream, fd, at, n, &mut [], &mut out).await?;
+                        if applied.is_ok() {
+                            applied = device_write(h.addr + off as u64, &stage[..n]);
+                        }
+                        off += n;
+                    }
+                }
+                out.write_ack(h.req_id, &applied, h.len);
             } else {
                 // parse_req bounded len by MAX_REQUEST.
                 let len = h.len as usize;
@@ -771,6 +798,53 @@ async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
             Err(e) => return Err(Error::io("data server read", e)),
         }
     }
+}
+
+/// Bytes of the host buffer a payload for device memory is received into before it is
+/// copied to the device.
+const DEVICE_STAGE: usize = 4 << 20;
+
+/// The region check of a request, and whether its range is device memory.
+fn check_request(regions: &RegionTable, addr: u64, len: u64) -> (Result<()>, bool) {
+    if !regions.has_device() {
+        return (regions.check(addr, len), false);
+    }
+    match regions.check_kind(addr, len) {
+        Ok(dev) => (Ok(()), dev.is_some()),
+        Err(e) => (Err(e), false),
+    }
+}
+
+fn device_backend(addr: u64) -> Result<std::sync::Arc<dyn crate::device::Device>> {
+    crate::device::memory_of(addr).map(|(d, _)| d).ok_or_else(|| {
+        Error::Failed(format!(
+            "{addr:#x} was registered as device memory but is not device memory now (freed              while registered?)"
+        ))
+    })
+}
+
+/// Copies `len` bytes of registered device memory at `addr` into a new host buffer.
+fn device_read(addr: u64, len: usize) -> Result<Vec<u8>> {
+    let dev = device_backend(addr)?;
+    let mut data = vec![0u8; len];
+    // SAFETY: `[addr, addr + len)` lies in a registered device region (checked by the
+    // caller); `data` holds `len` bytes.
+    crate::device::cuda::with_private_stream_copies(|| unsafe {
+        dev.copy_between(data.as_mut_ptr() as u64, addr, len, None)
+    })?;
+    Ok(data)
+}
+
+/// Copies `data` into registered device memory at `addr`.
+fn device_write(addr: u64, data: &[u8]) -> Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let dev = device_backend(addr)?;
+    // SAFETY: as for `device_read`; the destination range was checked by the caller.
+    crate::device::cuda::with_private_stream_copies(|| unsafe {
+        dev.copy_between(addr, data.as_ptr() as u64, data.len(), None)
+    })
 }
 
 /// Input ran dry: sends the acknowledgements queued so far (the initiator may be waiting for
@@ -877,10 +951,43 @@ async fn serve_tls_conn<S: AsyncRead + AsyncWrite + Unpin>(
             _ => rd_err(e),
         })?;
         let h = parse_req(&hdr)?;
-        let verdict = regions.check(h.addr, h.len);
+        let (verdict, on_device) = check_request(regions, h.addr, h.len);
         // parse_req bounded len by MAX_REQUEST.
         let len = h.len as usize;
-        if h.op == OP_READ {
+        if h.op == OP_READ && on_device {
+            match device_read(h.addr, len) {
+                Ok(data) => {
+                    encode_resp(&mut out, ST_OK, "", h.req_id, h.len);
+                    write_tls(&mut rd, &out).await?;
+                    out.clear();
+                    write_tls(&mut rd, &data).await?;
+                }
+                Err(e) => status_frame(&mut out, h.req_id, &Err(e)),
+            }
+        } else if on_device {
+            let mut applied = Ok(());
+            let mut off = 0usize;
+            while off < len {
+                let n = (len - off).min(TLS_CHUNK);
+                if rd.buffer().len() < n {
+                    flush_tls(&mut rd, &mut out).await?;
+                }
+                rd.read_exact(&mut scratch[..n])
+                    .await
+                    .map_err(|e| match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof => Error::Protocol(format!(
+                            "connection closed with {} payload bytes missing",
+                            len - off
+                        )),
+                        _ => rd_err(e),
+                    })?;
+                if applied.is_ok() {
+                    applied = device_write(h.addr + off as u64, &scratch[..n]);
+                }
+                off += n;
+            }
+            status_frame(&mut out, h.req_id, &applied);
+        } else if h.op == OP_READ {
             if verdict.is_err() {
                 status_frame(&mut out, h.req_id, &verdict);
                 continue;
@@ -1012,6 +1119,15 @@ impl Out {
             });
             self.data += len;
         }
+    }
+
+    /// A READ reply whose data was copied out of device memory.
+    fn read_reply_owned(&mut self, req_id: u64, data: &[u8]) {
+        self.own(|b| {
+            encode_resp(b, ST_OK, "", req_id, data.len() as u64);
+            b.extend_from_slice(data);
+        });
+        self.data += data.len() as u64;
     }
 
     fn full(&self) -> bool {

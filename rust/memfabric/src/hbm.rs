@@ -1,0 +1,286 @@
+//! The device-memory (HBM) part of a Big Memory object.
+//!
+//! Every rank allocates `local_hbm_size` bytes on its device. The ranks agree on a second
+//! global address window, as for DRAM, but nothing is mapped into it: device memory cannot be
+//! placed at a negotiated host address without the driver's virtual-memory API, so an HBM
+//! GVA is a name, `base + rank * stride + offset`, that every process translates:
+//! - own part: the allocation itself;
+//! - same-host ranks: their allocation, mapped here once through its IPC handle;
+//! - other hosts: the rank's allocation address, reached through the object's Transfer
+//!   Engine (the allocation is registered with it; the data server stages it).
+//!
+//! `gva_to_va` gives the device pointer of a part mapped here, which kernels may use.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::device::{self, Device, IpcHandle};
+use crate::error::{Error, Result};
+use crate::fabric::{Reach, SymmetricMemory};
+use crate::mem::gva::{self, Gva};
+use crate::trans::Direction;
+use crate::transport::Op;
+
+/// Where one rank's HBM part is.
+enum Part {
+    /// A device pointer valid in this process (own allocation, or mapped through IPC).
+    Here { ptr: u64, opened: bool },
+    /// Another host: the rank's allocation address, through the engine session.
+    Remote { session: String, ptr: u64 },
+}
+
+/// What one side of a copy resolves to.
+enum Side {
+    Here(u64),
+    Remote { session: String, addr: u64 },
+}
+
+pub struct HbmPart {
+    dev: Arc<dyn Device>,
+    size: u64,
+    own: u64,
+    window: Gva,
+    parts: Vec<Part>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
+impl HbmPart {
+    /// Allocates this rank's part on `device`, agrees on the window and maps same-host parts.
+    /// Collective: every rank of `mem` calls it with the same `size`.
+    pub fn create(
+        mem: &SymmetricMemory,
+        device: i32,
+        size: u64,
+        timeout: Duration,
+    ) -> Result<HbmPart> {
+        let dev = device::select().map_err(|e| match e {
+            Error::Unsupported(why) => Error::Unsupported(format!(
+                "local_hbm_size {size}: no device memory here ({why})"
+            )),
+            e => e,
+        })?;
+        let deadline = Instant::now() + timeout;
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
+        let own = dev.alloc(device, size as usize).map_err(|e| match e {
+            Error::MallocFailed(m) => Error::MallocFailed(format!("local_hbm_size {size}: {m}")),
+            e => e,
+        })?;
+        let window = match gva::negotiate(mem.group(), size, left()) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = dev.free(own);
+                return Err(e);
+            }
+        };
+        // From here on, dropping `part` on an error frees what was made.
+        let mut part = HbmPart {
+            dev: dev.clone(),
+            size,
+            own,
+            window,
+            parts: Vec::new(),
+        };
+        // Without an IPC handle same-host ranks cannot map the part; say so there, not here.
+        let handle = dev
+            .ipc_export(own)
+            .map(|h| hex(&h.bytes))
+            .unwrap_or_default();
+        let me = format!("{own:x};{device};{handle}");
+        let records = mem.group().all_gather(me.as_bytes(), left())?;
+        if let Some(e) = mem.engine() {
+            e.register(own, size)?;
+        }
+        for (r, raw) in records.iter().enumerate() {
+            let r = r as u32;
+            let text = String::from_utf8_lossy(raw);
+            let f: Vec<&str> = text.split(';').collect();
+            let (Some(ptr), Some(ord), Some(h)) = (
+                f.first().and_then(|p| u64::from_str_radix(p, 16).ok()),
+                f.get(1).and_then(|d| d.parse::<i32>().ok()),
+                f.get(2).and_then(|h| unhex(h)),
+            ) else {
+                return Err(Error::Protocol(format!(
+                    "rank {r}'s HBM record {text:?} is malformed"
+                )));
+            };
+            let p = match mem.reach(r)? {
+                Reach::Own => Part::Here { ptr, opened: false },
+                Reach::Mapped => {
+                    if h.is_empty() {
+                        return Err(Error::Unsupported(format!(
+                            "rank {r} is on this host but its device memory cannot be exported"
+                        )));
+                    }
+                    let handle = IpcHandle {
+                        kind: dev.kind(),
+                        device: ord,
+                        bytes: h,
+                    };
+                    let mapped = dev.ipc_open(&handle, device)?;
+                    Part::Here {
+                        ptr: mapped,
+                        opened: true,
+                    }
+                }
+                Reach::Remote(session) => Part::Remote { session, ptr },
+            };
+            part.parts.push(p);
+        }
+        mem.group().barrier(left())?;
+        Ok(part)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The HBM GVA of rank `r`'s part.
+    pub fn part(&self, r: u32) -> u64 {
+        self.window.part(r)
+    }
+
+    /// Whether `addr` is in the HBM window.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.window.rank_of(addr).is_some()
+    }
+
+    /// The rank whose HBM part holds `[gva, gva+len)`, and the offset in it.
+    pub fn locate(&self, gva: u64, len: u64) -> Result<(u32, u64)> {
+        let r = self.window.rank_of(gva).ok_or_else(|| {
+            Error::OutOfBounds(format!("{gva:#x} is outside the HBM address window"))
+        })?;
+        let off = gva - self.window.part(r);
+        if len == 0 || off.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(Error::OutOfBounds(format!(
+                "[{gva:#x}, +{len}) leaves rank {r}'s {} bytes of HBM",
+                self.size
+            )));
+        }
+        Ok((r, off))
+    }
+
+    /// The device pointer of `gva` in this process (own and same-host parts).
+    pub fn va(&self, gva: u64) -> Result<u64> {
+        let (r, off) = self.locate(gva, 1)?;
+        match &self.parts[r as usize] {
+            Part::Here { ptr, .. } => Ok(ptr + off),
+            Part::Remote { .. } => Err(Error::Unsupported(format!(
+                "rank {r}'s HBM is on another host: it has no address in this process"
+            ))),
+        }
+    }
+
+    fn side(&self, mem: &SymmetricMemory, addr: u64, len: u64) -> Result<Side> {
+        if self.contains(addr) {
+            let (r, off) = self.locate(addr, len)?;
+            return Ok(match &self.parts[r as usize] {
+                Part::Here { ptr, .. } => Side::Here(ptr + off),
+                Part::Remote { session, ptr } => Side::Remote {
+                    session: session.clone(),
+                    addr: ptr + off,
+                },
+            });
+        }
+        if let Ok(r) = mem.locate(addr, len) {
+            return Ok(match mem.reach(r)? {
+                Reach::Own | Reach::Mapped => Side::Here(addr),
+                Reach::Remote(session) => Side::Remote { session, addr },
+            });
+        }
+        // Memory of this process: device memory must lie in one allocation, host memory must
+        // be mapped (a bad pointer is an error, not a crash in the driver's memcpy).
+        match self.dev.allocation_of(addr) {
+            Some((base, size)) => {
+                if addr.checked_add(len).is_none_or(|e| e > base + size as u64) {
+                    return Err(Error::OutOfBounds(format!(
+                        "[{addr:#x}, +{len}) runs past its device allocation [{base:#x}, +{size})"
+                    )));
+                }
+            }
+            None => crate::mem::regions::check_mapped_rw(addr, len).map_err(|e| match e {
+                Error::InvalidParam(m) => Error::OutOfBounds(m),
+                e => e,
+            })?,
+        }
+        Ok(Side::Here(addr))
+    }
+
+    /// Copies `len` bytes from `src` to `dst` where at least one of them is an HBM GVA; the
+    /// other may be a DRAM GVA or memory of this process (host or device).
+    pub fn copy(&self, mem: &SymmetricMemory, src: u64, dst: u64, len: u64) -> Result<()> {
+        let s = self.side(mem, src, len)?;
+        let d = self.side(mem, dst, len)?;
+        let engine = || {
+            mem.engine()
+                .ok_or_else(|| Error::NotInit("no network engine for remote ranks".into()))
+        };
+        match (s, d) {
+            (Side::Here(s), Side::Here(d)) => {
+                if self.dev.device_of(s).is_none() && self.dev.device_of(d).is_none() {
+                    let deadline = Instant::now() + mem.timeout();
+                    return crate::fabric::copy_in_process(s, d, len, deadline);
+                }
+                // SAFETY: both ranges were checked above: HBM parts against their size,
+                // DRAM GVAs against the mapped parts, caller memory against its device
+                // allocation or the process's mappings.
+                unsafe { self.dev.copy_between(d, s, len as usize, None) }
+            }
+            (Side::Here(local), Side::Remote { session, addr }) => engine()?.transfer_batch(
+                &session,
+                Direction::Write,
+                vec![Op::new(local, addr, len)],
+            ),
+            (Side::Remote { session, addr }, Side::Here(local)) => {
+                engine()?.transfer_batch(&session, Direction::Read, vec![Op::new(local, addr, len)])
+            }
+            (Side::Remote { .. }, Side::Remote { .. }) => Err(Error::Unsupported(
+                "a copy between two ranks on other hosts: one side must be here".into(),
+            )),
+        }
+    }
+
+    /// Unregisters the own part from the engine, unmaps peers' parts, frees the own part.
+    pub fn release(&mut self, mem: &SymmetricMemory) {
+        if let Some(e) = mem.engine() {
+            let _ = e.unregister(self.own);
+        }
+        for p in self.parts.drain(..) {
+            if let Part::Here { ptr, opened: true } = p {
+                let _ = self.dev.ipc_close(ptr);
+            }
+        }
+        if self.own != 0 {
+            let _ = self.dev.free(self.own);
+            self.own = 0;
+        }
+    }
+}
+
+impl Drop for HbmPart {
+    fn drop(&mut self) {
+        for p in self.parts.drain(..) {
+            if let Part::Here { ptr, opened: true } = p {
+                let _ = self.dev.ipc_close(ptr);
+            }
+        }
+        if self.own != 0 {
+            let _ = self.dev.free(self.own);
+        }
+    }
+}

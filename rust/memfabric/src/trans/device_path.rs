@@ -1,0 +1,518 @@
+//! Descriptors that touch device memory (CUDA, or Ascend once it runs on hardware).
+//!
+//! Registration tells host from device memory once; the published region list carries a
+//! device section (start, length, ordinal and an IPC handle per device region), so peers know
+//! which of their descriptors land in device memory without asking any driver per transfer.
+//! Host-only descriptors never come here.
+//!
+//! How a device descriptor moves, by path:
+//! - **local** (peer is this process): one device copy (`cuMemcpy` through unified
+//!   addressing) between the two addresses, whatever memory either side is.
+//! - **cma** (same host): the peer's device region is mapped here through its IPC handle
+//!   (opened once, cached) and the copy is a device copy again; a host region of the peer
+//!   with a device buffer here goes through a host staging buffer and `process_vm_*`.
+//! - **tcp** (other hosts): a device buffer here is staged through host memory in chunks,
+//!   the next chunk's device copy overlapping the current chunk's network transfer; the
+//!   peer's data server does the same on its side for its device regions.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::device::{self, Device, IpcHandle, Kind as DeviceKind};
+use crate::error::{Error, Result};
+use crate::mem::regions::{decode_list, encode_list, RegionTable};
+use crate::transport::{CheckedOps, Kind, Op, Transport};
+
+/// Marks the device section after the region list in the published value.
+const DEVICE_MAGIC: &[u8; 4] = b"MFDV";
+/// Bytes of one staging chunk on the network paths.
+pub const STAGE_CHUNK: usize = 4 << 20;
+
+/// A device region of a peer, from its published list.
+#[derive(Clone, Debug)]
+pub struct PeerDeviceRegion {
+    pub device: i32,
+    pub kind: DeviceKind,
+    pub ipc: Vec<u8>,
+}
+
+/// A peer's published tables: all its regions (device ones marked) and the IPC handles of
+/// the device ones.
+#[derive(Debug, Default)]
+pub struct PeerTable {
+    pub regions: RegionTable,
+    pub device: HashMap<u64, PeerDeviceRegion>,
+}
+
+/// Encodes what an engine publishes: the region list, then (when it has device regions)
+/// "MFDV", u32 count, and per device region u64 start, u64 length, i32 ordinal, u8 backend
+/// (1 CUDA, 2 Ascend), u16 handle length, handle bytes; little-endian.
+pub fn encode_published(regions: &RegionTable, ipc: &HashMap<u64, IpcHandle>) -> Vec<u8> {
+    let mut out = encode_list(&regions.snapshot());
+    let dev = regions.device_regions();
+    if dev.is_empty() {
+        return out;
+    }
+    out.extend_from_slice(DEVICE_MAGIC);
+    out.extend_from_slice(&(dev.len() as u32).to_le_bytes());
+    for (start, len, ord) in dev {
+        let h = ipc.get(&start);
+        out.extend_from_slice(&start.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&ord.to_le_bytes());
+        out.push(match h.map(|h| h.kind) {
+            Some(DeviceKind::Ascend) => 2,
+            _ => 1,
+        });
+        let bytes = h.map(|h| h.bytes.as_slice()).unwrap_or(&[]);
+        out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// Decodes [`encode_published`]; a value without a device section is a plain region list.
+pub fn decode_published(bytes: &[u8]) -> Result<PeerTable> {
+    let bad = |why: &str| Error::Protocol(format!("published regions: {why}"));
+    if bytes.len() < 12 {
+        return Err(bad("shorter than its header"));
+    }
+    let count = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+    let list_len = count
+        .checked_mul(16)
+        .and_then(|n| n.checked_add(12))
+        .filter(|&n| n <= bytes.len())
+        .ok_or_else(|| bad("region count larger than the value"))?;
+    let regions = RegionTable::from_list(&decode_list(&bytes[..list_len])?)?;
+    let mut rest = &bytes[list_len..];
+    let mut device = HashMap::new();
+    if rest.is_empty() {
+        return Ok(PeerTable { regions, device });
+    }
+    if rest.len() < 8 || &rest[..4] != DEVICE_MAGIC {
+        return Err(bad("trailing bytes that are not a device section"));
+    }
+    let n = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
+    rest = &rest[8..];
+    for i in 0..n {
+        if rest.len() < 23 {
+            return Err(bad(&format!("device entry {i} is cut short")));
+        }
+        let start = u64::from_le_bytes(rest[..8].try_into().unwrap_or_default());
+        let len = u64::from_le_bytes(rest[8..16].try_into().unwrap_or_default());
+        let ord = i32::from_le_bytes(rest[16..20].try_into().unwrap_or_default());
+        let kind = match rest[20] {
+            1 => DeviceKind::Cuda,
+            2 => DeviceKind::Ascend,
+            k => return Err(bad(&format!("device entry {i}: unknown backend {k}"))),
+        };
+        let hl = u16::from_le_bytes([rest[21], rest[22]]) as usize;
+        if rest.len() < 23 + hl {
+            return Err(bad(&format!("device entry {i}: handle cut short")));
+        }
+        let ipc = rest[23..23 + hl].to_vec();
+        rest = &rest[23 + hl..];
+        if regions.check(start, len).is_err() {
+            return Err(bad(&format!(
+                "device entry {i} ({start:#x}, {len} bytes) is not a listed region"
+            )));
+        }
+        regions.mark_device(start, ord);
+        device.insert(
+            start,
+            PeerDeviceRegion {
+                device: ord,
+                kind,
+                ipc,
+            },
+        );
+    }
+    if !rest.is_empty() {
+        return Err(bad("bytes after the device section"));
+    }
+    Ok(PeerTable { regions, device })
+}
+
+/// A device registration that passed [`check_device_registration`].
+pub struct DeviceRegistration {
+    pub ordinal: i32,
+    /// What same-host peers open; `None` where the memory cannot be exported (e.g.
+    /// virtual-memory allocations: then only this process and the tcp path reach it).
+    pub ipc: Option<IpcHandle>,
+}
+
+/// Checks a device registration: `[addr, addr + len)` inside one live allocation of the
+/// backend that owns `addr`. `None` when `addr` is not device memory.
+pub fn check_device_registration(addr: u64, len: u64) -> Option<Result<DeviceRegistration>> {
+    let (dev, ord) = device::memory_of(addr)?;
+    Some((|| {
+        let (base, size) = dev.allocation_of(addr).ok_or_else(|| {
+            Error::InvalidParam(format!(
+                "{addr:#x} is {} device memory, but its allocation cannot be found",
+                dev.kind().name()
+            ))
+        })?;
+        let end = addr.checked_add(len);
+        if end.is_none_or(|e| e > base + size as u64) {
+            return Err(Error::InvalidParam(format!(
+                "[{addr:#x}, +{len}) runs past the end of its device allocation [{base:#x}, +{size})"
+            )));
+        }
+        Ok(DeviceRegistration {
+            ordinal: ord,
+            ipc: dev.ipc_export(addr).ok(),
+        })
+    })())
+}
+
+/// Peer device memory mapped into this process, by the allocation's handle (its first 64
+/// bytes name the allocation; the rest is the offset of the registered start).
+#[derive(Default)]
+pub struct IpcCache {
+    opened: Mutex<HashMap<Vec<u8>, Opened>>,
+}
+
+/// A peer allocation mapped here: the backend that mapped it and the local base address.
+struct Opened {
+    dev: Arc<dyn Device>,
+    base: u64,
+}
+
+const CUDA_HANDLE: usize = 64;
+
+impl IpcCache {
+    /// This process's address for `remote`, inside the peer's device region `region` that
+    /// starts at `start`.
+    fn map(&self, region: &PeerDeviceRegion, start: u64, remote: u64) -> Result<u64> {
+        if region.ipc.len() != CUDA_HANDLE + 16 || region.kind != DeviceKind::Cuda {
+            return Err(Error::Unsupported(format!(
+                "the peer's device region at {start:#x} was published without an IPC handle \
+                 this host can open; use the tcp path (MF_TRANSPORT=tcp)"
+            )));
+        }
+        let key = region.ipc[..CUDA_HANDLE].to_vec();
+        let offset = u64::from_le_bytes(
+            region.ipc[CUDA_HANDLE..CUDA_HANDLE + 8]
+                .try_into()
+                .unwrap_or_default(),
+        );
+        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        let base = match opened.get(&key) {
+            Some(o) => o.base,
+            None => {
+                let dev = device::registry()
+                    .get(DeviceKind::Cuda)
+                    .clone()
+                    .map_err(|why| {
+                        Error::Unsupported(format!(
+                            "the peer's region at {start:#x} is CUDA memory, but {why}"
+                        ))
+                    })?;
+                // Opened at the allocation's base (offset 0) so that every region of one
+                // allocation shares the mapping: the driver maps an allocation once per
+                // process.
+                let mut whole = region.ipc.clone();
+                whole[CUDA_HANDLE..CUDA_HANDLE + 8].copy_from_slice(&0u64.to_le_bytes());
+                let h = IpcHandle {
+                    kind: DeviceKind::Cuda,
+                    device: region.device,
+                    bytes: whole,
+                };
+                let b = dev.ipc_open(&h, region.device)?;
+                opened.insert(key, Opened { dev, base: b });
+                b
+            }
+        };
+        Ok(base + offset + (remote - start))
+    }
+}
+
+impl Drop for IpcCache {
+    fn drop(&mut self) {
+        let opened = std::mem::take(&mut *self.opened.lock().unwrap_or_else(|p| p.into_inner()));
+        for o in opened.into_values() {
+            let _ = o.dev.ipc_close(o.base);
+        }
+    }
+}
+
+/// One descriptor touching device memory, with what each side is.
+pub struct DevOp {
+    op: Op,
+    /// Device ordinal of the local side (`None`: host memory).
+    local: Option<i32>,
+    /// Start of the peer's device region holding the remote side (`None`: host memory).
+    remote: Option<u64>,
+}
+
+/// Splits checked descriptors into host-only ones and those touching device memory.
+pub fn split(
+    checked: &CheckedOps,
+    mine: &RegionTable,
+    peer: &PeerTable,
+) -> Result<(Vec<Op>, Vec<DevOp>)> {
+    let mut host = Vec::new();
+    let mut dev = Vec::new();
+    let mut lc = mine.batch();
+    let mut rc = peer.regions.batch();
+    for op in checked.ops() {
+        let local = if mine.has_device() {
+            mine.device_at(lc.region_of(op.local, op.len)?)
+        } else {
+            None
+        };
+        let remote = if peer.regions.has_device() {
+            let s = rc.region_of(op.remote, op.len)?;
+            peer.regions.device_at(s).map(|_| s)
+        } else {
+            None
+        };
+        if local.is_none() && remote.is_none() {
+            host.push(*op);
+        } else {
+            dev.push(DevOp {
+                op: *op,
+                local,
+                remote,
+            });
+        }
+    }
+    Ok((host, dev))
+}
+
+/// Moves descriptors that touch device memory over the path `kind` to a peer.
+pub fn transfer(
+    kind: Kind,
+    transport: &dyn Transport,
+    peer: &PeerTable,
+    ipc: &IpcCache,
+    write: bool,
+    ops: Vec<DevOp>,
+    deadline: Instant,
+) -> Result<()> {
+    for (i, d) in ops.iter().enumerate() {
+        move_one(kind, transport, peer, ipc, write, d, deadline).map_err(|e| match e {
+            Error::InvalidParam(m) => Error::InvalidParam(format!("device descriptor {i}: {m}")),
+            e => e,
+        })?;
+        crate::transport::expired(deadline, "device transfer")?;
+    }
+    Ok(())
+}
+
+fn move_one(
+    kind: Kind,
+    transport: &dyn Transport,
+    peer: &PeerTable,
+    ipc: &IpcCache,
+    write: bool,
+    d: &DevOp,
+    deadline: Instant,
+) -> Result<()> {
+    let op = d.op;
+    // Where the peer's bytes are, as an address of this process (same-process and mapped).
+    let remote_here = match (kind, d.remote) {
+        (Kind::Local, _) => Some(op.remote),
+        (Kind::Cma, Some(start)) => {
+            let region = peer.device.get(&start).ok_or_else(|| {
+                Error::Protocol(format!("peer region {start:#x} has no device entry"))
+            })?;
+            Some(ipc.map(region, start, op.remote)?)
+        }
+        _ => None,
+    };
+    if let Some(r) = remote_here {
+        let (dst, src) = if write { (r, op.local) } else { (op.local, r) };
+        let dev = device_for(dst, src)?;
+        // SAFETY: the local side lies in a region this engine registered (checked), the
+        // remote side in one the peer registered (checked against its published table) and
+        // mapped here (same process, or opened through its IPC handle).
+        return unsafe { dev.copy_between(dst, src, op.len as usize, None) };
+    }
+    match d.local {
+        // Host memory here, device memory over there: the peer's data server copies.
+        None => {
+            // SAFETY: checked against both tables by the caller.
+            let one = unsafe { CheckedOps::assume_checked(vec![op], true) };
+            if write {
+                transport.write(&one, deadline)
+            } else {
+                transport.read(&one, deadline)
+            }
+        }
+        Some(_) => staged(transport, write, op, deadline),
+    }
+}
+
+fn device_for(dst: u64, src: u64) -> Result<Arc<dyn Device>> {
+    device::memory_of(dst)
+        .or_else(|| device::memory_of(src))
+        .map(|(d, _)| d)
+        .ok_or_else(|| {
+            Error::InvalidParam(format!(
+                "neither {dst:#x} nor {src:#x} is device memory any more (freed while registered?)"
+            ))
+        })
+}
+
+/// A host buffer for staging device bytes on their way to or from the network.
+struct Stage {
+    buf: Vec<u8>,
+}
+
+impl Stage {
+    fn new(len: usize) -> Stage {
+        Stage {
+            buf: vec![0u8; len],
+        }
+    }
+    fn addr(&mut self) -> u64 {
+        self.buf.as_mut_ptr() as u64
+    }
+}
+
+/// Moves `op` whose local side is device memory over a host-only path, in chunks through two
+/// host buffers: while one chunk is on the network, the device copy of the next one runs.
+fn staged(transport: &dyn Transport, write: bool, op: Op, deadline: Instant) -> Result<()> {
+    let dev = device::memory_of(op.local)
+        .map(|(d, _)| d)
+        .ok_or_else(|| Error::InvalidParam(format!("{:#x} is not device memory", op.local)))?;
+    let total = op.len as usize;
+    let chunk = STAGE_CHUNK.min(total);
+    let chunks: Vec<(usize, usize)> = (0..total)
+        .step_by(chunk)
+        .map(|off| (off, chunk.min(total - off)))
+        .collect();
+    let mut bufs = [
+        Stage::new(chunk),
+        Stage::new(if chunks.len() > 1 { chunk } else { 1 }),
+    ];
+    let net = |stage: u64, off: usize, n: usize| -> Result<()> {
+        let one = Op::new(stage, op.remote + off as u64, n as u64);
+        // SAFETY: `stage` is our own buffer of at least `n` bytes, alive for the call; the
+        // remote range was checked against the peer's table (and its server checks again).
+        let checked = unsafe { CheckedOps::assume_checked(vec![one], true) };
+        if write {
+            transport.write(&checked, deadline)
+        } else {
+            transport.read(&checked, deadline)
+        }
+    };
+    // Helper threads copy the way this thread does (a stream-ordered job's private stream).
+    let private = device::cuda::private_stream_copies();
+    let [b0, b1] = &mut bufs;
+    let (a0, a1) = (b0.addr(), b1.addr());
+    let addr_of = |i: usize| if i.is_multiple_of(2) { a0 } else { a1 };
+    if write {
+        // Device -> host for chunk i+1 runs on a helper thread while chunk i is sent.
+        // SAFETY: chunk 0 lies in the registered device range; the stage holds `chunk` bytes.
+        unsafe { dev.copy_between(a0, op.local, chunks[0].1, None)? };
+        for i in 0..chunks.len() {
+            let (off, n) = chunks[i];
+            let next = chunks.get(i + 1).copied();
+            std::thread::scope(|s| -> Result<()> {
+                let pre = next.map(|(noff, nn)| {
+                    let dev = dev.clone();
+                    let to = addr_of(i + 1);
+                    s.spawn(move || {
+                        device::cuda::use_private_stream_copies(private);
+                        // SAFETY: the other stage is not in flight (its send finished); the
+                        // source lies in the registered device range.
+                        unsafe { dev.copy_between(to, op.local + noff as u64, nn, None) }
+                    })
+                });
+                let sent = net(addr_of(i), off, n);
+                let copied = match pre {
+                    Some(h) => h.join().unwrap_or_else(|_| {
+                        Err(Error::Failed("device staging copy panicked".into()))
+                    }),
+                    None => Ok(()),
+                };
+                sent.and(copied)
+            })?;
+        }
+    } else {
+        // Host -> device for chunk i runs while chunk i+1 is received.
+        net(a0, chunks[0].0, chunks[0].1)?;
+        for i in 0..chunks.len() {
+            let (off, n) = chunks[i];
+            let next = chunks.get(i + 1).copied();
+            std::thread::scope(|s| -> Result<()> {
+                let dev = dev.clone();
+                let from = addr_of(i);
+                let h = s.spawn(move || {
+                    device::cuda::use_private_stream_copies(private);
+                    // SAFETY: stage `i % 2` holds chunk i, received above; the destination
+                    // lies in the registered device range.
+                    unsafe { dev.copy_between(op.local + off as u64, from, n, None) }
+                });
+                let got = match next {
+                    Some((noff, nn)) => net(addr_of(i + 1), noff, nn),
+                    None => Ok(()),
+                };
+                let copied = h
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Failed("device staging copy panicked".into())));
+                got.and(copied)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_value_round_trips_with_and_without_device_regions() {
+        let t = RegionTable::new();
+        let host = vec![0u8; 4096];
+        t.register(host.as_ptr() as u64, 4096).unwrap();
+        let v = encode_published(&t, &HashMap::new());
+        assert_eq!(v, encode_list(&t.snapshot()));
+        let p = decode_published(&v).unwrap();
+        assert_eq!(p.regions.snapshot(), t.snapshot());
+        assert!(!p.regions.has_device() && p.device.is_empty());
+
+        // A device region as a peer with a GPU would publish it (no GPU needed to encode).
+        t.register_device(0x7f00_0000_0000, 1 << 20, 0).unwrap();
+        let mut ipc = HashMap::new();
+        ipc.insert(
+            0x7f00_0000_0000,
+            IpcHandle {
+                kind: DeviceKind::Cuda,
+                device: 0,
+                bytes: vec![7u8; 80],
+            },
+        );
+        let v = encode_published(&t, &ipc);
+        let p = decode_published(&v).unwrap();
+        assert_eq!(p.regions.snapshot(), t.snapshot());
+        assert_eq!(p.regions.device_at(0x7f00_0000_0000), Some(0));
+        assert_eq!(p.regions.device_at(host.as_ptr() as u64), None);
+        assert_eq!(p.device[&0x7f00_0000_0000].ipc, vec![7u8; 80]);
+
+        // Every truncation and a trailing byte are refused, never a panic.
+        for cut in 0..v.len() {
+            assert!(
+                decode_published(&v[..cut]).is_err() || cut == encode_list(&t.snapshot()).len()
+            );
+        }
+        let mut long = v.clone();
+        long.push(0);
+        assert!(decode_published(&long).is_err());
+        // A device entry for an address that is not a listed region is refused.
+        let other = RegionTable::new();
+        other.register(host.as_ptr() as u64, 4096).unwrap();
+        other.register_device(0x7f00_0010_0000, 4096, 0).unwrap();
+        let listed = encode_list(&[(host.as_ptr() as u64, 4096)]);
+        let full = encode_published(&other, &HashMap::new());
+        let section = &full[encode_list(&other.snapshot()).len()..];
+        let mut forged = listed.clone();
+        forged.extend_from_slice(section);
+        let e = decode_published(&forged).unwrap_err();
+        assert!(e.to_string().contains("not a listed region"), "{e}");
+    }
+}
