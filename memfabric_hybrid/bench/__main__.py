@@ -1,4 +1,4 @@
-"""Entry point: ``python -m memfabric_hybrid.bench <store|te> [options]``."""
+"""Entry point: ``python -m memfabric_hybrid.bench <store|te|bm|kv|soak|device> [options]``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
-        print("usage: python -m memfabric_hybrid.bench {store,te,bm,kv,soak} [--help]")
+        print("usage: python -m memfabric_hybrid.bench {store,te,bm,kv,soak,device} [--help]")
         return 0 if len(sys.argv) >= 2 else 2
     which, rest = sys.argv[1], sys.argv[2:]
     if which == "store":
@@ -20,8 +20,10 @@ def main() -> int:
         from .kv import main as run
     elif which == "soak":
         from .soak import main as run
+    elif which == "device":
+        from .device import main as run
     else:
-        print(f"unknown benchmark {which!r}; known: store, te, bm, kv, soak", file=sys.stderr)
+        print(f"unknown benchmark {which!r}; known: store, te, bm, kv, soak, device", file=sys.stderr)
         return 2
     return run(rest)
 
