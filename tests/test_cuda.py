@@ -63,7 +63,7 @@ def _peer_main(url: str, n: int, transport: str, conn) -> None:
     host = t.zeros(n, dtype=t.uint8)
     assert e.register_memory(dev) == 0, m.get_last_err_msg()
     assert e.register_memory(host) == 0, m.get_last_err_msg()
-    conn.send((e.session_id(), dev.data_ptr(), host.data_ptr()))
+    conn.send((e.session_id, dev.data_ptr(), host.data_ptr()))
     while True:
         msg = conn.recv()
         if msg[0] == "stop":
@@ -134,7 +134,7 @@ def test_same_process_device_and_host_mixes(store):
         for e, ts in ((a, (dev_a, host_a)), (b, (dev_b, host_b))):
             for t in ts:
                 assert e.register_memory(t) == 0, mf.get_last_err_msg()
-        sb = b.session_id()
+        sb = b.session_id
         assert a.transport_for(sb) == "local"
         # device -> device, host -> device, device -> host, each verified.
         assert a.transfer_sync_write(sb, dev_a, dev_b.data_ptr()) == 0, mf.get_last_err_msg()
@@ -337,7 +337,7 @@ assert b.initialize(srv.url, "127.0.0.1:0", "Decode", 0) == 0
 x = torch.zeros(4096, dtype=torch.uint8, device="cuda")
 y = torch.zeros(4096, dtype=torch.uint8, device="cuda")
 assert a.register_memory(x) == 0 and b.register_memory(y) == 0
-rc = a.transfer_async_write_submit(b.session_id(), x, y.data_ptr(), 4096, 0x1234)
+rc = a.transfer_async_write_submit(b.session_id, x, y.data_ptr(), 4096, 0x1234)
 print(json.dumps([rc, mf.get_last_err_msg()]))
 """
 
