@@ -15,6 +15,8 @@ import pytest
 import memfabric_hybrid as mf
 from memfabric_hybrid import torch_ext
 
+_CUDA = mf.device_info()["cuda"]["available"]
+
 MiB = 1 << 20
 HUGE = 1 << 62
 
@@ -119,7 +121,9 @@ ROWS: List[Row] = [
     ("TE.batch(not a list)", lambda w: w.engine.batch_transfer_sync_write(w.session, 5, [w.peer_addr], [64]), TypeError, ""),
     ("TE.batch(register 0 capacities)", lambda w: w.engine.batch_register_memory([w.addr], []), mf.SMEM_INVALID_PARAM, ""),
     ("TE.async(bad stream)", lambda w: w.engine.transfer_async_write_submit(w.session, w.addr, w.peer_addr, 64, "s"), TypeError, ""),
-    ("TE.async(device stream, no device)", lambda w: w.engine.transfer_async_write_submit(w.session, w.addr, w.peer_addr, 64, 0x1234), mf.MF_UNSUPPORTED, "device"),
+    # Without a device backend: unsupported; with CUDA: not a stream handle (never a crash).
+    ("TE.async(device stream 0x1234)", lambda w: w.engine.transfer_async_write_submit(w.session, w.addr, w.peer_addr, 64, 0x1234),
+     mf.SMEM_INVALID_PARAM if _CUDA else mf.MF_UNSUPPORTED, "stream handle" if _CUDA else "device"),
     ("TE.transfer_timeout = -1", lambda w: setattr(w.engine, "transfer_timeout", -1.0), ValueError, ""),
     ("TE.transport_for(unknown)", lambda w: w.engine.transport_for("127.0.0.1:9"), mf.StoreError, ""),
     ("TE.transfer_blocks(bad opcode)", lambda w: w.engine.transfer_blocks(w.session, [(w.addr, 4, 64, 64)], [(w.peer_addr, 4, 64, 64)], [0], [0], 3), mf.SMEM_INVALID_PARAM, "opcode"),

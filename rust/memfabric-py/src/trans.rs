@@ -79,6 +79,11 @@ impl TransferEngine {
             Ok(e) => e,
             Err(e) => return Ok(fail(e)),
         };
+        if matches!(stream, StreamArg::Device(_)) {
+            if let Err(e) = py.detach(|| engine.prepare_peer(&dest)) {
+                return Ok(fail(e));
+            }
+        }
         Ok(stream.dispatch(py, move || engine.transfer_batch(&dest, dir, ops), owner))
     }
 

@@ -386,7 +386,10 @@ impl SymmetricMemory {
 
     /// Registers caller memory that network copies may use as their local side.
     pub fn register_local(&self, addr: u64, len: u64) -> Result<()> {
-        self.registered.register(addr, len)?;
+        match crate::trans::device_path::check_device_registration(addr, len) {
+            Some(found) => self.registered.register_device(addr, len, found?.ordinal)?,
+            None => self.registered.register(addr, len)?,
+        }
         if let Some(e) = &self.engine {
             if let Err(err) = e.register(addr, len) {
                 let _ = self.registered.unregister(addr);
@@ -394,6 +397,11 @@ impl SymmetricMemory {
             }
         }
         Ok(())
+    }
+
+    /// Whether `[addr, addr+len)` lies in memory registered with [`register_local`].
+    pub fn is_registered(&self, addr: u64, len: u64) -> bool {
+        self.registered.check(addr, len).is_ok()
     }
 
     /// Undoes [`register_local`](Self::register_local).

@@ -31,9 +31,21 @@ enum Part {
 
 /// What one side of a copy resolves to.
 enum Side {
+    /// Memory of this process known to be valid (HBM parts, mapped DRAM parts, checked
+    /// device buffers, registered host memory).
     Here(u64),
-    Remote { session: String, addr: u64 },
+    /// A caller's host address nothing has vouched for yet.
+    Unchecked(u64),
+    Remote {
+        session: String,
+        addr: u64,
+    },
 }
+
+/// Copies of caller host memory up to this size bounce through an internal buffer, with the
+/// caller's side moved by the kernel (a bad address is an error, not a crash): cheaper than
+/// reading the process's mappings; larger ones check the mappings and copy directly.
+const BOUNCE_MAX: u64 = 1 << 20;
 
 pub struct HbmPart {
     dev: Arc<dyn Device>,
@@ -54,6 +66,22 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     (0..s.len() / 2)
         .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
         .collect()
+}
+
+impl Side {
+    /// Checks a caller's host range against the process's mappings.
+    fn checked(self, len: u64) -> Result<Side> {
+        match self {
+            Side::Unchecked(a) => {
+                crate::mem::regions::check_mapped_rw(a, len).map_err(|e| match e {
+                    Error::InvalidParam(m) => Error::OutOfBounds(m),
+                    e => e,
+                })?;
+                Ok(Side::Here(a))
+            }
+            other => Ok(other),
+        }
+    }
 }
 
 impl HbmPart {
@@ -203,8 +231,8 @@ impl HbmPart {
                 Reach::Remote(session) => Side::Remote { session, addr },
             });
         }
-        // Memory of this process: device memory must lie in one allocation, host memory must
-        // be mapped (a bad pointer is an error, not a crash in the driver's memcpy).
+        // Memory of this process: device memory must lie in one allocation; host memory is
+        // checked by the copy (see `BOUNCE_MAX`) unless it was registered with the object.
         match self.dev.allocation_of(addr) {
             Some((base, size)) => {
                 if addr.checked_add(len).is_none_or(|e| e > base + size as u64) {
@@ -212,13 +240,11 @@ impl HbmPart {
                         "[{addr:#x}, +{len}) runs past its device allocation [{base:#x}, +{size})"
                     )));
                 }
+                Ok(Side::Here(addr))
             }
-            None => crate::mem::regions::check_mapped_rw(addr, len).map_err(|e| match e {
-                Error::InvalidParam(m) => Error::OutOfBounds(m),
-                e => e,
-            })?,
+            None if mem.is_registered(addr, len) => Ok(Side::Here(addr)),
+            None => Ok(Side::Unchecked(addr)),
         }
-        Ok(Side::Here(addr))
     }
 
     /// Copies `len` bytes from `src` to `dst` where at least one of them is an HBM GVA; the
@@ -230,10 +256,31 @@ impl HbmPart {
             mem.engine()
                 .ok_or_else(|| Error::NotInit("no network engine for remote ranks".into()))
         };
+        let deadline = Instant::now() + mem.timeout();
+        let (s, d) = match (s, d) {
+            // Caller host memory with an HBM part: small copies bounce (kernel-checked).
+            (Side::Unchecked(h), Side::Here(dv)) if len <= BOUNCE_MAX => {
+                let mut bounce = vec![0u8; len as usize];
+                let b = bounce.as_mut_ptr() as u64;
+                crate::fabric::copy_in_process(h, b, len, deadline)?;
+                // SAFETY: `bounce` holds `len` bytes; `dv` was checked by `side`.
+                return unsafe { self.dev.copy_between(dv, b, len as usize, None) };
+            }
+            (Side::Here(sv), Side::Unchecked(h)) if len <= BOUNCE_MAX => {
+                let mut bounce = vec![0u8; len as usize];
+                let b = bounce.as_mut_ptr() as u64;
+                // SAFETY: as above, in the other direction.
+                unsafe { self.dev.copy_between(b, sv, len as usize, None)? };
+                return crate::fabric::copy_in_process(b, h, len, deadline);
+            }
+            (s, d) => (s.checked(len)?, d.checked(len)?),
+        };
         match (s, d) {
+            (Side::Unchecked(_), _) | (_, Side::Unchecked(_)) => {
+                Err(Error::Failed("an unchecked side after checking".into()))
+            }
             (Side::Here(s), Side::Here(d)) => {
                 if self.dev.device_of(s).is_none() && self.dev.device_of(d).is_none() {
-                    let deadline = Instant::now() + mem.timeout();
                     return crate::fabric::copy_in_process(s, d, len, deadline);
                 }
                 // SAFETY: both ranges were checked above: HBM parts against their size,

@@ -1143,6 +1143,7 @@ mod gpu {
             + &String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "IPC child failed:\n{text}");
         assert!(text.contains("ipc child verified"), "{text}");
+        eprintln!("ipc child verified (in a child process)");
         c.free(a).unwrap();
     }
 

@@ -184,7 +184,7 @@ const CUDA_HANDLE: usize = 64;
 impl IpcCache {
     /// This process's address for `remote`, inside the peer's device region `region` that
     /// starts at `start`.
-    fn map(&self, region: &PeerDeviceRegion, start: u64, remote: u64) -> Result<u64> {
+    pub(crate) fn map(&self, region: &PeerDeviceRegion, start: u64, remote: u64) -> Result<u64> {
         if region.ipc.len() != CUDA_HANDLE + 16 || region.kind != DeviceKind::Cuda {
             return Err(Error::Unsupported(format!(
                 "the peer's device region at {start:#x} was published without an IPC handle \

@@ -526,6 +526,24 @@ impl TransferEngine {
         Ok(fresh)
     }
 
+    /// Looks `dest` up and maps its same-host device regions now. A transfer queued on a
+    /// device stream must do no device-synchronizing call when it runs (opening an IPC handle
+    /// waits for every stream, the one holding the transfer included), so submitting onto a
+    /// device stream prepares the peer first.
+    pub fn prepare_peer(&self, dest: &str) -> Result<()> {
+        let deadline = Instant::now() + self.transfer_timeout;
+        crate::store::within(deadline, || {
+            let peer = self.peer(dest)?;
+            let table = self.current_table(dest, &peer, false)?;
+            if peer.kind == Kind::Cma {
+                for (start, region) in &table.device {
+                    self.opened.map(region, *start, *start)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn forget(&self, dest: &str) {
         self.lock_peers().remove(dest);
     }
