@@ -169,7 +169,9 @@ def test_across_processes(gpu_peer):
     assert me.transfer_sync_write(session, src_host, dev_addr, MiB) == 0, mf.get_last_err_msg()
     assert peer_bytes(conn, "dev", 0, MiB) == src_host[:MiB].numpy().tobytes()
     assert me.transfer_sync_read(session, dst_dev, dev_addr + 3, n) == 0, mf.get_last_err_msg()
-    assert torch.equal(dst_dev[MiB:].cpu(), src_dev[MiB - 3 : n - 3].cpu())
+    # The peer's bytes [3, 3 + n) are src_dev, except [3, MiB) overwritten by src_host.
+    assert torch.equal(dst_dev[MiB:].cpu(), src_dev[MiB:].cpu())
+    assert torch.equal(dst_dev[: MiB - 3].cpu(), src_host[3:MiB])
     assert me.transfer_sync_read(session, dst_host, dev_addr, MiB) == 0, mf.get_last_err_msg()
     assert torch.equal(dst_host[:MiB], src_host[:MiB])
     # GPU here -> host memory there, and back.

@@ -42,10 +42,14 @@ enum Side {
     },
 }
 
-/// Copies of caller host memory up to this size bounce through an internal buffer, with the
+/// Copies from caller host memory up to this size bounce through an internal buffer, with the
 /// caller's side moved by the kernel (a bad address is an error, not a crash): cheaper than
 /// reading the process's mappings; larger ones check the mappings and copy directly.
-const BOUNCE_MAX: u64 = 1 << 20;
+/// (Measured on an H100 host: 4 KiB H2G 8 us bounced against 23 us with the maps check.)
+const BOUNCE_FROM_MAX: u64 = 256 << 10;
+/// The same for copies into caller host memory, where the kernel's write into this process
+/// costs more (64 KiB G2H: 49 us bounced, 34 us with the maps check).
+const BOUNCE_TO_MAX: u64 = 16 << 10;
 
 pub struct HbmPart {
     dev: Arc<dyn Device>,
@@ -259,14 +263,14 @@ impl HbmPart {
         let deadline = Instant::now() + mem.timeout();
         let (s, d) = match (s, d) {
             // Caller host memory with an HBM part: small copies bounce (kernel-checked).
-            (Side::Unchecked(h), Side::Here(dv)) if len <= BOUNCE_MAX => {
+            (Side::Unchecked(h), Side::Here(dv)) if len <= BOUNCE_FROM_MAX => {
                 let mut bounce = vec![0u8; len as usize];
                 let b = bounce.as_mut_ptr() as u64;
                 crate::fabric::copy_in_process(h, b, len, deadline)?;
                 // SAFETY: `bounce` holds `len` bytes; `dv` was checked by `side`.
                 return unsafe { self.dev.copy_between(dv, b, len as usize, None) };
             }
-            (Side::Here(sv), Side::Unchecked(h)) if len <= BOUNCE_MAX => {
+            (Side::Here(sv), Side::Unchecked(h)) if len <= BOUNCE_TO_MAX => {
                 let mut bounce = vec![0u8; len as usize];
                 let b = bounce.as_mut_ptr() as u64;
                 // SAFETY: as above, in the other direction.

@@ -265,6 +265,8 @@ pub struct Cuda {
     tables: Mutex<Tables>,
     /// Per device: the private non-blocking stream for copies of stream-ordered work.
     private_streams: Mutex<Vec<u64>>,
+    /// Per device: `prepare_ordered_work` done.
+    prepared: Mutex<Vec<bool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -349,6 +351,7 @@ impl Cuda {
             contexts: Mutex::new(vec![0; count as usize]),
             tables: Mutex::new(Tables::default()),
             private_streams: Mutex::new(vec![0; count as usize]),
+            prepared: Mutex::new(vec![false; count as usize]),
         })
     }
 
@@ -477,6 +480,43 @@ impl Cuda {
             ))
         })?;
         lock(&self.tables).foreign_streams.insert(stream.0);
+        Ok(())
+    }
+
+    /// [`Device::prepare_ordered_work`] for one device.
+    fn prepare_device(&self, device: i32) -> Result<()> {
+        let i = self.ordinal(device)?;
+        if lock(&self.prepared).get(i).copied().unwrap_or(false) {
+            return Ok(());
+        }
+        // Lazy module loading makes the first copy of each kind load code, which waits for
+        // the whole device: do one of each now, on the private stream the work will use.
+        let s = self.private_stream(device)?;
+        let n = 4096;
+        let a = self.alloc(device, n)?;
+        let b = match self.alloc(device, n) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = self.free(a);
+                return Err(e);
+            }
+        };
+        let mut host = vec![0u8; n];
+        let h = host.as_mut_ptr() as u64;
+        // SAFETY: `a`, `b` are `n`-byte allocations, `host` holds `n` bytes; all outlive the
+        // synchronization below.
+        let copied = unsafe {
+            self.copy_async(Direction::HostToDevice, a, h, n, s)
+                .and_then(|_| self.copy_async(Direction::DeviceToDevice, b, a, n, s))
+                .and_then(|_| self.copy_async(Direction::DeviceToHost, h, b, n, s))
+        }
+        .and_then(|_| self.stream_synchronize(s, PRIVATE_COPY_TIMEOUT));
+        let _ = self.free(a);
+        let _ = self.free(b);
+        copied?;
+        if let Some(p) = lock(&self.prepared).get_mut(i) {
+            *p = true;
+        }
         Ok(())
     }
 
@@ -755,6 +795,15 @@ impl Device for Cuda {
             unsafe { (self.api.cuStreamWaitEvent)(stream.0 as CUstream, event.0 as CUevent, 0) },
             "cuStreamWaitEvent",
         )
+    }
+
+    fn prepare_ordered_work(&self, device: i32) -> Result<()> {
+        // The work may copy on any device, whichever stream it is ordered on.
+        let _ = device;
+        for d in 0..self.count {
+            self.prepare_device(d)?;
+        }
+        Ok(())
     }
 
     fn launch_host_func(&self, stream: StreamHandle, f: Box<dyn FnOnce() + Send>) -> Result<()> {

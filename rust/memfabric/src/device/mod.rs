@@ -163,6 +163,15 @@ pub trait Device: Send + Sync {
         )))
     }
 
+    /// Readies this process for work ordered on a caller's stream (see [`stream_order`]):
+    /// whatever the backend does once and lazily (creating its private stream, loading the
+    /// copy code) must happen here, on the caller's thread, and not inside such work, where
+    /// anything that waits for every stream would wait for itself.
+    fn prepare_ordered_work(&self, device: i32) -> Result<()> {
+        let _ = device;
+        Ok(())
+    }
+
     /// The allocation holding device address `addr`: (base, length). `None` for an address
     /// that is not device memory of this backend.
     fn allocation_of(&self, addr: u64) -> Option<(u64, usize)> {

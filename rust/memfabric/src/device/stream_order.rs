@@ -96,6 +96,7 @@ pub fn submit(
     if let Some(e) = take_error(stream) {
         return Err(e);
     }
+    dev.prepare_ordered_work(0)?;
     let gate = Arc::new(Gate {
         state: Mutex::new(WAITING),
         cv: Condvar::new(),
