@@ -84,7 +84,9 @@ pub fn decode_published(bytes: &[u8]) -> Result<PeerTable> {
         .and_then(|n| n.checked_add(12))
         .filter(|&n| n <= bytes.len())
         .ok_or_else(|| bad("region count larger than the value"))?;
-    let regions = RegionTable::from_list(&decode_list(&bytes[..list_len])?)?;
+    let list = decode_list(&bytes[..list_len])?;
+    let regions = RegionTable::from_list(&list)?;
+    let listed: HashMap<u64, u64> = list.into_iter().collect();
     let mut rest = &bytes[list_len..];
     let mut device = HashMap::new();
     if rest.is_empty() {
@@ -113,9 +115,9 @@ pub fn decode_published(bytes: &[u8]) -> Result<PeerTable> {
         }
         let ipc = rest[23..23 + hl].to_vec();
         rest = &rest[23 + hl..];
-        if regions.check(start, len).is_err() {
+        if listed.get(&start) != Some(&len) || device.contains_key(&start) {
             return Err(bad(&format!(
-                "device entry {i} ({start:#x}, {len} bytes) is not a listed region"
+                "device entry {i} ({start:#x}, {len} bytes) is not a listed region, or repeats one"
             )));
         }
         regions.mark_device(start, ord);
