@@ -60,6 +60,46 @@ def initiator(ip: str, conn) -> None:
     server.close()
 
 
+def store_connection(url: str, conn) -> None:
+    """How a client in this namespace reaches the store at ``url``."""
+    import memfabric_hybrid as mf
+
+    c = mf.StoreClient(url, timeout=10)
+    c.set("seen/" + c.connection, b"1")
+    conn.send(c.connection)
+
+
+def test_store_local_socket_stays_on_its_host(spawn):
+    # A client on the store's host takes the Unix socket; one on another host (namespace)
+    # cannot see it and uses TCP.
+    with _netns.TwoHosts() as hosts:
+        got = {}
+        parent, child = spawn.Pipe()
+        server = spawn.Process(target=_netns.run_in, args=(hosts.a, _store_host, hosts.ip_a, child))
+        server.start()
+        assert parent.poll(60)
+        url = parent.recv()
+        for name, ns in (("a", hosts.a), ("b", hosts.b)):
+            p_conn, c_conn = spawn.Pipe()
+            p = spawn.Process(target=_netns.run_in, args=(ns, store_connection, url, c_conn))
+            p.start()
+            assert p_conn.poll(60), f"client in host {name} did not answer"
+            got[name] = p_conn.recv()
+            p.join(30)
+        parent.send("stop")
+        server.join(30)
+    assert got == {"a": "local socket", "b": "tcp"}, got
+
+
+def _store_host(ip: str, conn) -> None:
+    import memfabric_hybrid as mf
+
+    server = mf.start_config_store(f"tcp://{ip}:0")
+    conn.send(server.url)
+    conn.recv()
+    server.close()
+
+
 def test_transfers_cross_a_veth_link(spawn):
     with _netns.TwoHosts() as hosts:
         ci, ci_child = spawn.Pipe()

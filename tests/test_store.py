@@ -230,3 +230,25 @@ def test_group_argument_errors(store):
     g.leave()
     with pytest.raises(mf.StoreError):
         g.barrier()
+
+
+def test_same_host_clients_take_the_local_socket(embedded_store):
+    store = embedded_store
+    c = mf.StoreClient(store.url, timeout=5)
+    assert c.connection == "local socket"
+    c.set("k", b"v", ephemeral=True)
+    assert c.get("k") == b"v"
+    # Turned off (both sides read the variable; the client's side is enough here): plain TCP.
+    code = (
+        "import memfabric_hybrid as mf, sys\n"
+        f"c = mf.StoreClient({store.url!r}, timeout=5)\n"
+        "c.set('t', b'1')\n"
+        "print(c.connection)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**__import__("os").environ, "MF_STORE_NO_LOCAL_SOCKET": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "tcp"
+    assert c.get("t") == b"1"
+    c.close()
+    assert c.connection == "none"

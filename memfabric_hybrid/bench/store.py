@@ -8,7 +8,8 @@ rendezvous and all_gather 64 bytes (embedded and etcd).
 
 Servers run in this process (etcd: three local members on loopback, data in /dev/shm, see
 memfabric_hybrid.etcd_cluster); clients run in their own processes (spawn) so that eight
-clients really are concurrent. Every memfabric ``set`` is acknowledged by the server (on etcd:
+clients really are concurrent. Our store is measured twice: as clients on its host reach it
+(its local Unix socket) and over TCP loopback (as clients on other hosts reach it). Every memfabric ``set`` is acknowledged by the server (on etcd:
 committed by a majority); TCPStore's ``set`` is not, so its set figures measure sending, not
 storing. ``multi_set`` is our bulk write. The etcd column is skipped, saying why, where etcd is
 not installed.
@@ -32,10 +33,17 @@ OPS = ("set", "get", "add", "compare_set")
 
 def _connect(backend: str, addr: Any):
     """``addr``: the store URL (memfabric, etcd) or TCPStore's port."""
-    if backend in ("memfabric", "etcd"):
+    if backend == "memfabric-tcp":
+        import os
+
+        os.environ["MF_STORE_NO_LOCAL_SOCKET"] = "1"  # this client process only
+    if backend in ("memfabric", "memfabric-tcp", "etcd"):
         import memfabric_hybrid as mf
 
-        return mf.StoreClient(addr, timeout=60)
+        c = mf.StoreClient(addr, timeout=60)
+        want = {"memfabric": "local socket", "memfabric-tcp": "tcp", "etcd": "etcd"}[backend]
+        assert c.connection == want, (backend, c.connection)
+        return c
     from torch.distributed import TCPStore
 
     return TCPStore("127.0.0.1", addr, is_master=False, timeout=__import__("datetime").timedelta(seconds=60))
@@ -49,7 +57,7 @@ def _client_loop(backend: str, addr: Any, op: str, size: int, seconds: float, id
         key = "bench/get"
     if op == "compare_set":
         store.set(key, value_a)
-    if backend in ("memfabric", "etcd"):
+    if backend in ("memfabric", "memfabric-tcp", "etcd"):
         fn = {
             "set": lambda i: store.set(key, value_a),
             "get": lambda i: store.get(key),
@@ -113,7 +121,7 @@ class _Server:
         self.backend = backend
         self.port = free_port()
         self.addr: Any = self.port
-        if backend == "memfabric":
+        if backend in ("memfabric", "memfabric-tcp"):
             import memfabric_hybrid as mf
 
             self._server = mf.start_config_store(f"tcp://127.0.0.1:{self.port}")
@@ -137,9 +145,9 @@ class _Server:
         self._client.set(key, value)
 
     def close(self) -> None:
-        if self.backend in ("memfabric", "etcd"):
+        if self.backend in ("memfabric", "memfabric-tcp", "etcd"):
             self._client.close()
-        if self.backend == "memfabric":
+        if self.backend in ("memfabric", "memfabric-tcp"):
             self._server.close()
         self._server = self._client = None
 
@@ -233,7 +241,7 @@ def main(argv: list[str]) -> int:
     ops = [o for o in a.ops.split(",") if o]
     torch_missing = "skipped by --no-torch" if a.no_torch else _torch_available()
     etcd_missing = "skipped by --no-etcd" if a.no_etcd else _etcd_missing()
-    backends = (["memfabric"] + ([] if etcd_missing else ["etcd"])
+    backends = (["memfabric", "memfabric-tcp"] + ([] if etcd_missing else ["etcd"])
                 + ([] if torch_missing else ["tcpstore"]))
     if etcd_missing:
         print(f"etcd column: {etcd_missing}")
@@ -270,16 +278,22 @@ def _run(a: argparse.Namespace, clients: list[int], sizes: list[int], ops: list[
                 figures.append(cell)
                 nan = {"ops_per_s": float("nan"), "p50_us": float("nan"), "p99_us": float("nan")}
                 ours, etcd, theirs = cell["memfabric"], cell.get("etcd", nan), cell.get("tcpstore", nan)
+                ours_tcp = cell["memfabric-tcp"]
                 rows.append([op, cell["value_bytes"], n,
                              ours["ops_per_s"], ours["p50_us"], ours["p99_us"],
+                             ours_tcp["ops_per_s"], ours_tcp["p50_us"],
                              etcd["ops_per_s"], etcd["p50_us"], etcd["p99_us"],
                              theirs["ops_per_s"], theirs["p50_us"], theirs["p99_us"],
-                             ours["ops_per_s"] / theirs["ops_per_s"]])
+                             ours["ops_per_s"] / theirs["ops_per_s"],
+                             ours_tcp["ops_per_s"] / theirs["ops_per_s"]])
                 print(f"  measured {op} {cell['value_bytes']} B x{n}", flush=True)
     print()
     print(table(["op", "value B", "clients", "ours ops/s", "p50 us", "p99 us",
+                 "ours tcp ops/s", "p50 us",
                  "etcd ops/s", "p50 us", "p99 us",
-                 "TCPStore ops/s", "p50 us", "p99 us", "ours/TCPStore"], rows))
+                 "TCPStore ops/s", "p50 us", "p99 us", "ours/TCPStore", "ours tcp/TCPStore"], rows))
+    print("ours: clients on the store's host, through its local socket; ours tcp: the same over "
+          "TCP loopback (MF_STORE_NO_LOCAL_SOCKET=1), as clients on other hosts reach it")
     result: dict[str, Any] = {"cells": figures, "tcpstore": torch_missing or "measured",
                               "etcd": etcd_missing or "measured (3 local members)"}
 

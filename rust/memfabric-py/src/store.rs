@@ -221,6 +221,18 @@ impl StoreClient {
         self.url.clone()
     }
 
+    /// How the store is reached now: ``"local socket"`` (a store on this host, through a Unix
+    /// socket beside its TCP port), ``"tcp"``, ``"tls"`` or ``"etcd"``; ``"none"`` once closed.
+    ///
+    /// Example:
+    ///     >>> srv = mf.start_config_store("tcp://127.0.0.1:0")
+    ///     >>> mf.StoreClient(srv.url).connection
+    ///     'local socket'
+    #[getter]
+    fn connection(&self) -> &'static str {
+        self.client().map(|c| c.connection()).unwrap_or("none")
+    }
+
     /// Store ``value`` under ``key``. With ``ephemeral=True`` the key is deleted when this
     /// client's connection ends (liveness records).
     #[pyo3(signature = (key, value, ephemeral = false))]

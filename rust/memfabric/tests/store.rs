@@ -414,6 +414,8 @@ mod tls {
         )
         .unwrap();
         good.set("k", b"v").unwrap();
+        // A TLS store is reached over TCP only: no local socket beside it.
+        assert_eq!(good.connection(), "tls");
         assert_eq!(good.get("k").unwrap().unwrap(), b"v");
 
         // Plaintext: the server never answers a store frame; the call fails, nothing is stored.
@@ -469,4 +471,34 @@ mod tls {
             -3004
         );
     }
+}
+
+#[test]
+fn same_host_clients_use_the_local_socket_and_keep_every_semantic() {
+    let s = server();
+    let a = client(&s);
+    assert_eq!(a.connection(), "local socket");
+    assert_eq!(a.local_ip(), Some("127.0.0.1".parse().unwrap()));
+    // An ephemeral key of a local-socket session goes with it, seen by a TCP client.
+    a.set_ephemeral("eph", b"1").unwrap();
+    // The TCP listener still serves (clients of other hosts).
+    drop(TcpStream::connect(s.local_addr()).unwrap());
+    let b = client(&s);
+    assert_eq!(b.get("eph").unwrap().as_deref(), Some(&b"1"[..]));
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.get("eph").unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the ephemeral key outlived its session"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A server bound to the wildcard address is found through a local address too.
+    let any = StoreServer::start("0.0.0.0:0".parse().unwrap(), None).unwrap();
+    let url = format!("tcp://127.0.0.1:{}", any.local_addr().port());
+    let c = StoreClient::connect(&url, opts(5000)).unwrap();
+    assert_eq!(c.connection(), "local socket");
+    c.set("k", b"v").unwrap();
+    assert_eq!(c.get("k").unwrap().as_deref(), Some(&b"v"[..]));
 }

@@ -21,6 +21,9 @@ pub trait StoreBackend: Send + Sync {
     fn timeout(&self) -> Duration;
     /// The local address through which the store is reached.
     fn local_ip(&self) -> Option<IpAddr>;
+    /// How the store is reached now: "local socket", "tcp", "tls" or "etcd" ("none" while
+    /// disconnected).
+    fn connection(&self) -> &'static str;
     /// When this client last had to restore its session (ephemeral keys) after losing it.
     fn reconnected_at(&self) -> Option<Instant> {
         None
@@ -55,6 +58,9 @@ impl StoreBackend for EmbeddedClient {
     }
     fn local_ip(&self) -> Option<IpAddr> {
         EmbeddedClient::local_ip(self)
+    }
+    fn connection(&self) -> &'static str {
+        EmbeddedClient::connection(self)
     }
     fn reconnected_at(&self) -> Option<Instant> {
         EmbeddedClient::reconnected_at(self)
@@ -147,6 +153,12 @@ impl StoreClient {
     /// presumably, the other ranks) is reached.
     pub fn local_ip(&self) -> Option<IpAddr> {
         self.backend.local_ip()
+    }
+
+    /// How the store is reached now: "local socket" (same host, see
+    /// [`super::local_socket`]), "tcp", "tls" or "etcd"; "none" while disconnected.
+    pub fn connection(&self) -> &'static str {
+        self.backend.connection()
     }
 
     /// When this client last restored its session after losing it (a store restart, an

@@ -16,6 +16,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
@@ -130,14 +131,34 @@ impl Default for ClientOptions {
 enum Stream {
     Plain(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    /// The same-host shortcut (see [`super::local_socket`]).
+    Local(UnixStream),
 }
 
 impl Stream {
-    fn tcp(&self) -> &TcpStream {
+    fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
         match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref(),
+            Stream::Plain(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.get_ref().as_raw_fd(),
+            Stream::Local(s) => s.as_raw_fd(),
         }
+    }
+
+    fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
+            Stream::Tls(s) => {
+                let s = s.get_ref();
+                s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t))
+            }
+            Stream::Local(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
+        }
+    }
+
+    /// Whether answers may be polled for (plaintext bytes straight from the socket).
+    fn pollable(&self) -> bool {
+        !matches!(self, Stream::Tls(_))
     }
 }
 
@@ -146,6 +167,7 @@ impl Read for Stream {
         match self {
             Stream::Plain(s) => s.read(buf),
             Stream::Tls(s) => s.read(buf),
+            Stream::Local(s) => s.read(buf),
         }
     }
 }
@@ -155,12 +177,14 @@ impl Write for Stream {
         match self {
             Stream::Plain(s) => s.write(buf),
             Stream::Tls(s) => s.write(buf),
+            Stream::Local(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             Stream::Plain(s) => s.flush(),
             Stream::Tls(s) => s.flush(),
+            Stream::Local(s) => s.flush(),
         }
     }
 }
@@ -256,15 +280,28 @@ impl EmbeddedClient {
         self.opts.timeout
     }
 
+    /// How the store is reached now: "local socket", "tcp" or "tls" ("none" while
+    /// disconnected).
+    pub fn connection(&self) -> &'static str {
+        match self.lock().conn.as_ref().map(|c| &c.stream) {
+            Some(Stream::Local(_)) => "local socket",
+            Some(Stream::Plain(_)) => "tcp",
+            Some(Stream::Tls(_)) => "tls",
+            None => "none",
+        }
+    }
+
     /// This side's address of the connection: the interface through which the store (and so,
     /// presumably, the other ranks) is reached.
     pub fn local_ip(&self) -> Option<std::net::IpAddr> {
         let inner = self.lock();
-        inner
-            .conn
-            .as_ref()
-            .and_then(|c| c.stream.tcp().local_addr().ok())
-            .map(|a| a.ip())
+        match &inner.conn.as_ref()?.stream {
+            Stream::Plain(s) => s.local_addr().ok().map(|a| a.ip()),
+            Stream::Tls(s) => s.get_ref().local_addr().ok().map(|a| a.ip()),
+            // Over the local socket the store is on this host, at the address dialled (a
+            // TCP connection to it would have had that local address too).
+            Stream::Local(_) => Some(self.addr.ip()).filter(|ip| !ip.is_unspecified()),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -685,6 +722,17 @@ impl EmbeddedClient {
         let remaining = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
+        if self.tls.is_none() {
+            if let Some(local) = super::local_socket::connect(self.addr) {
+                return Ok(Conn {
+                    stream: Stream::Local(local),
+                    inbuf: vec![0; 8192],
+                    filled: 0,
+                    timeout_set: None,
+                    spin: Spin::default(),
+                });
+            }
+        }
         let tcp = TcpStream::connect_timeout(&self.addr, remaining.min(Duration::from_secs(5)))
             .map_err(|e| Error::io(format!("connect to store {}", self.url), e))?;
         let _ = tcp.set_nodelay(true);
@@ -725,12 +773,11 @@ impl Conn {
     /// between calls anything readable is its end of file (or a TLS alert or ticket, which
     /// the next call deals with); never blocks.
     fn is_open(&self) -> bool {
-        use std::os::fd::AsRawFd;
         let mut b = 0u8;
         // SAFETY: one byte into a local; MSG_PEEK leaves the stream as it is.
         let rc = unsafe {
             libc::recv(
-                self.stream.tcp().as_raw_fd(),
+                self.stream.fd(),
                 (&mut b as *mut u8).cast(),
                 1,
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
@@ -793,9 +840,9 @@ fn exchange(conn: &mut Conn, frame: &[u8], deadline: Instant) -> Result<Response
             conn.inbuf.resize(want.max(conn.filled + 4096), 0);
         }
         let n = match (spun, &conn.stream) {
-            (false, Stream::Plain(tcp)) if conn.spin.budget() > Duration::ZERO => {
+            (false, s) if s.pollable() && conn.spin.budget() > Duration::ZERO => {
                 spun = true;
-                spin_recv(tcp, &mut conn.inbuf[conn.filled..], conn.spin.budget())?
+                spin_recv(s.fd(), &mut conn.inbuf[conn.filled..], conn.spin.budget())?
             }
             _ => None,
         };
@@ -851,9 +898,7 @@ impl Spin {
 }
 
 /// Polls the socket without blocking for up to `budget`; `Ok(None)` when nothing arrived.
-fn spin_recv(tcp: &TcpStream, buf: &mut [u8], budget: Duration) -> Result<Option<usize>> {
-    use std::os::fd::AsRawFd;
-    let fd = tcp.as_raw_fd();
+fn spin_recv(fd: std::os::fd::RawFd, buf: &mut [u8], budget: Duration) -> Result<Option<usize>> {
     let start = Instant::now();
     loop {
         // SAFETY: `buf` is a valid writable slice for its whole length; recv writes at most
@@ -867,11 +912,11 @@ fn spin_recv(tcp: &TcpStream, buf: &mut [u8], budget: Duration) -> Result<Option
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => {}
             _ => return Err(Error::io("receive from store", err)),
         }
-        if start.elapsed() >= budget {
+        let waited = start.elapsed();
+        if waited >= budget {
             return Ok(None);
         }
-        // Yield rather than spin: on a small machine the thread we wait for may share our core.
-        std::thread::yield_now();
+        super::server::pause(waited);
     }
 }
 
@@ -885,10 +930,8 @@ fn set_timeouts(conn: &mut Conn, remaining: Duration) -> Result<()> {
             return Ok(());
         }
     }
-    let tcp = conn.stream.tcp();
-    tcp.set_read_timeout(Some(remaining))
-        .map_err(|e| Error::io("store socket", e))?;
-    tcp.set_write_timeout(Some(remaining))
+    conn.stream
+        .set_timeouts(Some(remaining))
         .map_err(|e| Error::io("store socket", e))?;
     conn.timeout_set = Some(remaining);
     Ok(())

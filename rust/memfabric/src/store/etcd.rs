@@ -744,6 +744,10 @@ impl StoreBackend for EtcdClient {
         &self.url
     }
 
+    fn connection(&self) -> &'static str {
+        "etcd"
+    }
+
     fn timeout(&self) -> Duration {
         self.timeout
     }

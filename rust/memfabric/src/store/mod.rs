@@ -13,6 +13,7 @@ pub mod client;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod group;
+pub mod local_socket;
 pub mod proto;
 pub mod server;
 pub mod tls;

@@ -97,6 +97,17 @@ impl StoreServer {
             sessions_changed: Notify::new(),
             next_session: AtomicU64::new(1),
         });
+        // The same-host shortcut: plaintext only (see `local_socket`).
+        if tls.is_none() {
+            if let Some(local) = super::local_socket::bind(addr) {
+                match tokio::net::UnixListener::from_std(local) {
+                    Ok(l) => {
+                        rt.spawn(accept_local_loop(l, shared.clone(), rx.clone()));
+                    }
+                    Err(e) => mf_log!(DEBUG, "config store {addr}: no local socket ({e})"),
+                }
+            }
+        }
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         rt.spawn(accept_loop(listener, shared, acceptor, rx));
         mf_log!(INFO, "config store listening on {addr}");
@@ -187,6 +198,46 @@ async fn accept_loop(
     }
 }
 
+/// Serves same-host clients on the listener's local socket until `shutdown` fires.
+async fn accept_local_loop(
+    listener: tokio::net::UnixListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of descriptors and the like: back off, connections open stay served.
+                    mf_log!(WARN, "config store local socket: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
+            let mut conn = Session {
+                shared: shared.clone(),
+                id: session,
+                owned: HashSet::new(),
+            };
+            match conn.serve(stream, shutdown).await {
+                Err(e) => mf_log!(
+                    WARN,
+                    "config store closed local connection (session {session}): {e}"
+                ),
+                Ok(()) => mf_log!(DEBUG, "config store local session {session} ended"),
+            }
+            conn.release();
+        });
+    }
+}
+
 /// A non-blocking read attempt, for the brief polling below (TLS streams never poll).
 trait PollNow {
     fn read_now(&self, buf: &mut Vec<u8>) -> std::io::Result<usize>;
@@ -194,10 +245,21 @@ trait PollNow {
 
 impl PollNow for tokio::net::TcpStream {
     fn read_now(&self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
-        // Straight to the socket: tokio's try_read answers WouldBlock without asking the kernel
-        // until its driver has seen readiness, which is the wake-up this polling avoids. Bytes
-        // taken here are simply not there for the next read_buf; tokio copes with that.
-        use std::os::fd::AsRawFd;
+        recv_now(self, buf)
+    }
+}
+
+impl PollNow for tokio::net::UnixStream {
+    fn read_now(&self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+        recv_now(self, buf)
+    }
+}
+
+/// Straight to the socket: tokio's try_read answers WouldBlock without asking the kernel until
+/// its driver has seen readiness, which is the wake-up this polling avoids. Bytes taken here
+/// are simply not there for the next read_buf; tokio copes with that.
+fn recv_now(sock: &impl std::os::fd::AsRawFd, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    {
         if buf.capacity() == buf.len() {
             buf.reserve(4096);
         }
@@ -205,7 +267,7 @@ impl PollNow for tokio::net::TcpStream {
         // SAFETY: recv writes at most spare.len() bytes into the vector's spare capacity.
         let n = unsafe {
             libc::recv(
-                self.as_raw_fd(),
+                sock.as_raw_fd(),
                 spare.as_mut_ptr().cast(),
                 spare.len(),
                 libc::MSG_DONTWAIT,
@@ -226,6 +288,22 @@ impl<S> PollNow for tokio_rustls::server::TlsStream<S> {
     }
 }
 
+/// Between two polls: a CPU pause for the first microseconds (most answers and next requests
+/// come within them, and a yield costs a trip through the scheduler that can hand the core to
+/// another thread), then a yield, because on a small machine the thread we wait for may be
+/// sharing our core.
+pub(crate) fn pause(waited: Duration) {
+    if waited < PURE_SPIN {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// How long polling spins without yielding (measured on a 2-core VM: a ping through the
+/// server took 9.5 us spinning, 14-18 us yielding between polls).
+pub(crate) const PURE_SPIN: Duration = Duration::from_micros(10);
+
 /// Connections polled at once at most, process-wide: polling keeps a runtime worker busy.
 static POLLERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -240,14 +318,23 @@ static POLLERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize:
 struct SpinState {
     answered_at: Option<Instant>,
     avg_gap_ns: u64,
+    /// [`READS`] when this connection last read a request.
+    last_read: u64,
+    /// No other connection read a request since this one's previous request.
+    alone: bool,
 }
+
+/// Request reads of all connections, process-wide: tells a connection whether others are busy.
+static READS: AtomicU64 = AtomicU64::new(0);
 
 impl SpinState {
     const LIMIT: Duration = Duration::from_micros(50);
 
     fn poll_briefly<S: PollNow>(&mut self, stream: &S, buf: &mut Vec<u8>) -> Result<Option<usize>> {
         self.answered_at = Some(Instant::now());
-        if self.avg_gap_ns == 0 || self.avg_gap_ns > Self::LIMIT.as_nanos() as u64 {
+        // Only for a client that has the server to itself: with others active, the core a
+        // poller holds is what they wait for (8 clients on 2 cores: 15-25% fewer ops/s).
+        if !self.alone || self.avg_gap_ns == 0 || self.avg_gap_ns > Self::LIMIT.as_nanos() as u64 {
             return Ok(None);
         }
         if POLLERS.fetch_add(1, Ordering::AcqRel) >= 1 {
@@ -262,17 +349,20 @@ impl SpinState {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => break Err(Error::io("config store read", e)),
             }
-            if start.elapsed() >= Self::LIMIT {
+            let waited = start.elapsed();
+            if waited >= Self::LIMIT {
                 break Ok(None);
             }
-            // Yield rather than spin: on a small machine the thread we wait for may share our core.
-            std::thread::yield_now();
+            pause(waited);
         };
         POLLERS.fetch_sub(1, Ordering::AcqRel);
         result
     }
 
     fn request_arrived(&mut self) {
+        let now = READS.fetch_add(1, Ordering::Relaxed) + 1;
+        self.alone = now - self.last_read <= 1;
+        self.last_read = now;
         if let Some(t) = self.answered_at.take() {
             let ns = (t.elapsed().as_nanos() as u64).min(1_000_000_000);
             self.avg_gap_ns = if self.avg_gap_ns == 0 {
