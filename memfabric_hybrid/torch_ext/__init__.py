@@ -6,8 +6,9 @@ tensor ``[layers, num_blocks, block_size, heads, head_dim]`` (``block_dim=1``), 
 per layer ``[2, num_blocks, block_size, heads, head_dim]`` (K and V planes, ``block_dim=1``),
 or ``[num_blocks, block_size, heads, head_dim]`` (``block_dim=0``). Everything before the block
 dimension is enumerated into *segments* (one per layer and plane); everything after it is one
-block, which must be contiguous. Works with torch CPU tensors and numpy arrays (torch CUDA
-tensors once a device backend exists).
+block, which must be contiguous. Works with torch CPU tensors and numpy arrays, and with torch
+CUDA tensors where the CUDA backend loaded (the Transfer Engine's device paths ran on a GPU;
+this module's CUDA use has not yet).
 
 Example (prefill side, then decode side):
 
