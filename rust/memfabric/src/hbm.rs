@@ -311,6 +311,11 @@ impl HbmPart {
         if let Some(e) = mem.engine() {
             let _ = e.unregister(self.own);
         }
+        self.unmap_and_free();
+    }
+
+    /// Unmaps same-host parts and frees the own part; later calls do nothing.
+    fn unmap_and_free(&mut self) {
         for p in self.parts.drain(..) {
             if let Part::Here { ptr, opened: true } = p {
                 let _ = self.dev.ipc_close(ptr);
@@ -325,13 +330,6 @@ impl HbmPart {
 
 impl Drop for HbmPart {
     fn drop(&mut self) {
-        for p in self.parts.drain(..) {
-            if let Part::Here { ptr, opened: true } = p {
-                let _ = self.dev.ipc_close(ptr);
-            }
-        }
-        if self.own != 0 {
-            let _ = self.dev.free(self.own);
-        }
+        self.unmap_and_free();
     }
 }

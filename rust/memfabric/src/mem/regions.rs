@@ -101,6 +101,11 @@ impl RegionTable {
         // Outside the lock: reading the maps file costs tens of microseconds and must not hold
         // up the checks of in-flight transfers.
         check_mapped_rw(addr, len)?;
+        self.insert(addr, len)
+    }
+
+    /// Adds a region that overlaps none registered (`Duplicated` otherwise).
+    fn insert(&self, addr: u64, len: u64) -> Result<()> {
         let mut map = self.write();
         if let Some((s, l)) = overlapping(&map, addr, len) {
             return Err(Error::Duplicated(format!(
@@ -118,15 +123,7 @@ impl RegionTable {
     /// knows nothing of device memory).
     pub fn register_device(&self, addr: u64, len: u64, device: i32) -> Result<()> {
         validate_shape(addr, len)?;
-        let mut map = self.write();
-        if let Some((s, l)) = overlapping(&map, addr, len) {
-            return Err(Error::Duplicated(format!(
-                "{} overlaps the registered region {}",
-                range_str(addr, len),
-                range_str(s, l)
-            )));
-        }
-        map.insert(addr, len);
+        self.insert(addr, len)?;
         self.mark_device(addr, device);
         Ok(())
     }

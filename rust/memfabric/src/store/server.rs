@@ -170,30 +170,20 @@ async fn accept_loop(
         let shutdown = shutdown.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
-            let mut conn = Session {
-                shared: shared.clone(),
-                id: session,
-                owned: HashSet::new(),
-            };
-            let result = match tls {
-                None => conn.serve(stream, shutdown).await,
+            let peer = peer.to_string();
+            match tls {
+                None => run_session(shared, Ok(stream), shutdown, peer).await,
                 Some(acc) => {
                     let hs =
                         tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await;
-                    match hs {
-                        Ok(Ok(tls_stream)) => conn.serve(tls_stream, shutdown).await,
+                    let stream = match hs {
+                        Ok(Ok(tls_stream)) => Ok(tls_stream),
                         Ok(Err(e)) => Err(Error::Tls(format!("handshake with {peer} failed: {e}"))),
                         Err(_) => Err(Error::Tls(format!("handshake with {peer} timed out"))),
-                    }
+                    };
+                    run_session(shared, stream, shutdown, peer).await
                 }
-            };
-            if let Err(e) = result {
-                mf_log!(WARN, "config store closed the connection from {peer}: {e}");
-            } else {
-                mf_log!(DEBUG, "config store session {session} from {peer} ended");
             }
-            conn.release();
         });
     }
 }
@@ -219,23 +209,39 @@ async fn accept_local_loop(
         };
         let shared = shared.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
-            let mut conn = Session {
-                shared: shared.clone(),
-                id: session,
-                owned: HashSet::new(),
-            };
-            match conn.serve(stream, shutdown).await {
-                Err(e) => mf_log!(
-                    WARN,
-                    "config store closed local connection (session {session}): {e}"
-                ),
-                Ok(()) => mf_log!(DEBUG, "config store local session {session} ended"),
-            }
-            conn.release();
-        });
+        tokio::spawn(run_session(
+            shared,
+            Ok(stream),
+            shutdown,
+            "the local socket".into(),
+        ));
     }
+}
+
+/// One client connection from accept to end (`stream` is the error of a failed handshake):
+/// serves it, then releases what its session owned.
+async fn run_session<S: AsyncRead + AsyncWrite + Unpin + PollNow>(
+    shared: Arc<Shared>,
+    stream: Result<S>,
+    shutdown: watch::Receiver<bool>,
+    peer: String,
+) {
+    let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let mut conn = Session {
+        shared: shared.clone(),
+        id: session,
+        owned: HashSet::new(),
+    };
+    let result = match stream {
+        Ok(s) => conn.serve(s, shutdown).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        mf_log!(WARN, "config store closed the connection from {peer}: {e}");
+    } else {
+        mf_log!(DEBUG, "config store session {session} from {peer} ended");
+    }
+    conn.release();
 }
 
 /// A non-blocking read attempt, for the brief polling below (TLS streams never poll).

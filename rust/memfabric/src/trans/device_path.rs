@@ -358,22 +358,6 @@ fn device_for(dst: u64, src: u64) -> Result<Arc<dyn Device>> {
         })
 }
 
-/// A host buffer for staging device bytes on their way to or from the network.
-struct Stage {
-    buf: Vec<u8>,
-}
-
-impl Stage {
-    fn new(len: usize) -> Stage {
-        Stage {
-            buf: vec![0u8; len],
-        }
-    }
-    fn addr(&mut self) -> u64 {
-        self.buf.as_mut_ptr() as u64
-    }
-}
-
 /// Moves `op` whose local side is device memory over a host-only path, in chunks through two
 /// host buffers: while one chunk is on the network, the device copy of the next one runs.
 fn staged(transport: &dyn Transport, write: bool, op: Op, deadline: Instant) -> Result<()> {
@@ -386,10 +370,13 @@ fn staged(transport: &dyn Transport, write: bool, op: Op, deadline: Instant) -> 
         .step_by(chunk)
         .map(|off| (off, chunk.min(total - off)))
         .collect();
+    // Two host buffers for device bytes on their way to or from the network (one suffices
+    // for a single chunk); they live until the end of this function.
     let mut bufs = [
-        Stage::new(chunk),
-        Stage::new(if chunks.len() > 1 { chunk } else { 1 }),
+        vec![0u8; chunk],
+        vec![0u8; if chunks.len() > 1 { chunk } else { 0 }],
     ];
+    let (a0, a1) = (bufs[0].as_mut_ptr() as u64, bufs[1].as_mut_ptr() as u64);
     let net = |stage: u64, off: usize, n: usize| -> Result<()> {
         let one = Op::new(stage, op.remote + off as u64, n as u64);
         // SAFETY: `stage` is our own buffer of at least `n` bytes, alive for the call; the
@@ -403,8 +390,6 @@ fn staged(transport: &dyn Transport, write: bool, op: Op, deadline: Instant) -> 
     };
     // Helper threads copy the way this thread does (a stream-ordered job's private stream).
     let private = device::cuda::private_stream_copies();
-    let [b0, b1] = &mut bufs;
-    let (a0, a1) = (b0.addr(), b1.addr());
     let addr_of = |i: usize| if i.is_multiple_of(2) { a0 } else { a1 };
     if write {
         // Device -> host for chunk i+1 runs on a helper thread while chunk i is sent.
