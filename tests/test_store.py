@@ -252,3 +252,38 @@ def test_same_host_clients_take_the_local_socket(embedded_store):
     assert c.get("t") == b"1"
     c.close()
     assert c.connection == "none"
+
+
+_COUNTING_CLIENT = (
+    "import memfabric_hybrid as mf, sys\n"
+    "c = mf.StoreClient(sys.argv[1], timeout=10)\n"
+    "for _ in range(3000):\n"
+    "    c.add('count', 1)\n"
+    "print(c.connection)\n"
+)
+
+
+def test_busy_clients_on_shared_memory_and_tcp_count_exactly(embedded_store):
+    # Four processes add to one counter: two take the shared-memory channel after their first
+    # calls, two are kept on TCP. Every add lands once.
+    import os
+
+    env_tcp = {**os.environ, "MF_STORE_NO_LOCAL_SOCKET": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _COUNTING_CLIENT, embedded_store.url],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env_tcp if i % 2 else dict(os.environ))
+        for i in range(4)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    assert sorted(o[0].strip() for o in outs) == ["shared memory", "shared memory", "tcp", "tcp"]
+    c = mf.StoreClient(embedded_store.url, timeout=5)
+    assert c.get("count") == b"12000"
+    # The channel can be turned off on the client side.
+    out = subprocess.run([sys.executable, "-c", _COUNTING_CLIENT, embedded_store.url],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "MF_STORE_NO_SHM_CHANNEL": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "local socket"
+    assert c.get("count") == b"15000"

@@ -222,7 +222,9 @@ impl StoreClient {
     }
 
     /// How the store is reached now: ``"local socket"`` (a store on this host, through a Unix
-    /// socket beside its TCP port), ``"tcp"``, ``"tls"`` or ``"etcd"``; ``"none"`` once closed.
+    /// socket beside its TCP port), ``"shared memory"`` (that socket plus a shared-memory
+    /// channel, which a client gets after its first few calls), ``"tcp"``, ``"tls"`` or
+    /// ``"etcd"``; ``"none"`` once closed.
     ///
     /// Example:
     ///     >>> srv = mf.start_config_store("tcp://127.0.0.1:0")

@@ -502,3 +502,137 @@ fn same_host_clients_use_the_local_socket_and_keep_every_semantic() {
     c.set("k", b"v").unwrap();
     assert_eq!(c.get("k").unwrap().as_deref(), Some(&b"v"[..]));
 }
+
+#[test]
+fn a_busy_local_client_moves_to_shared_memory_and_keeps_every_semantic() {
+    let s = server();
+    let a = client(&s);
+    let b = client(&s);
+    for i in 0..memfabric::store::shm_channel::CALLS_BEFORE_CHANNEL {
+        assert_eq!(a.add("n", 1).unwrap(), i as i64 + 1);
+    }
+    assert_eq!(a.connection(), "shared memory");
+    assert_eq!(b.connection(), "local socket");
+    // Everything a channel serves, seen by a socket client and back.
+    a.set("k", b"v").unwrap();
+    assert_eq!(b.get("k").unwrap().as_deref(), Some(&b"v"[..]));
+    b.set("k", b"w").unwrap();
+    assert_eq!(a.get("k").unwrap().as_deref(), Some(&b"w"[..]));
+    assert_eq!(a.compare_set("k", b"w", b"x").unwrap(), b"x");
+    assert_eq!(a.compare_set("k", b"w", b"y").unwrap(), b"x");
+    assert_eq!(a.append("k", b"z").unwrap(), 2);
+    assert_eq!(
+        a.exists(&["k".into(), "nope".into()]).unwrap(),
+        vec![true, false]
+    );
+    a.multi_set(&[("m/1".into(), vec![1]), ("m/2".into(), vec![2])], false)
+        .unwrap();
+    assert_eq!(
+        a.multi_get(&["m/1".into(), "m/2".into()], None).unwrap(),
+        vec![vec![1], vec![2]]
+    );
+    assert_eq!(a.list("m/").unwrap(), vec!["m/1".to_string(), "m/2".into()]);
+    assert!(a.delete("m/1").unwrap());
+    assert_eq!(b.get("m/1").unwrap(), None);
+    assert_eq!(a.add("k", 1).unwrap_err().code(), -2000);
+    // Larger than a channel: over the socket, on the same session.
+    let big = vec![5u8; 1 << 20];
+    a.set("big", &big).unwrap();
+    assert_eq!(a.get("big").unwrap().unwrap(), big);
+    // A wait is served by the socket while another client writes.
+    let writer = std::thread::spawn({
+        let url = s.url();
+        move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let c = StoreClient::connect(&url, opts(5000)).unwrap();
+            c.set("late", b"1").unwrap();
+        }
+    });
+    assert_eq!(
+        a.get_wait("late", Duration::from_secs(5)).unwrap(),
+        b"1".to_vec()
+    );
+    writer.join().unwrap();
+    // Ephemeral keys still belong to the session: gone when the client goes.
+    a.set_ephemeral("eph", b"1").unwrap();
+    assert_eq!(a.connection(), "shared memory");
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.get("eph").unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the ephemeral key outlived its session"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One `add` over a raw TCP connection (the path of a client on another host).
+fn raw_tcp_add(sock: &mut TcpStream, key: &str) -> i64 {
+    use memfabric::store::proto::{split_frame, Request, Response};
+    let mut frame = Vec::new();
+    Request::Add {
+        key: key.into(),
+        delta: 1,
+    }
+    .encode(&mut frame)
+    .unwrap();
+    sock.write_all(&frame).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 256];
+    loop {
+        if let Some((kind, body, _)) = split_frame(&buf).unwrap() {
+            match Response::decode(kind, body).unwrap() {
+                Response::Int(v) => return v,
+                r => panic!("unexpected answer {r:?}"),
+            }
+        }
+        let n = sock.read(&mut chunk).unwrap();
+        assert!(n > 0, "store closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn counters_stay_exact_with_channel_and_tcp_clients_racing() {
+    let s = server();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let url = s.url();
+            let addr = s.local_addr();
+            std::thread::spawn(move || {
+                if t % 2 == 0 {
+                    let c = StoreClient::connect(&url, opts(10_000)).unwrap();
+                    for _ in 0..2000 {
+                        c.add("shared", 1).unwrap();
+                    }
+                    assert_eq!(c.connection(), "shared memory");
+                } else {
+                    let mut sock = TcpStream::connect(addr).unwrap();
+                    for _ in 0..2000 {
+                        raw_tcp_add(&mut sock, "shared");
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let c = client(&s);
+    assert_eq!(c.get("shared").unwrap().as_deref(), Some(&b"8000"[..]));
+}
+
+#[test]
+fn a_client_on_shared_memory_learns_that_the_store_stopped() {
+    let s = server();
+    let c = StoreClient::connect(&s.url(), opts(1000)).unwrap();
+    for _ in 0..memfabric::store::shm_channel::CALLS_BEFORE_CHANNEL + 1 {
+        c.add("n", 1).unwrap();
+    }
+    assert_eq!(c.connection(), "shared memory");
+    drop(s);
+    let t = Instant::now();
+    assert!(c.add("n", 1).is_err());
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}

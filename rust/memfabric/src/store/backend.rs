@@ -21,8 +21,8 @@ pub trait StoreBackend: Send + Sync {
     fn timeout(&self) -> Duration;
     /// The local address through which the store is reached.
     fn local_ip(&self) -> Option<IpAddr>;
-    /// How the store is reached now: "local socket", "tcp", "tls" or "etcd" ("none" while
-    /// disconnected).
+    /// How the store is reached now: "shared memory", "local socket", "tcp", "tls" or "etcd"
+    /// ("none" while disconnected).
     fn connection(&self) -> &'static str;
     /// When this client last had to restore its session (ephemeral keys) after losing it.
     fn reconnected_at(&self) -> Option<Instant> {
@@ -156,7 +156,8 @@ impl StoreClient {
     }
 
     /// How the store is reached now: "local socket" (same host, see
-    /// [`super::local_socket`]), "tcp", "tls" or "etcd"; "none" while disconnected.
+    /// [`super::local_socket`]), "shared memory" (that socket with a channel beside it, see
+    /// [`super::shm_channel`]), "tcp", "tls" or "etcd"; "none" while disconnected.
     pub fn connection(&self) -> &'static str {
         self.backend.connection()
     }

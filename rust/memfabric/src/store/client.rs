@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 pub use super::backend::StoreClient;
 use super::proto::{split_frame, Request, Response};
+use super::shm_channel::{self, ClientChannel, Outcome};
 use crate::error::{Error, Result};
 use crate::log::{DEBUG, INFO, WARN};
 use crate::mf_log;
@@ -197,6 +198,13 @@ struct Conn {
     /// The read/write timeout currently set on the socket.
     timeout_set: Option<Duration>,
     spin: Spin,
+    /// The shared-memory channel beside a local socket (see [`shm_channel`]).
+    channel: Option<ClientChannel>,
+    /// Calls answered over the socket, until a channel is asked for.
+    socket_calls: u32,
+    channel_asked: bool,
+    /// A channel's answer frame.
+    answer: Vec<u8>,
 }
 
 struct Inner {
@@ -280,13 +288,19 @@ impl EmbeddedClient {
         self.opts.timeout
     }
 
-    /// How the store is reached now: "local socket", "tcp" or "tls" ("none" while
-    /// disconnected).
+    /// How the store is reached now: "shared memory" (a local socket with its channel),
+    /// "local socket", "tcp" or "tls" ("none" while disconnected).
     pub fn connection(&self) -> &'static str {
-        match self.lock().conn.as_ref().map(|c| &c.stream) {
-            Some(Stream::Local(_)) => "local socket",
-            Some(Stream::Plain(_)) => "tcp",
-            Some(Stream::Tls(_)) => "tls",
+        let inner = self.lock();
+        match inner
+            .conn
+            .as_ref()
+            .map(|c| (&c.stream, c.channel.is_some()))
+        {
+            Some((Stream::Local(_), true)) => "shared memory",
+            Some((Stream::Local(_), false)) => "local socket",
+            Some((Stream::Plain(_), _)) => "tcp",
+            Some((Stream::Tls(_), _)) => "tls",
             None => "none",
         }
     }
@@ -571,14 +585,23 @@ impl EmbeddedClient {
         inner.outbuf.clear();
         req.encode(&mut inner.outbuf)?;
         let retry_safe = is_idempotent(&req);
+        let channel_ok = shm_channel::served_by_channel(&req);
         loop {
             self.ensure_connected(inner, connect_by)?;
             let conn = inner
                 .conn
                 .as_mut()
                 .ok_or_else(|| Error::NotConnected(self.url.clone()))?;
-            match exchange(conn, &inner.outbuf, deadline) {
+            match exchange_any(conn, &inner.outbuf, deadline, channel_ok) {
                 Ok(resp) => {
+                    if conn.wants_channel() {
+                        // After the answer: a failure here costs this connection (the next
+                        // call reconnects), not this call.
+                        if let Err(e) = conn.open_channel(deadline) {
+                            shm_channel::log_unavailable(&e);
+                            inner.conn = None;
+                        }
+                    }
                     if let Response::BadRequest(msg) = resp {
                         return Err(Error::InvalidParam(format!(
                             "store {} refused the request: {msg}",
@@ -724,13 +747,7 @@ impl EmbeddedClient {
             .max(Duration::from_millis(1));
         if self.tls.is_none() {
             if let Some(local) = super::local_socket::connect(self.addr) {
-                return Ok(Conn {
-                    stream: Stream::Local(local),
-                    inbuf: vec![0; 8192],
-                    filled: 0,
-                    timeout_set: None,
-                    spin: Spin::default(),
-                });
+                return Ok(Conn::new(Stream::Local(local)));
             }
         }
         let tcp = TcpStream::connect_timeout(&self.addr, remaining.min(Duration::from_secs(5)))
@@ -758,39 +775,117 @@ impl EmbeddedClient {
                 Stream::Tls(Box::new(s))
             }
         };
-        Ok(Conn {
+        Ok(Conn::new(stream))
+    }
+}
+
+impl Conn {
+    fn new(stream: Stream) -> Conn {
+        Conn {
             stream,
             inbuf: vec![0; 8192],
             filled: 0,
             timeout_set: None,
             spin: Spin::default(),
-        })
+            channel: None,
+            socket_calls: 0,
+            channel_asked: false,
+            answer: Vec::new(),
+        }
+    }
+
+    /// Whether the store has not closed this connection (never blocks).
+    fn is_open(&self) -> bool {
+        socket_open(self.stream.fd())
+    }
+
+    /// Whether this connection should ask for a shared-memory channel now: a local socket
+    /// that has carried enough calls.
+    fn wants_channel(&self) -> bool {
+        matches!(self.stream, Stream::Local(_))
+            && !self.channel_asked
+            && self.socket_calls >= shm_channel::CALLS_BEFORE_CHANNEL
+            && !shm_channel::disabled()
+    }
+
+    /// Asks the store for a channel (once per connection); bounded by `deadline`.
+    fn open_channel(&mut self, deadline: Instant) -> Result<()> {
+        self.channel_asked = true;
+        let Stream::Local(sock) = &self.stream else {
+            return Ok(());
+        };
+        if self.filled != 0 {
+            return Err(Error::Protocol("unread bytes from the store".into()));
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(Error::Timeout(
+                "deadline passed before the channel request".into(),
+            ));
+        }
+        sock.set_read_timeout(Some(remaining))
+            .and_then(|_| sock.set_write_timeout(Some(remaining)))
+            .map_err(|e| Error::io("store socket", e))?;
+        self.timeout_set = Some(remaining);
+        self.channel = ClientChannel::request(sock)?;
+        Ok(())
     }
 }
 
-impl Conn {
-    /// Whether the store has not closed this connection. The server only ever answers, so
-    /// between calls anything readable is its end of file (or a TLS alert or ticket, which
-    /// the next call deals with); never blocks.
-    fn is_open(&self) -> bool {
-        let mut b = 0u8;
-        // SAFETY: one byte into a local; MSG_PEEK leaves the stream as it is.
-        let rc = unsafe {
-            libc::recv(
-                self.stream.fd(),
-                (&mut b as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if rc >= 0 {
-            return rc > 0;
-        }
-        matches!(
-            std::io::Error::last_os_error().kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+/// Whether the peer has not closed the socket `fd`. The server only ever answers, so between
+/// calls anything readable is its end of file (or a TLS alert or ticket, which the next call
+/// deals with); never blocks.
+fn socket_open(fd: std::os::fd::RawFd) -> bool {
+    let mut b = 0u8;
+    // SAFETY: one byte into a local; MSG_PEEK leaves the stream as it is.
+    let rc = unsafe {
+        libc::recv(
+            fd,
+            (&mut b as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
+    };
+    if rc >= 0 {
+        return rc > 0;
     }
+    matches!(
+        std::io::Error::last_os_error().kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+    )
+}
+
+/// Sends one request and reads its answer, through the connection's channel when it has one
+/// and the request is one a channel serves, else over the socket.
+fn exchange_any(
+    conn: &mut Conn,
+    frame: &[u8],
+    deadline: Instant,
+    channel_ok: bool,
+) -> Result<Response> {
+    if channel_ok {
+        if let Some(ch) = conn.channel.as_mut() {
+            let sent = Instant::now();
+            let fd = conn.stream.fd();
+            let spin = conn.spin.budget();
+            match ch.call(frame, &mut conn.answer, spin, deadline, || socket_open(fd))? {
+                Outcome::Answered => {
+                    conn.spin.observe(sent.elapsed());
+                    return match split_frame(&conn.answer)? {
+                        Some((kind, body, used)) if used == conn.answer.len() => {
+                            Response::decode(kind, body)
+                        }
+                        _ => Err(Error::Protocol(
+                            "a malformed answer in the store's channel".into(),
+                        )),
+                    };
+                }
+                Outcome::UseSocket => {}
+            }
+        }
+    }
+    conn.socket_calls = conn.socket_calls.saturating_add(1);
+    exchange(conn, frame, deadline)
 }
 
 /// Writes one request frame and reads one response frame before `deadline`.

@@ -2,6 +2,7 @@
 //!
 //! - [`proto`]: the wire format (frames, requests, responses);
 //! - [`server`]: the tokio server (embedded in a rank or run by `mf-store`);
+//! - [`shm_channel`]: shared-memory request channels for clients on the store's host;
 //! - [`backend`]: [`StoreClient`], one client type over the embedded server and etcd;
 //! - [`client`]: the embedded server's blocking client with deadlines and reconnects;
 //! - [`etcd`]: the store on an etcd cluster (cargo feature `etcd`);
@@ -16,6 +17,7 @@ pub mod group;
 pub mod local_socket;
 pub mod proto;
 pub mod server;
+pub mod shm_channel;
 pub mod tls;
 pub mod url;
 

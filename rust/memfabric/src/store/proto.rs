@@ -74,6 +74,9 @@ pub enum Request {
         timeout_ms: u64,
         watch: Option<(String, u64)>,
     },
+    /// Asks for a shared-memory channel (local socket only; see `shm_channel`). Answered by
+    /// `Channel`, with the channel's and the doorbell's memfds attached, or BadRequest.
+    OpenChannel,
 }
 
 /// The server's answer to one request.
@@ -89,6 +92,10 @@ pub enum Response {
     Timeout,
     Aborted(String),
     BadRequest(String),
+    /// A granted shared-memory channel: its slot in the doorbell.
+    Channel {
+        slot: u32,
+    },
 }
 
 mod kind {
@@ -104,6 +111,7 @@ mod kind {
     pub const MULTI_SET: u8 = 10;
     pub const LIST: u8 = 11;
     pub const WAIT: u8 = 12;
+    pub const OPEN_CHANNEL: u8 = 13;
 
     pub const R_OK: u8 = 128;
     pub const R_VALUE: u8 = 129;
@@ -115,6 +123,7 @@ mod kind {
     pub const R_TIMEOUT: u8 = 135;
     pub const R_ABORTED: u8 = 136;
     pub const R_BAD_REQUEST: u8 = 137;
+    pub const R_CHANNEL: u8 = 138;
 }
 
 /// Appends frame fields to a buffer.
@@ -352,6 +361,7 @@ impl Request {
                 };
                 e.finish()
             }
+            Request::OpenChannel => Encoder::new(buf, OPEN_CHANNEL).finish(),
         }
     }
 
@@ -417,6 +427,7 @@ impl Request {
                     watch,
                 }
             }
+            OPEN_CHANNEL => Request::OpenChannel,
             k => return Err(Error::Protocol(format!("unknown request kind {k}"))),
         };
         d.end()?;
@@ -492,6 +503,11 @@ impl Response {
                 e.bytes(m.as_bytes());
                 e.finish()
             }
+            Response::Channel { slot } => {
+                let mut e = Encoder::new(buf, R_CHANNEL);
+                e.u32(*slot);
+                e.finish()
+            }
         }
     }
 
@@ -524,6 +540,7 @@ impl Response {
             R_TIMEOUT => Response::Timeout,
             R_ABORTED => Response::Aborted(d.string()?),
             R_BAD_REQUEST => Response::BadRequest(d.string()?),
+            R_CHANNEL => Response::Channel { slot: d.u32()? },
             k => return Err(Error::Protocol(format!("unknown response kind {k}"))),
         };
         d.end()?;
@@ -550,6 +567,7 @@ mod tests {
     #[test]
     fn requests_roundtrip() {
         roundtrip(Request::Ping);
+        roundtrip(Request::OpenChannel);
         roundtrip(Request::Set {
             key: "k".into(),
             value: vec![1, 2, 3],
@@ -602,6 +620,7 @@ mod tests {
             Response::Timeout,
             Response::Aborted("rank 3".into()),
             Response::BadRequest("no".into()),
+            Response::Channel { slot: 4095 },
         ] {
             let mut buf = Vec::new();
             r.encode(&mut buf);

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Bound;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::proto::{split_frame, Request, Response, HEADER};
+use super::shm_channel::{send_with_fds, ChannelLease, Grant, Hub};
 use crate::error::{Error, Result};
 use crate::log::{DEBUG, INFO, WARN};
 use crate::mf_log;
@@ -44,12 +46,176 @@ struct Shared {
     /// Fired whenever a session's ephemeral keys are removed, for `Wait { watch }`.
     sessions_changed: Notify,
     next_session: AtomicU64,
+    /// The shared-memory channels, started by the first client that asks for one.
+    channels: Mutex<Channels>,
+}
+
+enum Channels {
+    NotStarted,
+    Running(Arc<Hub>),
+    /// The server stopped (or the hub could not start): no new channels.
+    Closed(String),
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock would be a bug in this file; the map is still valid.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_channels(&self) -> MutexGuard<'_, Channels> {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A channel for one session, starting the hub on first use.
+    fn grant_channel(self: &Arc<Self>) -> Result<Grant> {
+        let mut channels = self.lock_channels();
+        if let Channels::NotStarted = *channels {
+            // The hub thread holds the state weakly: the server's end frees it.
+            let weak = Arc::downgrade(self);
+            let handler = Box::new(move |req: Request| match weak.upgrade() {
+                Some(shared) => shared.handle_immediate(req),
+                None => Response::BadRequest("the store is stopping".into()),
+            });
+            *channels = match Hub::start(handler) {
+                Ok(hub) => Channels::Running(hub),
+                Err(e) => Channels::Closed(e.to_string()),
+            };
+        }
+        match &*channels {
+            Channels::Running(hub) => hub.open(),
+            Channels::Closed(why) => Err(Error::NoResources(format!("no store channels: {why}"))),
+            Channels::NotStarted => Err(Error::NoResources("no store channels".into())),
+        }
+    }
+
+    /// Answers a request that neither waits nor touches a session's own keys (see
+    /// `shm_channel::served_by_channel`); other kinds are answered BadRequest.
+    fn handle_immediate(&self, req: Request) -> Response {
+        match req {
+            Request::Ping => Response::Ok,
+            Request::Set { key, value, .. } => {
+                self.lock().put(key, value, 0);
+                Response::Ok
+            }
+            Request::Get { key, .. } => match self.lock().map.get(&key) {
+                Some(e) => Response::Value(e.value.clone()),
+                None => Response::NotFound(key),
+            },
+            Request::Add { key, delta } => {
+                let mut st = self.lock();
+                let current = match st.map.get(&key) {
+                    None => 0,
+                    Some(e) => match std::str::from_utf8(&e.value)
+                        .ok()
+                        .and_then(|s| s.parse::<i64>().ok())
+                    {
+                        Some(v) => v,
+                        None => {
+                            return Response::BadRequest(format!(
+                                "value of {key:?} is not an integer counter"
+                            ))
+                        }
+                    },
+                };
+                let Some(next) = current.checked_add(delta) else {
+                    return Response::BadRequest(format!("counter {key:?} would overflow"));
+                };
+                st.put(key, next.to_string().into_bytes(), 0);
+                Response::Int(next)
+            }
+            Request::CompareSet {
+                key,
+                expected,
+                desired,
+            } => {
+                let mut st = self.lock();
+                let matches = match st.map.get(&key) {
+                    Some(e) => e.value == expected,
+                    None => expected.is_empty(),
+                };
+                if matches {
+                    st.put(key, desired.clone(), 0);
+                    Response::Value(desired)
+                } else {
+                    // Missing key with a non-empty expectation: answer the expectation's
+                    // opposite, as TCPStore does, so the caller sees it did not match.
+                    Response::Value(
+                        st.map
+                            .get(&key)
+                            .map(|e| e.value.clone())
+                            .unwrap_or_default(),
+                    )
+                }
+            }
+            Request::Delete { key } => {
+                let existed = self.lock().map.remove(&key).is_some();
+                if existed {
+                    // A member that leaves deletes its key: watchers must learn of it too.
+                    self.sessions_changed.notify_waiters();
+                }
+                Response::Int(existed as i64)
+            }
+            Request::Append { key, value } => {
+                let mut st = self.lock();
+                let len = match st.map.get_mut(&key) {
+                    Some(e) => {
+                        if e.value.len() + value.len() > super::proto::MAX_FRAME - 64 {
+                            return Response::BadRequest(format!(
+                                "value of {key:?} would exceed the frame limit"
+                            ));
+                        }
+                        e.value.extend_from_slice(&value);
+                        let len = e.value.len();
+                        if let Some(n) = st.key_waiters.remove(&key) {
+                            n.notify_waiters();
+                        }
+                        len
+                    }
+                    None => {
+                        let len = value.len();
+                        st.put(key, value, 0);
+                        len
+                    }
+                };
+                Response::Int(len as i64)
+            }
+            Request::Exists { keys } => {
+                let st = self.lock();
+                Response::Bools(keys.iter().map(|k| st.map.contains_key(k)).collect())
+            }
+            Request::MultiGet { keys, .. } => {
+                let st = self.lock();
+                let mut out = Vec::with_capacity(keys.len());
+                for k in keys {
+                    match st.map.get(&k) {
+                        Some(e) => out.push(e.value.clone()),
+                        None => return Response::NotFound(k),
+                    }
+                }
+                Response::Values(out)
+            }
+            Request::MultiSet { entries, .. } => {
+                let mut st = self.lock();
+                for (k, v) in entries {
+                    st.put(k, v, 0);
+                }
+                Response::Ok
+            }
+            Request::List { prefix } => {
+                let st = self.lock();
+                let keys = st
+                    .map
+                    .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                Response::Keys(keys)
+            }
+            Request::Wait { .. } | Request::OpenChannel => {
+                Response::BadRequest("this request needs a session".into())
+            }
+        }
     }
 }
 
@@ -77,6 +243,7 @@ impl State {
 pub struct StoreServer {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    shared: Arc<Shared>,
 }
 
 impl StoreServer {
@@ -96,6 +263,7 @@ impl StoreServer {
             state: Mutex::new(State::default()),
             sessions_changed: Notify::new(),
             next_session: AtomicU64::new(1),
+            channels: Mutex::new(Channels::NotStarted),
         });
         // The same-host shortcut: plaintext only (see `local_socket`).
         if tls.is_none() {
@@ -109,9 +277,13 @@ impl StoreServer {
             }
         }
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-        rt.spawn(accept_loop(listener, shared, acceptor, rx));
+        rt.spawn(accept_loop(listener, shared.clone(), acceptor, rx));
         mf_log!(INFO, "config store listening on {addr}");
-        Ok(StoreServer { addr, shutdown: tx })
+        Ok(StoreServer {
+            addr,
+            shutdown: tx,
+            shared,
+        })
     }
 
     /// Starts a server at `url` (with the process-wide TLS setting) when that address is on
@@ -153,6 +325,13 @@ impl StoreServer {
 impl Drop for StoreServer {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
+        let channels = std::mem::replace(
+            &mut *self.shared.lock_channels(),
+            Channels::Closed("the store stopped".into()),
+        );
+        if let Channels::Running(hub) = channels {
+            hub.stop();
+        }
         mf_log!(INFO, "config store on {} stopped", self.addr);
     }
 }
@@ -231,6 +410,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin + PollNow>(
         shared: shared.clone(),
         id: session,
         owned: HashSet::new(),
+        channel: None,
     };
     let result = match stream {
         Ok(s) => conn.serve(s, shutdown).await,
@@ -247,6 +427,11 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin + PollNow>(
 /// A non-blocking read attempt, for the brief polling below (TLS streams never poll).
 trait PollNow {
     fn read_now(&self, buf: &mut Vec<u8>) -> std::io::Result<usize>;
+
+    /// The descriptor of a Unix socket, which can pass a channel's memory to the client.
+    fn unix_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 impl PollNow for tokio::net::TcpStream {
@@ -258,6 +443,10 @@ impl PollNow for tokio::net::TcpStream {
 impl PollNow for tokio::net::UnixStream {
     fn read_now(&self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
         recv_now(self, buf)
+    }
+
+    fn unix_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(self))
     }
 }
 
@@ -385,6 +574,8 @@ struct Session {
     id: u64,
     /// Keys this session set as ephemeral (they may since have been overwritten by others).
     owned: HashSet<String>,
+    /// This session's shared-memory channel; released with the session.
+    channel: Option<ChannelLease>,
 }
 
 impl Session {
@@ -400,9 +591,13 @@ impl Session {
             let mut start = 0;
             while let Some((kind, body, used)) = split_frame(&inbuf[start..])? {
                 let req = Request::decode(kind, body)?;
+                start += used;
+                if let Request::OpenChannel = req {
+                    self.grant_channel(&mut stream, &mut outbuf).await?;
+                    continue;
+                }
                 let resp = self.handle(req).await;
                 resp.encode(&mut outbuf);
-                start += used;
             }
             inbuf.drain(..start);
             if !outbuf.is_empty() {
@@ -446,7 +641,6 @@ impl Session {
 
     async fn handle(&mut self, req: Request) -> Response {
         match req {
-            Request::Ping => Response::Ok,
             Request::Set {
                 key,
                 value,
@@ -455,132 +649,30 @@ impl Session {
                 self.set(key, value, ephemeral);
                 Response::Ok
             }
-            Request::Get { key, wait_ms } => {
-                if wait_ms > 0 {
-                    let keys = [key.clone()];
-                    if let Some(r) = self.wait(&keys, wait_ms, None).await {
-                        return r;
-                    }
+            Request::Get { key, wait_ms } if wait_ms > 0 => {
+                let keys = [key];
+                if let Some(r) = self.wait(&keys, wait_ms, None).await {
+                    return r;
                 }
-                match self.shared.lock().map.get(&key) {
-                    Some(e) => Response::Value(e.value.clone()),
-                    None => Response::NotFound(key),
-                }
-            }
-            Request::Add { key, delta } => {
-                let mut st = self.shared.lock();
-                let current = match st.map.get(&key) {
-                    None => 0,
-                    Some(e) => match std::str::from_utf8(&e.value)
-                        .ok()
-                        .and_then(|s| s.parse::<i64>().ok())
-                    {
-                        Some(v) => v,
-                        None => {
-                            return Response::BadRequest(format!(
-                                "value of {key:?} is not an integer counter"
-                            ))
-                        }
-                    },
-                };
-                let Some(next) = current.checked_add(delta) else {
-                    return Response::BadRequest(format!("counter {key:?} would overflow"));
-                };
-                st.put(key, next.to_string().into_bytes(), 0);
-                Response::Int(next)
-            }
-            Request::CompareSet {
-                key,
-                expected,
-                desired,
-            } => {
-                let mut st = self.shared.lock();
-                let matches = match st.map.get(&key) {
-                    Some(e) => e.value == expected,
-                    None => expected.is_empty(),
-                };
-                if matches {
-                    st.put(key, desired.clone(), 0);
-                    Response::Value(desired)
-                } else {
-                    // Missing key with a non-empty expectation: answer the expectation's
-                    // opposite, as TCPStore does, so the caller sees it did not match.
-                    Response::Value(
-                        st.map
-                            .get(&key)
-                            .map(|e| e.value.clone())
-                            .unwrap_or_default(),
-                    )
-                }
+                let [key] = keys;
+                self.shared.handle_immediate(Request::Get { key, wait_ms })
             }
             Request::Delete { key } => {
                 self.owned.remove(&key);
-                let existed = self.shared.lock().map.remove(&key).is_some();
-                if existed {
-                    // A member that leaves deletes its key: watchers must learn of it too.
-                    self.shared.sessions_changed.notify_waiters();
-                }
-                Response::Int(existed as i64)
+                self.shared.handle_immediate(Request::Delete { key })
             }
-            Request::Append { key, value } => {
-                let mut st = self.shared.lock();
-                let len = match st.map.get_mut(&key) {
-                    Some(e) => {
-                        if e.value.len() + value.len() > super::proto::MAX_FRAME - 64 {
-                            return Response::BadRequest(format!(
-                                "value of {key:?} would exceed the frame limit"
-                            ));
-                        }
-                        e.value.extend_from_slice(&value);
-                        let len = e.value.len();
-                        if let Some(n) = st.key_waiters.remove(&key) {
-                            n.notify_waiters();
-                        }
-                        len
-                    }
-                    None => {
-                        let len = value.len();
-                        st.put(key, value, 0);
-                        len
-                    }
-                };
-                Response::Int(len as i64)
-            }
-            Request::Exists { keys } => {
-                let st = self.shared.lock();
-                Response::Bools(keys.iter().map(|k| st.map.contains_key(k)).collect())
-            }
-            Request::MultiGet { keys, wait_ms } => {
-                if wait_ms > 0 {
-                    if let Some(r) = self.wait(&keys, wait_ms, None).await {
-                        return r;
-                    }
+            Request::MultiGet { keys, wait_ms } if wait_ms > 0 => {
+                if let Some(r) = self.wait(&keys, wait_ms, None).await {
+                    return r;
                 }
-                let st = self.shared.lock();
-                let mut out = Vec::with_capacity(keys.len());
-                for k in keys {
-                    match st.map.get(&k) {
-                        Some(e) => out.push(e.value.clone()),
-                        None => return Response::NotFound(k),
-                    }
-                }
-                Response::Values(out)
+                self.shared
+                    .handle_immediate(Request::MultiGet { keys, wait_ms })
             }
             Request::MultiSet { entries, ephemeral } => {
                 for (k, v) in entries {
                     self.set(k, v, ephemeral);
                 }
                 Response::Ok
-            }
-            Request::List { prefix } => {
-                let st = self.shared.lock();
-                let keys = st
-                    .map
-                    .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
-                    .take_while(|(k, _)| k.starts_with(&prefix))
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                Response::Keys(keys)
             }
             Request::Wait {
                 keys,
@@ -592,7 +684,54 @@ impl Session {
                     .await
                     .unwrap_or(Response::Ok)
             }
+            Request::OpenChannel => {
+                Response::BadRequest("a channel is only offered on the local socket".into())
+            }
+            req => self.shared.handle_immediate(req),
         }
+    }
+
+    /// Answers a channel request: the grant goes out with the channel's and the doorbell's
+    /// descriptors attached, after every answer before it.
+    async fn grant_channel<S: AsyncWrite + Unpin + PollNow>(
+        &mut self,
+        stream: &mut S,
+        outbuf: &mut Vec<u8>,
+    ) -> Result<()> {
+        let granted = match (stream.unix_fd(), &self.channel) {
+            (None, _) => Err(Error::InvalidParam(
+                "a channel is only offered on the local socket".into(),
+            )),
+            (Some(_), Some(_)) => Err(Error::InvalidParam("this session has a channel".into())),
+            (Some(fd), None) => self.shared.grant_channel().map(|g| (fd, g)),
+        };
+        let (fd, grant) = match granted {
+            Ok(g) => g,
+            Err(e) => {
+                Response::BadRequest(e.to_string()).encode(outbuf);
+                return Ok(());
+            }
+        };
+        if !outbuf.is_empty() {
+            stream
+                .write_all(outbuf)
+                .await
+                .map_err(|e| Error::io("config store write", e))?;
+            outbuf.clear();
+        }
+        let mut frame = Vec::new();
+        Response::Channel { slot: grant.slot }.encode(&mut frame);
+        let fds = [grant.channel_fd.as_raw_fd(), grant.doorbell_fd.as_raw_fd()];
+        let sent = send_with_fds(fd, &frame, fds)
+            .map_err(|e| Error::io("config store channel grant", e))?;
+        if sent < frame.len() {
+            stream
+                .write_all(&frame[sent..])
+                .await
+                .map_err(|e| Error::io("config store write", e))?;
+        }
+        self.channel = Some(grant.lease);
+        Ok(())
     }
 
     fn set(&mut self, key: String, value: Vec<u8>, ephemeral: bool) {
@@ -649,6 +788,7 @@ impl Session {
 
     /// Removes the keys this session still owns and wakes waiters that watch membership.
     fn release(&mut self) {
+        self.channel = None;
         if self.owned.is_empty() {
             return;
         }
