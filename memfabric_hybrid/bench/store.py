@@ -9,7 +9,8 @@ rendezvous and all_gather 64 bytes (embedded and etcd).
 Servers run in this process (etcd: three local members on loopback, data in /dev/shm, see
 memfabric_hybrid.etcd_cluster); clients run in their own processes (spawn) so that eight
 clients really are concurrent. Our store is measured twice: as clients on its host reach it
-(its local Unix socket) and over TCP loopback (as clients on other hosts reach it). Every memfabric ``set`` is acknowledged by the server (on etcd:
+(its local Unix socket, and after a client's first 16 calls the shared-memory channel beside
+it) and over TCP loopback (as clients on other hosts reach it). Every memfabric ``set`` is acknowledged by the server (on etcd:
 committed by a majority); TCPStore's ``set`` is not, so its set figures measure sending, not
 storing. ``multi_set`` is our bulk write. The etcd column is skipped, saying why, where etcd is
 not installed.
@@ -91,7 +92,7 @@ def _client_loop(backend: str, addr: Any, op: str, size: int, seconds: float, id
             break
     if op == "compare_set":
         assert store.get(key) in (value_a, value_b)
-    out.put((len(lat), clock() - start, lat))
+    out.put((len(lat), clock() - start, lat, getattr(store, "connection", "tcp")))
 
 
 def _measure(backend: str, addr: Any, op: str, size: int, clients: int, seconds: float) -> dict[str, Any]:
@@ -108,7 +109,8 @@ def _measure(backend: str, addr: Any, op: str, size: int, clients: int, seconds:
     ops = sum(r[0] for r in results)
     wall = max(r[1] for r in results)
     lat = sorted(x for r in results for x in r[2])
-    return {"ops_per_s": ops / wall, "p50_us": percentile(lat, 50) * 1e6, "p99_us": percentile(lat, 99) * 1e6, "ops": ops}
+    return {"ops_per_s": ops / wall, "p50_us": percentile(lat, 50) * 1e6, "p99_us": percentile(lat, 99) * 1e6, "ops": ops,
+            "connection": sorted({r[3] for r in results})}
 
 
 # ---- servers (in this process) -----------------------------------------------------------------
@@ -292,8 +294,9 @@ def _run(a: argparse.Namespace, clients: list[int], sizes: list[int], ops: list[
                  "ours tcp ops/s", "p50 us",
                  "etcd ops/s", "p50 us", "p99 us",
                  "TCPStore ops/s", "p50 us", "p99 us", "ours/TCPStore", "ours tcp/TCPStore"], rows))
-    print("ours: clients on the store's host, through its local socket; ours tcp: the same over "
-          "TCP loopback (MF_STORE_NO_LOCAL_SOCKET=1), as clients on other hosts reach it")
+    print("ours: clients on the store's host: its local socket, then (after 16 calls) a shared-memory "
+          "channel beside it; ours tcp: the same over TCP loopback (MF_STORE_NO_LOCAL_SOCKET=1), as "
+          "clients on other hosts reach it")
     result: dict[str, Any] = {"cells": figures, "tcpstore": torch_missing or "measured",
                               "etcd": etcd_missing or "measured (3 local members)"}
 

@@ -74,8 +74,8 @@ impl Shared {
             // The hub thread holds the state weakly: the server's end frees it.
             let weak = Arc::downgrade(self);
             let handler = Box::new(move |req: Request| match weak.upgrade() {
-                Some(shared) => shared.handle_immediate(req),
-                None => Response::BadRequest("the store is stopping".into()),
+                Some(shared) => shared.handle_for_channel(req),
+                None => Some(Response::BadRequest("the store is stopping".into())),
             });
             *channels = match Hub::start(handler) {
                 Ok(hub) => Channels::Running(hub),
@@ -89,8 +89,32 @@ impl Shared {
         }
     }
 
-    /// Answers a request that neither waits nor touches a session's own keys (see
-    /// `shm_channel::served_by_channel`); other kinds are answered BadRequest.
+    /// Answers a request from a shared-memory channel; `None` (nothing done) for what needs
+    /// the session: a wait that would have to wait, an ephemeral set, a wait for members.
+    fn handle_for_channel(&self, req: Request) -> Option<Response> {
+        match req {
+            Request::Get { key, wait_ms } if wait_ms > 0 => self
+                .lock()
+                .map
+                .get(&key)
+                .map(|e| Response::Value(e.value.clone())),
+            Request::MultiGet { keys, wait_ms } if wait_ms > 0 => {
+                let st = self.lock();
+                keys.iter()
+                    .map(|k| st.map.get(k).map(|e| e.value.clone()))
+                    .collect::<Option<Vec<_>>>()
+                    .map(Response::Values)
+            }
+            Request::Set { ephemeral, .. } | Request::MultiSet { ephemeral, .. } if ephemeral => {
+                None
+            }
+            Request::Wait { .. } | Request::OpenChannel => None,
+            req => Some(self.handle_immediate(req)),
+        }
+    }
+
+    /// Answers a request that neither waits nor touches a session's own keys; other kinds are
+    /// answered BadRequest.
     fn handle_immediate(&self, req: Request) -> Response {
         match req {
             Request::Ping => Response::Ok,

@@ -60,19 +60,14 @@ pub fn disabled() -> bool {
     std::env::var(DISABLE_ENV).is_ok_and(|v| !v.trim().is_empty() && v.trim() != "0")
 }
 
-/// Requests a channel serves: those that neither wait nor touch the session's own keys.
+/// Requests worth sending through a channel: those that do not touch the session's own keys
+/// and do not wait for members. A get that waits is answered there when its keys exist; the
+/// server sends it to the socket otherwise.
 pub fn served_by_channel(req: &Request) -> bool {
     match req {
-        Request::Ping
-        | Request::Add { .. }
-        | Request::CompareSet { .. }
-        | Request::Delete { .. }
-        | Request::Append { .. }
-        | Request::Exists { .. }
-        | Request::List { .. } => true,
-        Request::Get { wait_ms, .. } | Request::MultiGet { wait_ms, .. } => *wait_ms == 0,
         Request::Set { ephemeral, .. } | Request::MultiSet { ephemeral, .. } => !ephemeral,
         Request::Wait { .. } | Request::OpenChannel => false,
+        _ => true,
     }
 }
 
@@ -250,8 +245,9 @@ fn futex_wake(word: &AtomicU32) {
 
 // ---- server side -----------------------------------------------------------------------------
 
-/// Answers one request (the store's state machine).
-pub type Handler = dyn Fn(Request) -> Response + Send + Sync;
+/// Answers one request (the store's state machine); `None`: the request needs the session and
+/// was not carried out.
+pub type Handler = dyn Fn(Request) -> Option<Response> + Send + Sync;
 
 struct ServerChannel {
     region: SharedRegion,
@@ -444,21 +440,28 @@ fn answer(ch: &ServerChannel, handler: &Handler, buf: &mut Vec<u8>, out: &mut Ve
         ch.region.read(CONTROL, len, buf);
         match split_frame(buf) {
             Ok(Some((kind, body, used))) if used == len => match Request::decode(kind, body) {
-                Ok(req) if served_by_channel(&req) => {
+                Ok(req) => {
                     // A panic must not take the thread that serves every channel with it.
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(req)))
-                        .unwrap_or_else(|_| {
-                            Response::BadRequest("the store failed on this request".into())
-                        })
-                        .encode(out);
-                    if out.len() <= AREA {
-                        ANSWERED
-                    } else {
-                        // Only reads answer this much; the socket carries it instead.
-                        USE_SOCKET
+                    let answer =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(req)))
+                            .unwrap_or_else(|_| {
+                                Some(Response::BadRequest(
+                                    "the store failed on this request".into(),
+                                ))
+                            });
+                    match answer {
+                        Some(a) => {
+                            a.encode(out);
+                            if out.len() <= AREA {
+                                ANSWERED
+                            } else {
+                                // Only reads answer this much; the socket carries it instead.
+                                USE_SOCKET
+                            }
+                        }
+                        None => USE_SOCKET,
                     }
                 }
-                Ok(_) => USE_SOCKET,
                 Err(_) => REFUSED,
             },
             _ => REFUSED,
@@ -745,12 +748,13 @@ mod tests {
     fn hub_and_client() -> (Arc<Hub>, ChannelLease, ClientChannel) {
         let counter = std::sync::atomic::AtomicI64::new(0);
         let hub = Hub::start(Box::new(move |req| match req {
-            Request::Add { delta, .. } => {
-                Response::Int(counter.fetch_add(delta, Ordering::SeqCst) + delta)
-            }
-            Request::Get { key, .. } => Response::Value(vec![7; key.parse().unwrap_or(0)]),
+            Request::Add { delta, .. } => Some(Response::Int(
+                counter.fetch_add(delta, Ordering::SeqCst) + delta,
+            )),
+            Request::Get { wait_ms, .. } if wait_ms > 0 => None,
+            Request::Get { key, .. } => Some(Response::Value(vec![7; key.parse().unwrap_or(0)])),
             Request::Ping => panic!("a handler bug"),
-            _ => Response::Ok,
+            _ => Some(Response::Ok),
         }))
         .unwrap();
         let grant = hub.open().unwrap();
