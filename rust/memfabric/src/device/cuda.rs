@@ -114,6 +114,8 @@ driver_api! {
     cuMemAlloc_v2(*mut CUdeviceptr, usize);
     cuMemFree_v2(CUdeviceptr);
     cuMemGetAddressRange_v2(*mut CUdeviceptr, *mut usize, CUdeviceptr);
+    cuMemHostAlloc(*mut *mut c_void, usize, c_uint);
+    cuMemFreeHost(*mut c_void);
     cuMemcpyHtoD_v2(CUdeviceptr, *const c_void, usize);
     cuMemcpyDtoH_v2(*mut c_void, CUdeviceptr, usize);
     cuMemcpyDtoD_v2(CUdeviceptr, CUdeviceptr, usize);
@@ -614,6 +616,31 @@ impl Device for Cuda {
         Ok(p)
     }
 
+    fn pinned_alloc(&self, len: usize) -> Result<u64> {
+        if len == 0 {
+            return Err(Error::InvalidParam("allocation of 0 bytes".into()));
+        }
+        // Portable: page-locked for every context, whichever device copies from it.
+        const CU_MEMHOSTALLOC_PORTABLE: c_uint = 0x01;
+        let _g = self.enter_device(0)?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: writes one host pointer; a context is current.
+        self.api.check(
+            unsafe { (self.api.cuMemHostAlloc)(&mut p, len, CU_MEMHOSTALLOC_PORTABLE) },
+            &format!("cuMemHostAlloc of {len} bytes"),
+        )?;
+        Ok(p as u64)
+    }
+
+    unsafe fn pinned_free(&self, ptr: u64) -> Result<()> {
+        let _g = self.enter_device(0)?;
+        // SAFETY: the caller passes memory from cuMemHostAlloc above, freed once.
+        self.api.check(
+            unsafe { (self.api.cuMemFreeHost)(ptr as *mut c_void) },
+            "cuMemFreeHost",
+        )
+    }
+
     fn free(&self, ptr: u64) -> Result<()> {
         let a = lock(&self.tables).allocs.remove(&ptr).ok_or_else(|| {
             Error::InvalidParam(format!("{ptr:#x} was not returned by this backend's alloc"))
@@ -1064,6 +1091,31 @@ mod gpu {
         (0..s.len() / 2)
             .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn gpu_pinned_staging_buffers_round_trip_and_are_reused() {
+        let Some(c) = cuda() else { return };
+        let dev: std::sync::Arc<dyn Device> = std::sync::Arc::new(c);
+        let n = crate::device::staging::STAGE_BYTES;
+        let d = dev.alloc(0, n).unwrap();
+        let data = pattern(n, 5);
+        let first_addr;
+        {
+            let mut stage = crate::device::staging::StageBuffer::take(&dev);
+            assert!(stage.pinned(), "cuMemHostAlloc gave no staging buffer");
+            first_addr = stage.addr();
+            stage.slice_mut(n).copy_from_slice(&data);
+            // SAFETY: both ranges are `n` bytes: the device allocation and the stage.
+            unsafe { dev.copy_between(d, stage.addr(), n, None).unwrap() };
+            stage.slice_mut(n).fill(0);
+            // SAFETY: as above.
+            unsafe { dev.copy_between(stage.addr(), d, n, None).unwrap() };
+            assert!(stage.slice_mut(n) == &data[..]);
+        }
+        let mut again = crate::device::staging::StageBuffer::take(&dev);
+        assert_eq!(again.addr(), first_addr, "a pinned buffer was not reused");
+        dev.free(d).unwrap();
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //!   without an accelerator exercises.
 //! - [`cuda`]: NVIDIA GPUs through the CUDA driver API, `libcuda.so.1` opened at run time.
 //! - [`ascend`]: Ascend NPUs through the ACL runtime (`ascend-sys`), opened at run time.
+//! - [`staging`]: reusable (pinned where possible) host buffers for staged device copies.
 //!
 //! Nothing device-specific is linked at build time: a backend whose library is missing reports
 //! why ([`Registry`]) and the rest of the fabric keeps working on host memory. [`registry`]
@@ -16,6 +17,7 @@
 pub mod ascend;
 pub mod cuda;
 pub mod host;
+pub mod staging;
 pub mod stream_order;
 
 use std::sync::{Arc, OnceLock};
@@ -170,6 +172,27 @@ pub trait Device: Send + Sync {
     fn prepare_ordered_work(&self, device: i32) -> Result<()> {
         let _ = device;
         Ok(())
+    }
+
+    /// `len` bytes of page-locked host memory, which this backend's copies move at full
+    /// speed (see [`staging`]). Unsupported where the backend has none.
+    fn pinned_alloc(&self, len: usize) -> Result<u64> {
+        let _ = len;
+        Err(Error::Unsupported(format!(
+            "{} has no page-locked host memory",
+            self.kind().name()
+        )))
+    }
+
+    /// Frees memory from [`Device::pinned_alloc`].
+    ///
+    /// # Safety
+    /// `ptr` came from this backend's `pinned_alloc` and is not used afterwards.
+    unsafe fn pinned_free(&self, ptr: u64) -> Result<()> {
+        Err(Error::Unsupported(format!(
+            "{ptr:#x}: {} has no page-locked host memory",
+            self.kind().name()
+        )))
     }
 
     /// The allocation holding device address `addr`: (base, length). `None` for an address

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::device::staging::StageBuffer;
 use crate::device::{self, Device, IpcHandle, Kind as DeviceKind};
 use crate::error::{Error, Result};
 use crate::mem::regions::{decode_list, encode_list, RegionTable};
@@ -27,7 +28,7 @@ use crate::transport::{CheckedOps, Kind, Op, Transport};
 /// Marks the device section after the region list in the published value.
 const DEVICE_MAGIC: &[u8; 4] = b"MFDV";
 /// Bytes of one staging chunk on the network paths.
-pub const STAGE_CHUNK: usize = 4 << 20;
+pub const STAGE_CHUNK: usize = device::staging::STAGE_BYTES;
 
 /// A device region of a peer, from its published list.
 #[derive(Clone, Debug)]
@@ -370,13 +371,12 @@ fn staged(transport: &dyn Transport, write: bool, op: Op, deadline: Instant) -> 
         .step_by(chunk)
         .map(|off| (off, chunk.min(total - off)))
         .collect();
-    // Two host buffers for device bytes on their way to or from the network (one suffices
-    // for a single chunk); they live until the end of this function.
-    let mut bufs = [
-        vec![0u8; chunk],
-        vec![0u8; if chunks.len() > 1 { chunk } else { 0 }],
-    ];
-    let (a0, a1) = (bufs[0].as_mut_ptr() as u64, bufs[1].as_mut_ptr() as u64);
+    // Two host buffers (pinned where the device can) for device bytes on their way to or from
+    // the network (one suffices for a single chunk); they live until the end of this function.
+    let mut first = StageBuffer::take(&dev);
+    let mut second = (chunks.len() > 1).then(|| StageBuffer::take(&dev));
+    let a0 = first.addr();
+    let a1 = second.as_mut().map_or(a0, |b| b.addr());
     let net = |stage: u64, off: usize, n: usize| -> Result<()> {
         let one = Op::new(stage, op.remote + off as u64, n as u64);
         // SAFETY: `stage` is our own buffer of at least `n` bytes, alive for the call; the

@@ -69,6 +69,7 @@ use tokio::sync::watch;
 
 use super::auth::{random_bytes, DataAuth, NONCE_LEN, PROOF_LEN};
 use super::{CheckedOps, Op, Transport};
+use crate::device::staging::{StageBuffer, STAGE_BYTES};
 use crate::error::{Error, Result};
 use crate::log::{DEBUG, INFO, WARN};
 use crate::mem::regions::RegionTable;
@@ -713,13 +714,16 @@ async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
                 if off < len {
                     rs = 0;
                     re = 0;
-                    let mut stage = vec![0u8; (len - off).min(DEVICE_STAGE)];
+                    // Pinned where the device can: its copy then runs at full speed.
+                    let dev =
+                        device_backend(h.addr).unwrap_or_else(|_| crate::device::registry().host());
+                    let mut stage = StageBuffer::take(&dev);
                     while off < len {
-                        let n = (len - off).min(stage.len());
-                        let at = stage.as_mut_ptr() as u64;
+                        let n = (len - off).min(STAGE_BYTES);
+                        let at = stage.addr();
                         recv_payload(stream, fd, at, n, &mut [], &mut out).await?;
                         if applied.is_ok() {
-                            applied = device_write(h.addr + off as u64, &stage[..n]);
+                            applied = device_write(h.addr + off as u64, stage.slice_mut(n));
                         }
                         off += n;
                     }
@@ -799,10 +803,6 @@ async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
         }
     }
 }
-
-/// Bytes of the host buffer a payload for device memory is received into before it is
-/// copied to the device.
-const DEVICE_STAGE: usize = 4 << 20;
 
 /// The region check of a request, and whether its range is device memory.
 fn check_request(regions: &RegionTable, addr: u64, len: u64) -> (Result<()>, bool) {
