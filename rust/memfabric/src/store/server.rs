@@ -90,14 +90,17 @@ impl Shared {
     }
 
     /// Answers a request from a shared-memory channel; `None` (nothing done) for what needs
-    /// the session: a wait that would have to wait, an ephemeral set, a wait for members.
+    /// the session (a wait that would have to wait, an ephemeral set, a wait for members) and
+    /// for a value larger than the channel.
     fn handle_for_channel(&self, req: Request) -> Option<Response> {
         match req {
-            Request::Get { key, wait_ms } if wait_ms > 0 => self
-                .lock()
-                .map
-                .get(&key)
-                .map(|e| Response::Value(e.value.clone())),
+            Request::Get { key, wait_ms } => match self.lock().map.get(&key) {
+                // Too large for the channel: the socket carries it, without a copy made here.
+                Some(e) if e.value.len() > super::shm_channel::AREA => None,
+                Some(e) => Some(Response::Value(e.value.clone())),
+                None if wait_ms > 0 => None,
+                None => Some(Response::NotFound(key)),
+            },
             Request::MultiGet { keys, wait_ms } if wait_ms > 0 => {
                 let st = self.lock();
                 keys.iter()
