@@ -233,6 +233,38 @@ fn reserve_at(addr: u64, len: u64, replace: bool) -> Result<u64> {
     Ok(p as u64)
 }
 
+/// Reserves `len` bytes PROT_NONE at an [`ALIGN`]ed address the kernel picks. The range is
+/// kept from the start: probing and releasing first would let another thread of this process
+/// (an allocator growing) take it before it is reserved again.
+fn reserve_aligned(len: u64) -> Result<u64> {
+    let slack = reserve_at(0, len + ALIGN, false)?;
+    let aligned = slack.div_ceil(ALIGN) * ALIGN;
+    let (head, tail) = (aligned - slack, slack + ALIGN - aligned);
+    // SAFETY: unmapping the parts of our own fresh reservation outside [aligned, +len).
+    unsafe {
+        if head > 0 {
+            libc::munmap(slack as *mut libc::c_void, head as usize);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail as usize);
+        }
+    }
+    Ok(aligned)
+}
+
+/// Reservations of this process that are released when dropped.
+#[derive(Default)]
+struct Held(Vec<(u64, u64)>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for &(base, len) in &self.0 {
+            // SAFETY: each entry is a reservation this process made and nobody else uses.
+            unsafe { libc::munmap(base as *mut libc::c_void, len as usize) };
+        }
+    }
+}
+
 /// Agrees on a base through `group` and reserves `parts * stride` bytes there in this rank.
 /// `tag` keeps concurrent negotiations (different objects) apart.
 pub fn negotiate(group: &Group, stride: u64, timeout: Duration) -> Result<Gva> {
@@ -241,38 +273,44 @@ pub fn negotiate(group: &Group, stride: u64, timeout: Duration) -> Result<Gva> {
     let len = stride
         .checked_mul(parts as u64)
         .ok_or_else(|| Error::InvalidParam("global address space too large".into()))?;
-    for round in 0..ROUNDS {
-        // Rank 0 proposes an address free in its own process (aligned, with slack to align).
-        let proposal = if group.rank() == 0 {
-            let slack = reserve_at(0, len + ALIGN, false)?;
-            // SAFETY: releasing the probe mapping we just made.
-            unsafe { libc::munmap(slack as *mut libc::c_void, (len + ALIGN) as usize) };
-            let mut aligned = slack.div_ceil(ALIGN) * ALIGN;
-            // Later rounds move away from places that failed elsewhere.
-            aligned += round as u64 * len.div_ceil(ALIGN) * ALIGN;
-            aligned.to_be_bytes().to_vec()
+    // Rank 0's proposals stay reserved until the end (released on failure, the agreed one
+    // kept), so that the kernel offers a different range each round.
+    let mut proposed = Held::default();
+    for _ in 0..ROUNDS {
+        // Rank 0 proposes a range it has reserved already.
+        let own = if group.rank() == 0 {
+            let b = reserve_aligned(len)?;
+            proposed.0.push((b, len));
+            Some(b)
         } else {
-            Vec::new()
+            None
         };
+        let proposal = own.map(|b| b.to_be_bytes().to_vec()).unwrap_or_default();
         let proposals = group.all_gather(&proposal, timeout)?;
         let base_bytes: [u8; 8] = proposals[0]
             .as_slice()
             .try_into()
             .map_err(|_| Error::Protocol("rank 0's GVA proposal is malformed".into()))?;
         let base = u64::from_be_bytes(base_bytes);
-        let mine = reserve_at(base, len, false);
+        let mine = match own {
+            Some(b) => Ok(b),
+            None => reserve_at(base, len, false),
+        };
         let ok = [mine.is_ok() as u8];
         let votes = group.all_gather(&ok, timeout)?;
         if votes.iter().all(|v| v.first() == Some(&1)) {
+            if own.is_some() {
+                proposed.0.pop();
+            }
             return Ok(Gva {
                 base,
                 stride,
                 parts,
             });
         }
-        if mine.is_ok() {
-            // SAFETY: releasing the reservation we made this round.
-            unsafe { libc::munmap(base as *mut libc::c_void, len as usize) };
+        if let (None, Ok(b)) = (own, mine) {
+            // SAFETY: releasing the reservation this rank made this round.
+            unsafe { libc::munmap(b as *mut libc::c_void, len as usize) };
         }
     }
     Err(Error::NoResources(format!(
@@ -294,15 +332,23 @@ pub fn claim(
     let len = stride
         .checked_mul(parts as u64)
         .ok_or_else(|| Error::InvalidParam("global address space too large".into()))?;
-    let probe = reserve_at(0, len + ALIGN, false)?;
-    // SAFETY: releasing the probe mapping we just made.
-    unsafe { libc::munmap(probe as *mut libc::c_void, (len + ALIGN) as usize) };
-    let proposal = (probe.div_ceil(ALIGN) * ALIGN).to_string();
+    let mut probe = Held(vec![(reserve_aligned(len)?, len)]);
+    let proposal = probe.0[0].0.to_string();
     let agreed = client.compare_set(key, b"", proposal.as_bytes())?;
     let base: u64 = std::str::from_utf8(&agreed)
         .ok()
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| Error::Protocol(format!("GVA record {key:?} is malformed")))?;
+    if base == probe.0[0].0 {
+        // Ours was taken: already reserved.
+        probe.0.clear();
+        return Ok(Gva {
+            base,
+            stride,
+            parts,
+        });
+    }
+    drop(probe);
     reserve_at(base, len, false).map_err(|e| {
         Error::NoResources(format!(
             "the object's address range {base:#x} (+{len:#x}) is not free in this process: {e}"

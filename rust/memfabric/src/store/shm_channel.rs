@@ -56,8 +56,12 @@ const USE_SOCKET: u32 = 1;
 /// The request was malformed; the client drops the connection.
 const REFUSED: u32 = 2;
 
+/// Whether [`DISABLE_ENV`] is set (read once per process).
 pub fn disabled() -> bool {
-    std::env::var(DISABLE_ENV).is_ok_and(|v| !v.trim().is_empty() && v.trim() != "0")
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DISABLED.get_or_init(|| {
+        std::env::var(DISABLE_ENV).is_ok_and(|v| !v.trim().is_empty() && v.trim() != "0")
+    })
 }
 
 /// Requests worth sending through a channel: those that do not touch the session's own keys
