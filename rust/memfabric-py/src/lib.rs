@@ -6,11 +6,6 @@
 
 use pyo3::prelude::*;
 
-/// Large buffers (store values, staged copies) come and go with every call; mimalloc keeps
-/// their pages for the next one instead of returning and faulting them in again.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod bm;
 mod buffers;
 mod common;

@@ -113,11 +113,12 @@ fn seconds(what: &str, v: f64) -> PyResult<Duration> {
 
 /// Accepts bytes, bytearray, str (UTF-8) or any object supporting ``bytes(obj)`` except ints.
 fn value_bytes(v: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    use memfabric::store::proto::value_copy;
     if let Ok(b) = v.cast::<PyBytes>() {
-        return Ok(b.as_bytes().to_vec());
+        return Ok(value_copy(b.as_bytes()));
     }
     if let Ok(s) = v.cast::<PyString>() {
-        return Ok(s.to_cow()?.as_bytes().to_vec());
+        return Ok(value_copy(s.to_cow()?.as_bytes()));
     }
     if let Ok(b) = v.cast::<PyByteArray>() {
         return Ok(b.to_vec());
@@ -255,7 +256,9 @@ impl StoreClient {
                 memfabric::store::keep_alive(&c);
                 Ok(())
             } else {
-                c.set(&key, &v)
+                let r = c.set(&key, &v);
+                memfabric::store::proto::recycle(v);
+                r
             }
         })
         .py_result()
@@ -279,7 +282,11 @@ impl StoreClient {
             self.run(py, move |c| c.get(&k))?
         };
         match v {
-            Some(v) => Ok(PyBytes::new(py, &v)),
+            Some(v) => {
+                let bytes = PyBytes::new(py, &v);
+                memfabric::store::proto::recycle(v);
+                Ok(bytes)
+            }
             None => Err(PyKeyError::new_err(key)),
         }
     }

@@ -10,10 +10,6 @@ use std::process::ExitCode;
 
 use memfabric::store::{tls, url::parse_store_url, StoreServer};
 
-/// As in the Python module: large values are served without re-faulting their buffers.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const USAGE: &str = "usage: mf-store [--listen tcp://IP:PORT] [--tls ca=PATH;cert=PATH;key=PATH] [--log-level 0..3]";
 
 fn run() -> memfabric::Result<()> {

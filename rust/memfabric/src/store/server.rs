@@ -97,7 +97,7 @@ impl Shared {
             Request::Get { key, wait_ms } => match self.lock().map.get(&key) {
                 // Too large for the channel: the socket carries it, without a copy made here.
                 Some(e) if e.value.len() > super::shm_channel::AREA => None,
-                Some(e) => Some(Response::Value(e.value.clone())),
+                Some(e) => Some(Response::Value(super::proto::value_copy(&e.value))),
                 None if wait_ms > 0 => None,
                 None => Some(Response::NotFound(key)),
             },
@@ -126,7 +126,7 @@ impl Shared {
                 Response::Ok
             }
             Request::Get { key, .. } => match self.lock().map.get(&key) {
-                Some(e) => Response::Value(e.value.clone()),
+                Some(e) => Response::Value(super::proto::value_copy(&e.value)),
                 None => Response::NotFound(key),
             },
             Request::Add { key, delta } => {
@@ -251,7 +251,9 @@ impl State {
         if let Some(n) = self.key_waiters.remove(&key) {
             n.notify_waiters();
         }
-        self.map.insert(key, Entry { value, owner });
+        if let Some(old) = self.map.insert(key, Entry { value, owner }) {
+            super::proto::recycle(old.value);
+        }
     }
 
     fn count_prefix(&self, prefix: &str) -> u64 {
@@ -625,6 +627,9 @@ impl Session {
                 }
                 let resp = self.handle(req).await;
                 resp.encode(&mut outbuf);
+                if let Response::Value(v) = resp {
+                    super::proto::recycle(v);
+                }
             }
             inbuf.drain(..start);
             if !outbuf.is_empty() {

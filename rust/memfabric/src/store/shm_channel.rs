@@ -456,6 +456,9 @@ fn answer(ch: &ServerChannel, handler: &Handler, buf: &mut Vec<u8>, out: &mut Ve
                     match answer {
                         Some(a) => {
                             a.encode(out);
+                            if let Response::Value(v) = a {
+                                super::proto::recycle(v);
+                            }
                             if out.len() <= AREA {
                                 ANSWERED
                             } else {
