@@ -496,6 +496,18 @@ impl Response {
         }
     }
 
+    /// Appends the frame of `Response::Value(value)` without the response itself (the value
+    /// stays where it is).
+    pub fn encode_value(value: &[u8], buf: &mut Vec<u8>) {
+        let start = buf.len();
+        let mut e = Encoder::new(buf, kind::R_VALUE);
+        e.bytes(value);
+        if let Err(err) = e.finish() {
+            buf.truncate(start);
+            Response::BadRequest(err.to_string()).encode(buf);
+        }
+    }
+
     fn encode_inner(&self, buf: &mut Vec<u8>) -> Result<()> {
         use kind::*;
         match self {

@@ -89,6 +89,18 @@ impl Shared {
         }
     }
 
+    /// Encodes the answer to a get of `key` straight from the map, without copying the value
+    /// first, when the key exists; whether it did.
+    fn encode_get(&self, key: &str, out: &mut Vec<u8>) -> bool {
+        match self.lock().map.get(key) {
+            Some(e) => {
+                Response::encode_value(&e.value, out);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Answers a request from a shared-memory channel; `None` (nothing done) for what needs
     /// the session (a wait that would have to wait, an ephemeral set, a wait for members) and
     /// for a value larger than the channel.
@@ -624,6 +636,11 @@ impl Session {
                 if let Request::OpenChannel = req {
                     self.grant_channel(&mut stream, &mut outbuf).await?;
                     continue;
+                }
+                if let Request::Get { key, .. } = &req {
+                    if self.shared.encode_get(key, &mut outbuf) {
+                        continue;
+                    }
                 }
                 let resp = self.handle(req).await;
                 resp.encode(&mut outbuf);
