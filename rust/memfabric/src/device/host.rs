@@ -68,25 +68,9 @@ fn check_device(device: i32) -> Result<()> {
 }
 
 fn map_shared(fd: i32, len: usize, what: &str) -> Result<u64> {
-    // SAFETY: a fresh shared mapping of an fd we hold; the kernel picks the address, so no
-    // existing mapping is touched.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(Error::MallocFailed(format!(
-            "{what}: mmap of {len} bytes: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(p as u64)
+    crate::mem::map_shared(fd, len, libc::PROT_READ | libc::PROT_WRITE)
+        .map(|p| p as u64)
+        .map_err(|e| Error::MallocFailed(format!("{what}: mmap of {len} bytes: {e}")))
 }
 
 fn unmap(addr: u64, len: usize) {

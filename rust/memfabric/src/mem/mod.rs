@@ -9,3 +9,19 @@ pub mod gva;
 pub mod regions;
 
 pub use regions::{decode_list, encode_list, RegionTable};
+
+/// Maps `len` bytes of `fd` shared (`prot`: PROT_READ and/or PROT_WRITE) at an address the
+/// kernel picks; the caller unmaps it.
+pub(crate) fn map_shared(
+    fd: std::os::fd::RawFd,
+    len: usize,
+    prot: i32,
+) -> std::io::Result<*mut libc::c_void> {
+    // SAFETY: a fresh shared mapping of an fd the caller holds; the kernel picks the address,
+    // so no existing mapping is touched.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(p)
+}

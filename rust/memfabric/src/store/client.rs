@@ -598,7 +598,7 @@ impl EmbeddedClient {
                         // After the answer: a failure here costs this connection (the next
                         // call reconnects), not this call.
                         if let Err(e) = conn.open_channel(deadline) {
-                            shm_channel::log_unavailable(&e);
+                            mf_log!(WARN, "store {}: no shared-memory channel: {e}", self.url);
                             inner.conn = None;
                         }
                     }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use super::proto::{split_frame, Request, Response};
 use crate::error::{Error, Result};
-use crate::log::{DEBUG, WARN};
+use crate::log::DEBUG;
 use crate::mf_log;
 
 /// Environment variable that keeps clients on the socket.
@@ -160,20 +160,9 @@ impl SharedRegion {
                 "store channel memory is smaller than {len} bytes"
             )));
         }
-        // SAFETY: a fresh shared mapping of a memfd that cannot shrink below `len`.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Error::io("mmap of a store channel", last_error()));
-        }
+        // The memfd cannot shrink below `len` (checked above), so the mapping stays backed.
+        let p = crate::mem::map_shared(fd.as_raw_fd(), len, libc::PROT_READ | libc::PROT_WRITE)
+            .map_err(|e| Error::io("mmap of a store channel", e))?;
         let ptr = NonNull::new(p.cast()).ok_or_else(|| Error::Protocol("mmap gave null".into()))?;
         Ok(SharedRegion { ptr, len })
     }
@@ -726,14 +715,6 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<us
     Ok(n as usize)
 }
 
-/// Logs a channel that could not be set up (the client goes on over the socket).
-pub fn log_unavailable(e: &Error) {
-    mf_log!(
-        WARN,
-        "config store channel unavailable, staying on the socket: {e}"
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -742,6 +723,13 @@ mod tests {
         let mut f = Vec::new();
         req.encode(&mut f).unwrap();
         f
+    }
+
+    fn add_frame(delta: i64) -> Vec<u8> {
+        frame(&Request::Add {
+            key: "n".into(),
+            delta,
+        })
     }
 
     fn decode(answer: &[u8]) -> Response {
@@ -784,10 +772,7 @@ mod tests {
         let (hub, _lease, mut c) = hub_and_client();
         let mut answer = Vec::new();
         for i in 1..=1000 {
-            let add = frame(&Request::Add {
-                key: "n".into(),
-                delta: 1,
-            });
+            let add = add_frame(1);
             assert!(matches!(
                 call(&mut c, &add, &mut answer).unwrap(),
                 Outcome::Answered
@@ -829,10 +814,7 @@ mod tests {
         assert!(matches!(decode(&answer), Response::BadRequest(_)));
         // After the server fell asleep, a request wakes it.
         std::thread::sleep(SERVER_POLL * 20);
-        let add = frame(&Request::Add {
-            key: "n".into(),
-            delta: 5,
-        });
+        let add = add_frame(5);
         call(&mut c, &add, &mut answer).unwrap();
         assert_eq!(decode(&answer), Response::Int(1005));
         hub.stop();
@@ -867,10 +849,7 @@ mod tests {
         }
         assert_eq!(control.answer_status.load(Ordering::Relaxed), REFUSED);
         // The channel still works for a well-formed request.
-        let add = frame(&Request::Add {
-            key: "n".into(),
-            delta: 2,
-        });
+        let add = add_frame(2);
         call(&mut c, &add, &mut answer).unwrap();
         assert_eq!(decode(&answer), Response::Int(2));
         hub.stop();
@@ -906,10 +885,7 @@ mod tests {
         let (hub, _lease, mut c) = hub_and_client();
         hub.stop();
         std::thread::sleep(Duration::from_millis(50));
-        let add = frame(&Request::Add {
-            key: "n".into(),
-            delta: 1,
-        });
+        let add = add_frame(1);
         let mut answer = Vec::new();
         let t = Instant::now();
         let deadline = t + Duration::from_millis(200);

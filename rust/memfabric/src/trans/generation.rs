@@ -122,15 +122,7 @@ impl Drop for GenerationView {
 }
 
 fn map_shared(fd: i32, prot: i32) -> Result<*mut libc::c_void> {
-    // SAFETY: a fresh shared mapping of PAGE bytes of `fd` at an address the kernel picks.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), PAGE, prot, libc::MAP_SHARED, fd, 0) };
-    if p == libc::MAP_FAILED {
-        return Err(Error::io(
-            "mmap of the generation page",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(p)
+    crate::mem::map_shared(fd, PAGE, prot).map_err(|e| Error::io("mmap of the generation page", e))
 }
 
 #[cfg(test)]
