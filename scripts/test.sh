@@ -11,7 +11,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 
 echo "== cargo test"
-cargo test -p memfabric -p memfabric-cli -p ascend-sys -q 2>&1 | tail -n 40
+# With the etcd feature, so that the core's etcd store tests run too (on a local etcd member).
+cargo test -p memfabric -p memfabric-cli -p ascend-sys --features memfabric/etcd -q 2>&1 | tail -n 40
 
 echo "== stubs (mypy.stubtest against the built module)"
 python -m mypy.stubtest memfabric_hybrid._native --allowlist .stubtest-allowlist
