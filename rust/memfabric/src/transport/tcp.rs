@@ -698,10 +698,7 @@ async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
             rs += REQ_HDR;
             let (verdict, on_device) = check_request(regions, h.addr, h.len);
             if h.op == OP_READ && on_device {
-                match device_read(h.addr, h.len as usize) {
-                    Ok(data) => out.read_reply_owned(h.req_id, &data),
-                    Err(e) => out.status(h.req_id, &Err(e)),
-                }
+                out.read_reply_device(h.req_id, h.addr, h.len as usize);
             } else if h.op == OP_READ {
                 out.read_reply(h.req_id, &verdict, h.addr, h.len);
             } else if on_device {
@@ -816,23 +813,33 @@ fn check_request(regions: &RegionTable, addr: u64, len: u64) -> (Result<()>, boo
 }
 
 fn device_backend(addr: u64) -> Result<std::sync::Arc<dyn crate::device::Device>> {
-    crate::device::memory_of(addr).map(|(d, _)| d).ok_or_else(|| {
-        Error::Failed(format!(
-            "{addr:#x} was registered as device memory but is not device memory now (freed              while registered?)"
-        ))
-    })
+    crate::device::memory_of(addr)
+        .map(|(d, _)| d)
+        .ok_or_else(|| {
+            Error::Failed(format!(
+                "{addr:#x} was registered as device memory but is not device memory now \
+                 (freed while registered?)"
+            ))
+        })
 }
 
 /// Copies `len` bytes of registered device memory at `addr` into a new host buffer.
 fn device_read(addr: u64, len: usize) -> Result<Vec<u8>> {
-    let dev = device_backend(addr)?;
-    let mut data = vec![0u8; len];
-    // SAFETY: `[addr, addr + len)` lies in a registered device region (checked by the
-    // caller); `data` holds `len` bytes.
-    crate::device::cuda::with_private_stream_copies(|| unsafe {
-        dev.copy_between(data.as_mut_ptr() as u64, addr, len, None)
-    })?;
+    let mut data = Vec::with_capacity(len);
+    device_read_into(addr, data.spare_capacity_mut().as_mut_ptr() as u64, len)?;
+    // SAFETY: the device copy initialized the first `len` bytes of the capacity.
+    unsafe { data.set_len(len) };
     Ok(data)
+}
+
+/// Copies `len` bytes of registered device memory at `addr` to host memory at `dst`.
+fn device_read_into(addr: u64, dst: u64, len: usize) -> Result<()> {
+    let dev = device_backend(addr)?;
+    // SAFETY: `[addr, addr + len)` lies in a registered device region (checked by the
+    // caller); the caller passes `dst` with room for `len` bytes that nothing else uses.
+    crate::device::cuda::with_private_stream_copies(|| unsafe {
+        dev.copy_between(dst, addr, len, None)
+    })
 }
 
 /// Copies `data` into registered device memory at `addr`.
@@ -1089,6 +1096,9 @@ impl Out {
         let start = self.bytes.len();
         f(&mut self.bytes);
         let len = self.bytes.len() - start;
+        if len == 0 {
+            return;
+        }
         if let Some(Seg::Own { start: s, len: l }) = self.segs.last_mut() {
             if *s + *l == start {
                 *l += len;
@@ -1121,13 +1131,28 @@ impl Out {
         }
     }
 
-    /// A READ reply whose data was copied out of device memory.
-    fn read_reply_owned(&mut self, req_id: u64, data: &[u8]) {
+    /// A READ reply of `len` bytes of device memory at `addr`, copied from the device straight
+    /// into the queue (no buffer of its own and no second host copy); an error status instead
+    /// when the copy fails.
+    fn read_reply_device(&mut self, req_id: u64, addr: u64, len: usize) {
+        let mut copied = Ok(());
         self.own(|b| {
-            encode_resp(b, ST_OK, "", req_id, data.len() as u64);
-            b.extend_from_slice(data);
+            let start = b.len();
+            encode_resp(b, ST_OK, "", req_id, len as u64);
+            let at = b.len();
+            b.reserve(len);
+            copied = device_read_into(addr, b.spare_capacity_mut().as_mut_ptr() as u64, len);
+            match copied {
+                // SAFETY: the device copy initialized `len` bytes from `at`, inside the
+                // capacity reserved above.
+                Ok(()) => unsafe { b.set_len(at + len) },
+                Err(_) => b.truncate(start),
+            }
         });
-        self.data += data.len() as u64;
+        match copied {
+            Ok(()) => self.data += len as u64,
+            Err(e) => self.status(req_id, &Err(e)),
+        }
     }
 
     fn full(&self) -> bool {
