@@ -2,7 +2,8 @@
 # The checks that need an NVIDIA GPU, for a GPU machine with no Rust toolchain and no network.
 #
 # Here (where Rust builds):  bash scripts/gpu_check.sh prepare
-#   builds the release extension and the core's test binary into .devrun/ (stripped).
+#   builds the release extension and the core's test binary into .devrun/ (stripped), and
+#   bundles Mooncake's CUDA wheel for the benchmark's comparison (.devrun/mooncake.tar.xz).
 # There (in a copy of this tree with .devrun/):  bash scripts/gpu_check.sh run [bench]
 #   runs the Rust GPU tests, the Python device tests and, with `bench`, the device benchmark;
 #   logs go to $OUT (or /tmp/mf-gpu-out).
@@ -10,6 +11,48 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 DEV=.devrun
+MOONCAKE_VERSION=0.3.11.post1
+
+# Mooncake's CUDA wheel for a GPU machine without network: its engine for CPython 3.10-3.13
+# and the libraries it loads, trimmed (scripts/mooncake_bundle.py) and compressed.
+mooncake_bundle() {
+    local dl=target/mooncake-wheels stage v rc=0
+    mkdir -p "$dl"
+    for v in 3.10 3.11 3.12 3.13; do
+        python -m pip download -q --no-deps --only-binary=:all: --python-version "$v" \
+            --platform manylinux_2_35_x86_64 -d "$dl" "mooncake-transfer-engine==$MOONCAKE_VERSION" || return 1
+    done
+    python -m pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+        -d "$dl" "nvidia-cuda-runtime-cu12" || return 1
+    stage=$(mktemp -d)
+    python scripts/mooncake_bundle.py "$dl" "$stage" "$MOONCAKE_VERSION" &&
+        tar -cJf "$DEV/mooncake.tar.xz" -C "$stage" . || rc=1
+    rm -rf "$stage"
+    return $rc
+}
+
+# Unpacks the bundle for this machine's Python and says where the benchmark finds it.
+mooncake_unpack() {
+    local dir=/tmp/mf-mooncake py f
+    if [ ! -f "$DEV/mooncake.tar.xz" ]; then
+        echo "no Mooncake bundle in $DEV (prepare could not make one)"
+        return 0
+    fi
+    rm -rf "$dir" && mkdir -p "$dir/lib" && tar -xJf "$DEV/mooncake.tar.xz" -C "$dir" || return 0
+    py=$(python3 -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+    if [ ! -f "$dir/engines/engine.$py.so" ]; then
+        echo "Mooncake's CUDA wheel has no engine for $py"
+        return 0
+    fi
+    cp "$dir/engines/engine.$py.so" "$dir/site/mooncake/engine.so"
+    cp "$dir"/cudart/* "$dir/lib/"
+    # The bundled system libraries only where this machine lacks them: its own stay in charge.
+    for f in "$dir"/syslib/*; do
+        PATH="$PATH:/sbin:/usr/sbin" ldconfig -p | grep -qF "$(basename "$f") " || cp "$f" "$dir/lib/"
+    done
+    echo "Mooncake $MOONCAKE_VERSION for $py unpacked; loaded from the bundle: $(ls "$dir/lib" | tr '\n' ' ')"
+    export MF_BENCH_MOONCAKE_SITE="$dir/site" MF_BENCH_MOONCAKE_LIBS="$dir/lib"
+}
 
 prepare() {
     set -e
@@ -26,6 +69,7 @@ for l in sys.stdin:
         print(m["executable"])')
     cp "$bin" "$DEV/memfabric-tests"
     strip "$DEV/_native.abi3.so" "$DEV/memfabric-tests"
+    mooncake_bundle || echo "note: Mooncake's CUDA wheel not bundled; the device benchmark will skip it" >&2
     ls -la "$DEV"
 }
 
@@ -45,6 +89,7 @@ run() {
     timeout 200 python3 -m pytest tests/test_tensors.py tests/test_buffers.py tests/test_bad_inputs.py -q \
         -p no:cacheprovider -W ignore -o timeout=60 2>&1 | tee "$out/pytest_host.log" | tail -n 15 || rc=1
     if [ "${1:-}" = bench ]; then
+        mooncake_unpack
         echo "== device benchmark"
         timeout 300 python3 -m memfabric_hybrid.bench device --json "$out/bench_device.json" 2>&1 | tee "$out/bench_device.log" || rc=1
     fi

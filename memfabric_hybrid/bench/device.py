@@ -25,6 +25,12 @@ same host buffer kind (pageable or pinned). Rows:
   te-tcp      the same pair as two fresh spawned processes started with MF_TRANSPORT=tcp:
               D2D over the staged network path (device -> host -> tcp -> host -> device),
               sizes up to 16 MiB; its ratio to cudaMemcpy D2D is informative only.
+  mooncake-tcp  Mooncake's transfer engine (its CUDA wheel, ``mooncake-transfer-engine``) in
+              the same two-process D2D cells over its tcp protocol (P2PHANDSHAKE; one GPU has
+              no RDMA or NVLink path), printed beside te-tcp. Skipped, saying why, where
+              ``mooncake.engine`` does not import. MF_BENCH_MOONCAKE_SITE (a directory put
+              first on the children's sys.path) and MF_BENCH_MOONCAKE_LIBS (put first on their
+              LD_LIBRARY_PATH) load a copy that is not installed (scripts/gpu_check.sh).
 
 Data is verified once per size (random bytes written, read back, compared): "verified" in the
 JSON. A failing cell or section prints its error and the rest still runs; no new cell starts
@@ -35,13 +41,16 @@ Exit status 1 when any cell, section or verification failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import queue
+import subprocess
+import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ._util import percentile, table, write_json
 
@@ -217,7 +226,72 @@ def _bm(torch: Any, sizes: list[int], seconds: float, out: dict[str, Any]) -> No
         srv.close()
 
 
-def _te_open(url: str, role: str) -> Any:
+def _mooncake_env() -> dict[str, str]:
+    """LD_LIBRARY_PATH for processes that load Mooncake from MF_BENCH_MOONCAKE_LIBS."""
+    libs = os.environ.get("MF_BENCH_MOONCAKE_LIBS")
+    if not libs:
+        return {}
+    old = os.environ.get("LD_LIBRARY_PATH")
+    return {"LD_LIBRARY_PATH": f"{libs}:{old}" if old else libs}
+
+
+def _mooncake_import() -> Any:
+    site = os.environ.get("MF_BENCH_MOONCAKE_SITE")
+    if site and site not in sys.path:
+        sys.path.insert(0, site)
+    import mooncake.engine  # type: ignore
+
+    # The non-CUDA build would take a device pointer for host memory and crash: only the
+    # CUDA build (its engine links the CUDA runtime) may see CUDA tensors.
+    with open(mooncake.engine.__file__, "rb") as f:
+        if b"libcudart.so" not in f.read():
+            raise ImportError(f"{mooncake.engine.__file__} is Mooncake's build without CUDA")
+    return mooncake.engine.TransferEngine
+
+
+def _mooncake_why() -> str:
+    """Why Mooncake cannot run here ("" when it imports), asked in a fresh process (its
+    libraries stay out of this one)."""
+    code = "from memfabric_hybrid.bench.device import _mooncake_import; _mooncake_import()"
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **_mooncake_env()),
+                           capture_output=True, text=True, timeout=120)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    lines = (r.stderr or r.stdout).strip().splitlines()
+    return "" if r.returncode == 0 else f"mooncake.engine does not import: {lines[-1] if lines else r.returncode}"
+
+
+@contextlib.contextmanager
+def _environ(extra: dict[str, str]) -> Iterator[None]:
+    """`extra` in os.environ while processes are started (a spawned child's loader reads its
+    LD_LIBRARY_PATH at exec, before any of its code runs)."""
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _mooncake_rc(f: Callable[..., int], what: str) -> Callable[..., None]:
+    """A Mooncake call that raises on a non-zero return (it leaves no message to fetch)."""
+    def call(*args: Any) -> None:
+        if (rc := f(*args)) != 0:
+            raise RuntimeError(f"Mooncake {what}: rc {rc}")
+    return call
+
+
+def _te_open(url: str, role: str, system: str = "memfabric") -> Any:
+    if system == "mooncake":
+        te = _mooncake_import()()
+        if (rc := te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "")) != 0:
+            raise RuntimeError(f"Mooncake initialize('127.0.0.1', 'P2PHANDSHAKE', 'tcp', ''): rc {rc}")
+        return te
     import memfabric_hybrid as mf
 
     te = mf.TransferEngine()
@@ -227,42 +301,56 @@ def _te_open(url: str, role: str) -> Any:
     return te
 
 
-def _te_target(url: str, n: int, env: dict[str, str], q: Any, stop: Any) -> None:
+def _session_of(system: str, te: Any) -> str:
+    """The name an initiator passes to reach `te`."""
+    return f"127.0.0.1:{te.get_rpc_port()}" if system == "mooncake" else te.session_id
+
+
+def _close(system: str, te: Any) -> None:
+    if system != "mooncake":  # Mooncake's engine has no close; it goes with the process
+        te.destroy()
+
+
+def _reg_error(system: str) -> str:
+    import memfabric_hybrid as mf
+
+    return "" if system == "mooncake" else mf.get_last_err_msg()
+
+
+def _te_target(url: str, n: int, env: dict[str, str], q: Any, stop: Any, system: str = "memfabric") -> None:
     """Child: registers a CUDA tensor of n bytes, reports (session, address), waits for `stop`."""
     try:
         os.environ.update(env)
-        import memfabric_hybrid as mf
         import torch
 
-        te = _te_open(url, "decode")
+        te = _te_open(url, "decode", system)
         buf = torch.zeros(n, dtype=torch.uint8, device="cuda")
         torch.cuda.synchronize()
         if (rc := te.register_memory(_ptr(buf), n)) != 0:
-            raise RuntimeError(f"target register_memory(cuda, {n}): {rc} {mf.get_last_err_msg()}")
-        q.put(("ready", te.session_id, _ptr(buf), te.get_rpc_port()))
+            raise RuntimeError(f"target register_memory(cuda, {n}): {rc} {_reg_error(system)}")
+        q.put(("ready", _session_of(system, te), _ptr(buf), te.get_rpc_port()))
     except Exception:
         q.put(("error", _err()))
         return
     stop.wait(600)
-    te.destroy()
+    _close(system, te)
 
 
 def _te_measure(url: str, session: str, remote: int, sizes: list[int], seconds: float, host: bool,
-                path: str, out: dict[str, Any] | None = None) -> dict[str, Any]:
+                path: str, out: dict[str, Any] | None = None, system: str = "memfabric") -> dict[str, Any]:
     """Initiator: times sync write/read to the target's CUDA tensor at `remote`, into `out`."""
-    import memfabric_hybrid as mf
     import torch
 
     out = {"rows": []} if out is None else out
     top = max(sizes)
-    te = _te_open(url, "prefill")
+    te = _te_open(url, "prefill", system)
     try:
-        out["local_session"], out["rpc_port"] = te.session_id, te.get_rpc_port()
+        out["local_session"], out["rpc_port"] = _session_of(system, te), te.get_rpc_port()
 
         def reg(ts: list[Any]) -> list[Any]:
             for t in ts:
                 if (rc := te.register_memory(_ptr(t), t.numel())) != 0:
-                    raise RuntimeError(f"register_memory({t.device}, {t.numel()}): {rc} {mf.get_last_err_msg()}")
+                    raise RuntimeError(f"register_memory({t.device}, {t.numel()}): {rc} {_reg_error(system)}")
             return ts
         a, b = reg(_bufs(torch, top, "cuda"))
         h0 = h1 = None
@@ -275,12 +363,19 @@ def _te_measure(url: str, session: str, remote: int, sizes: list[int], seconds: 
                 out[f"{kind}_error"] = f"{type(e).__name__}: {e}"
                 print(f"  {kind} host buffers refused: {e}", flush=True)
         torch.cuda.synchronize()
-        try:
-            out["transport"] = te.transport_for(session)
-        except Exception as e:
-            out["transport"] = f"? ({type(e).__name__}: {e})"
-        print(f"  transport_for({session}) = {out['transport']}", flush=True)
-        W, R = te.transfer_sync_write, te.transfer_sync_read
+        W: Callable[..., Any]
+        R: Callable[..., Any]
+        if system == "mooncake":
+            out["transport"] = "tcp (Mooncake)"
+            W = _mooncake_rc(te.transfer_sync_write, "transfer_sync_write")
+            R = _mooncake_rc(te.transfer_sync_read, "transfer_sync_read")
+        else:
+            try:
+                out["transport"] = te.transport_for(session)
+            except Exception as e:
+                out["transport"] = f"? ({type(e).__name__}: {e})"
+            W, R = te.transfer_sync_write, te.transfer_sync_read
+        print(f"  transport to {session}: {out['transport']}", flush=True)
 
         def one(n: int) -> bool:  # random bytes written from one buffer, read back into another
             ok = True
@@ -295,7 +390,7 @@ def _te_measure(url: str, session: str, remote: int, sizes: list[int], seconds: 
 
         out["verified"] = _verify(sizes, one)
 
-        def op(f: Callable[..., int], t: Any) -> Maker:
+        def op(f: Callable[..., Any], t: Any) -> Maker:
             p = _ptr(t)
             return lambda n: (lambda: f(session, p, remote, n))
         dirs = [("write D2D", "D2D", op(W, a)), ("read D2D", "D2D", op(R, b))]
@@ -304,7 +399,7 @@ def _te_measure(url: str, session: str, remote: int, sizes: list[int], seconds: 
             dirs += [(f"write H2D{sfx}", f"H2D{sfx}", op(W, h0)), (f"read D2H{sfx}", f"D2H{sfx}", op(R, h1))]
         _cells(out["rows"], path, dirs, sizes, seconds)
     finally:
-        te.destroy()
+        _close(system, te)
     return out
 
 
@@ -334,7 +429,7 @@ def _get(q: Any, proc: Any, timeout: float, what: str) -> tuple:
                 raise TimeoutError(f"{what} said nothing within {timeout:.0f} s")
 
 
-def _te(sizes: list[int], seconds: float, tcp: bool, out: dict[str, Any]) -> None:
+def _te(sizes: list[int], seconds: float, tcp: bool, out: dict[str, Any], system: str = "memfabric") -> None:
     import memfabric_hybrid as mf
 
     ctx = mp.get_context("spawn")
@@ -342,9 +437,11 @@ def _te(sizes: list[int], seconds: float, tcp: bool, out: dict[str, Any]) -> Non
     srv = mf.start_config_store("tcp://127.0.0.1:0")
     stop, q = ctx.Event(), ctx.Queue()
     procs = []
+    loader = _mooncake_env() if system == "mooncake" else {}
     try:
-        target = ctx.Process(target=_te_target, args=(srv.url, max(sizes), env, q, stop), daemon=True)
-        target.start()
+        target = ctx.Process(target=_te_target, args=(srv.url, max(sizes), env, q, stop, system), daemon=True)
+        with _environ(loader):
+            target.start()
         procs.append(target)
         _live.append(target)
         msg = _get(q, target, 120, "TE target")
@@ -352,14 +449,15 @@ def _te(sizes: list[int], seconds: float, tcp: bool, out: dict[str, Any]) -> Non
             raise RuntimeError("TE target failed:\n" + msg[1])
         _, session, remote, port = msg
         out["target"] = {"session": session, "address": hex(remote), "rpc_port": port}
-        path = "te-tcp" if tcp else "te"
+        path = ("mooncake-tcp" if system == "mooncake" else "te-tcp") if tcp else "te"
         args = (srv.url, session, remote, sizes, seconds, not tcp, path)
         if not tcp:  # this process is the initiator
             _te_measure(*args, out=out)
             return
         q2 = ctx.Queue()  # a fresh initiator process, started with the same env
-        ini = ctx.Process(target=_te_initiator, args=(env, q2, _deadline[0], *args), daemon=True)
-        ini.start()
+        ini = ctx.Process(target=_te_initiator, args=(env, q2, _deadline[0], *args, None, system), daemon=True)
+        with _environ(loader):
+            ini.start()
         procs.append(ini)
         _live.append(ini)
         msg = _get(q2, ini, max(60.0, _deadline[0] - time.monotonic() + 60), "TE initiator")
@@ -377,6 +475,29 @@ def _te(sizes: list[int], seconds: float, tcp: bool, out: dict[str, Any]) -> Non
                 pr.join(5)
             _live.remove(pr)
         srv.close()
+
+
+def _mooncake(sizes: list[int], seconds: float, out: dict[str, Any]) -> None:
+    if not sizes:
+        out["skipped"] = "no size <= 16 MiB"
+    elif why := _mooncake_why():
+        out["skipped"] = why
+    else:
+        _te(sizes, seconds, True, out, system="mooncake")
+    if out.get("skipped"):
+        print(f"  skipped: {out['skipped']}", flush=True)
+
+
+def _vs_mooncake(secs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """te-tcp beside mooncake-tcp, cell by cell."""
+    theirs = {(r["dir"], r["bytes"]): r for r in secs.get("mooncake-tcp", {}).get("rows", []) if "gb_s" in r}
+    out = []
+    for r in secs.get("te-tcp", {}).get("rows", []):
+        m = theirs.get((r["dir"], r["bytes"]))
+        if m and "gb_s" in r:
+            out.append({"dir": r["dir"], "bytes": r["bytes"], "gb_s": r["gb_s"], "mooncake_gb_s": m["gb_s"],
+                        "ratio": r["gb_s"] / m["gb_s"], "p50_us": r["p50_us"], "mooncake_p50_us": m["p50_us"]})
+    return out
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -477,6 +598,7 @@ def main(argv: list[str]) -> int:
         ("bm", lambda o: _bm(torch, sizes, a.seconds, o)),
         ("te", lambda o: _te(sizes, a.seconds, False, o)),
         ("te-tcp", lambda o: _te(tcp_sizes, a.seconds, True, o) if tcp_sizes else o.update(error="no size <= 16 MiB")),
+        ("mooncake-tcp", lambda o: _mooncake(tcp_sizes, a.seconds, o)),
     ]
     secs: dict[str, dict[str, Any]] = {}
     result["sections"] = secs
@@ -503,7 +625,8 @@ def main(argv: list[str]) -> int:
         if out.get("error"):
             print(f"  section {name} failed:\n    " + out["error"].replace("\n", "\n    "), flush=True)
         bad_ver = [k for k, v in out.get("verified", {}).items() if v is not True]
-        failed |= bool(out.get("error") or bad_ver) or any("error" in r for r in rows)
+        if name != "mooncake-tcp":  # the peer's failures are reported, not ours to fail on
+            failed |= bool(out.get("error") or bad_ver) or any("error" in r for r in rows)
     ours = [r for n, s in secs.items() if n != "cudaMemcpy" for r in s["rows"] if "gb_s" in r]
     result["summary"] = summ = _summary(ours, base)
     print("\n== summary (GB/s and ratio at the largest size, p50 us at the smallest)")
@@ -511,6 +634,13 @@ def main(argv: list[str]) -> int:
                  "cudaMemcpy p50 us"],
                 [[s["path"], s["dir"], s["vs"], _human(s["largest"]), *(_f(s[k]) for k in ("gb_s", "base_gb_s", "ratio")),
                   _human(s["smallest"]), _f(s["p50_us"]), _f(s["base_p50_us"])] for s in summ]) if summ else "  (none)")
+    result["vs_mooncake"] = vs = _vs_mooncake(secs)
+    if vs:
+        print("\n== te-tcp beside Mooncake (tcp), two processes, D2D")
+        print(table(["direction", "size", "ours GB/s", "Mooncake GB/s", "ours/Mooncake", "ours p50 us",
+                     "Mooncake p50 us"],
+                    [[v["dir"], _human(v["bytes"]), v["gb_s"], v["mooncake_gb_s"], v["ratio"], v["p50_us"],
+                      v["mooncake_p50_us"]] for v in vs]))
     print("all sections ran and every copy verified" if not failed else "some cells, sections or checks FAILED (above)")
     dog.cancel()
     write_json(a.json, result)
