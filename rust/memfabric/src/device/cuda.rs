@@ -544,6 +544,72 @@ impl Cuda {
                 ))
             })
     }
+
+    /// A synchronous copy whose device side is on `dev`.
+    ///
+    /// # Safety
+    /// As for [`Device::copy`].
+    unsafe fn copy_on(
+        &self,
+        dev: i32,
+        dir: Direction,
+        dst: u64,
+        src: u64,
+        len: usize,
+    ) -> Result<()> {
+        if PRIVATE_STREAM_COPIES.with(|c| c.get()) {
+            let s = self.private_stream(dev)?;
+            // SAFETY: forwarded from the caller; the copy is complete when this returns.
+            unsafe { self.copy_async_on(dev, dir, dst, src, len, s)? };
+            return self.stream_synchronize(s, PRIVATE_COPY_TIMEOUT);
+        }
+        let _g = self.enter_device(dev)?;
+        // SAFETY: the caller guarantees valid ranges of `len` bytes on both sides (trait
+        // contract); the driver checks that the device side is device memory.
+        let r = unsafe {
+            match dir {
+                Direction::HostToDevice => {
+                    (self.api.cuMemcpyHtoD_v2)(dst, src as *const c_void, len)
+                }
+                Direction::DeviceToHost => (self.api.cuMemcpyDtoH_v2)(dst as *mut c_void, src, len),
+                Direction::DeviceToDevice => (self.api.cuMemcpyDtoD_v2)(dst, src, len),
+            }
+        };
+        self.api
+            .check(r, &format!("CUDA copy {dir:?} of {len} bytes"))
+    }
+
+    /// A copy on `stream` whose device side is on `dev`.
+    ///
+    /// # Safety
+    /// As for [`Device::copy_async`].
+    unsafe fn copy_async_on(
+        &self,
+        dev: i32,
+        dir: Direction,
+        dst: u64,
+        src: u64,
+        len: usize,
+        stream: StreamHandle,
+    ) -> Result<()> {
+        let _g = self.enter_stream(stream, dev)?;
+        let s = stream.0 as CUstream;
+        // SAFETY: the caller keeps both ranges valid until the stream has run the copy (trait
+        // contract); the stream's context is current.
+        let r = unsafe {
+            match dir {
+                Direction::HostToDevice => {
+                    (self.api.cuMemcpyHtoDAsync_v2)(dst, src as *const c_void, len, s)
+                }
+                Direction::DeviceToHost => {
+                    (self.api.cuMemcpyDtoHAsync_v2)(dst as *mut c_void, src, len, s)
+                }
+                Direction::DeviceToDevice => (self.api.cuMemcpyDtoDAsync_v2)(dst, src, len, s),
+            }
+        };
+        self.api
+            .check(r, &format!("CUDA async copy {dir:?} of {len} bytes"))
+    }
 }
 
 fn containing<V>(map: &BTreeMap<u64, V>, addr: u64, len: impl Fn(&V) -> usize) -> Option<u64> {
@@ -657,26 +723,8 @@ impl Device for Cuda {
             return Ok(());
         }
         let dev = self.device_side(device_ptr_side(dir, dst, src))?;
-        if PRIVATE_STREAM_COPIES.with(|c| c.get()) {
-            let s = self.private_stream(dev)?;
-            // SAFETY: forwarded from the caller; the copy is complete when this returns.
-            unsafe { self.copy_async(dir, dst, src, len, s)? };
-            return self.stream_synchronize(s, PRIVATE_COPY_TIMEOUT);
-        }
-        let _g = self.enter_device(dev)?;
-        // SAFETY: the caller guarantees valid ranges of `len` bytes on both sides (trait
-        // contract); the driver checks that the device side is device memory.
-        let r = unsafe {
-            match dir {
-                Direction::HostToDevice => {
-                    (self.api.cuMemcpyHtoD_v2)(dst, src as *const c_void, len)
-                }
-                Direction::DeviceToHost => (self.api.cuMemcpyDtoH_v2)(dst as *mut c_void, src, len),
-                Direction::DeviceToDevice => (self.api.cuMemcpyDtoD_v2)(dst, src, len),
-            }
-        };
-        self.api
-            .check(r, &format!("CUDA copy {dir:?} of {len} bytes"))
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_on(dev, dir, dst, src, len) }
     }
 
     unsafe fn copy_async(
@@ -691,23 +739,40 @@ impl Device for Cuda {
             return Ok(());
         }
         let dev = self.device_side(device_ptr_side(dir, dst, src))?;
-        let _g = self.enter_stream(stream, dev)?;
-        let s = stream.0 as CUstream;
-        // SAFETY: the caller keeps both ranges valid until the stream has run the copy (trait
-        // contract); the stream's context is current.
-        let r = unsafe {
-            match dir {
-                Direction::HostToDevice => {
-                    (self.api.cuMemcpyHtoDAsync_v2)(dst, src as *const c_void, len, s)
-                }
-                Direction::DeviceToHost => {
-                    (self.api.cuMemcpyDtoHAsync_v2)(dst as *mut c_void, src, len, s)
-                }
-                Direction::DeviceToDevice => (self.api.cuMemcpyDtoDAsync_v2)(dst, src, len, s),
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_async_on(dev, dir, dst, src, len, stream) }
+    }
+
+    /// The trait's default asks the driver about each address again inside `copy`; here the
+    /// direction and the device come from one look at each side (each look at memory the
+    /// backend did not allocate is a driver call or two, per copy).
+    unsafe fn copy_between(
+        &self,
+        dst: u64,
+        src: u64,
+        len: usize,
+        stream: Option<StreamHandle>,
+    ) -> Result<()> {
+        let (dir, dev) = match (self.device_of(dst), self.device_of(src)) {
+            (Some(d), Some(_)) => (Direction::DeviceToDevice, d),
+            (Some(d), None) => (Direction::HostToDevice, d),
+            (None, Some(s)) => (Direction::DeviceToHost, s),
+            (None, None) => {
+                return Err(Error::InvalidParam(format!(
+                    "neither {dst:#x} nor {src:#x} is CUDA device memory"
+                )))
             }
         };
-        self.api
-            .check(r, &format!("CUDA async copy {dir:?} of {len} bytes"))
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match stream {
+                Some(s) => self.copy_async_on(dev, dir, dst, src, len, s),
+                None => self.copy_on(dev, dir, dst, src, len),
+            }
+        }
     }
 
     fn stream_create(&self, device: i32) -> Result<StreamHandle> {
