@@ -160,6 +160,8 @@ class Event:
     def query(self) -> bool: ...
     def synchronize(self, timeout: float = 600.0) -> int: ...
 
+# None/0 (run now), a Stream (queued in order), a device stream handle (int), or an object with
+# `cuda_stream` (torch.cuda.Stream) or `npu_stream` (torch_npu.npu.Stream).
 _StreamArg = Union[None, int, Stream, object]
 # An int address, or a tensor / numpy array / buffer-protocol object (see memfabric_hybrid.buffers).
 _Memory = Union[int, bytearray, memoryview, bytes, object]

@@ -104,6 +104,16 @@ BM_CHILD = """
     big = mf.bm.create(1, 2 * (1 << 20))
     rc = big.copy_data(1, 2, 8, mf.bm.BmCopyType.H2G, 0, 0x1234)
     out["stream"] = [rc, mf.get_last_err_msg()]
+
+    class NpuStream:  # what torch_npu.npu.Stream exposes
+        npu_stream = 0x5678
+
+    class CudaStream:  # what torch.cuda.Stream exposes
+        cuda_stream = 0x9ABC
+
+    for name, s in (("npu", NpuStream()), ("cuda", CudaStream())):
+        rc = big.copy_data(1, 2, 8, mf.bm.BmCopyType.H2G, 0, s)
+        out[name] = [rc, mf.get_last_err_msg()]
     print(json.dumps(out))
 """
 
@@ -120,6 +130,16 @@ def test_bm_hbm_and_device_streams_say_why():
     assert rc == mf.MF_UNSUPPORTED
     assert "device stream handle 0x1234 given, but no device backend: " in msg, msg
     assert "CUDA driver not found" in msg and "Ascend runtime not found" in msg, msg
+    # A torch_npu stream goes to the Ascend backend, a torch.cuda one to CUDA: each says why
+    # its own backend is missing.
+    rc, msg = out["npu"]
+    assert rc == mf.MF_UNSUPPORTED
+    assert "a stream of the ascend backend given, but Ascend runtime not found: tried " + NO_ASCEND in msg, msg
+    assert "CUDA" not in msg, msg
+    rc, msg = out["cuda"]
+    assert rc == mf.MF_UNSUPPORTED
+    assert "a stream of the cuda backend given, but CUDA driver not found: tried " + NO_CUDA in msg, msg
+    assert "Ascend" not in msg, msg
 
 
 def test_bm_hbm_in_this_process(store):

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use memfabric::device::Kind;
 use memfabric::stream::{self as core, HostStream};
 use memfabric::Error;
 use pyo3::exceptions::PyTypeError;
@@ -143,16 +144,17 @@ impl Event {
     }
 }
 
-/// The `stream=` argument of async calls: None/0 (run now), a Stream, or a device handle.
+/// The `stream=` argument of async calls: None/0 (run now), a Stream, or a device handle
+/// (with its backend when the object said: torch.cuda.Stream or torch_npu's stream).
 pub enum StreamArg {
     Now,
     Host(Arc<HostStream>),
-    Device(u64),
+    Device(u64, Option<Kind>),
 }
 
 impl StreamArg {
     /// Parses `stream=`: None, 0, a `Stream`, an int handle, or an object with `cuda_stream`
-    /// (torch.cuda.Stream).
+    /// (torch.cuda.Stream) or `npu_stream` (torch_npu.npu.Stream).
     pub fn from_py(obj: Option<&Bound<'_, PyAny>>) -> PyResult<StreamArg> {
         let Some(obj) = obj else {
             return Ok(StreamArg::Now);
@@ -167,11 +169,13 @@ impl StreamArg {
             return Ok(if h == 0 {
                 StreamArg::Now
             } else {
-                StreamArg::Device(h)
+                StreamArg::Device(h, None)
             });
         }
-        if let Ok(h) = obj.getattr("cuda_stream").and_then(|h| h.extract::<u64>()) {
-            return Ok(StreamArg::Device(h));
+        for (attr, kind) in [("cuda_stream", Kind::Cuda), ("npu_stream", Kind::Ascend)] {
+            if let Ok(h) = obj.getattr(attr).and_then(|h| h.extract::<u64>()) {
+                return Ok(StreamArg::Device(h, Some(kind)));
+            }
         }
         Err(PyTypeError::new_err(format!(
             "stream must be None, 0, a memfabric_hybrid.Stream or a device stream handle, not {}",
@@ -198,10 +202,23 @@ impl StreamArg {
                 drop(owner);
                 r
             })),
-            StreamArg::Device(h) => {
-                let dev = match py.detach(memfabric::device::select) {
-                    Ok(d) => d,
-                    Err(_) => {
+            StreamArg::Device(h, kind) => {
+                let dev = match kind {
+                    Some(k) => py.detach(|| memfabric::device::registry().get(k).clone()),
+                    None => py
+                        .detach(memfabric::device::select)
+                        .map_err(|e| e.to_string()),
+                };
+                let dev = match (dev, kind) {
+                    (Ok(d), _) => d,
+                    (Err(e), Some(k)) => {
+                        return fail(Error::Unsupported(format!(
+                            "a stream of the {} backend given, but {e}; \
+                             pass a memfabric_hybrid.Stream or None",
+                            k.name()
+                        )));
+                    }
+                    (Err(_), None) => {
                         let why = crate::device::unavailable(py, "a transfer on a device stream");
                         return fail(Error::Unsupported(format!(
                             "device stream handle {h:#x} given, but {why}; \

@@ -79,7 +79,7 @@ impl TransferEngine {
             Ok(e) => e,
             Err(e) => return Ok(fail(e)),
         };
-        if matches!(stream, StreamArg::Device(_)) {
+        if matches!(stream, StreamArg::Device(..)) {
             if let Err(e) = py.detach(|| engine.prepare_peer(&dest)) {
                 return Ok(fail(e));
             }
