@@ -1167,7 +1167,7 @@ mod gpu {
         let data = pattern(n, 5);
         let first_addr;
         {
-            let mut stage = crate::device::staging::StageBuffer::take(&dev);
+            let mut stage = crate::device::staging::StageBuffer::take(&dev, n);
             assert!(stage.pinned(), "cuMemHostAlloc gave no staging buffer");
             first_addr = stage.addr();
             stage.slice_mut(n).copy_from_slice(&data);
@@ -1178,7 +1178,7 @@ mod gpu {
             unsafe { dev.copy_between(stage.addr(), d, n, None).unwrap() };
             assert!(stage.slice_mut(n) == &data[..]);
         }
-        let mut again = crate::device::staging::StageBuffer::take(&dev);
+        let mut again = crate::device::staging::StageBuffer::take(&dev, n);
         assert_eq!(again.addr(), first_addr, "a pinned buffer was not reused");
         dev.free(d).unwrap();
     }

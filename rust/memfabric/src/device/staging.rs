@@ -26,7 +26,8 @@ fn same(a: &Arc<dyn Device>, b: &Arc<dyn Device>) -> bool {
     std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
 }
 
-/// One staging buffer of [`STAGE_BYTES`]; pinned ones go back to the pool when dropped.
+/// One staging buffer: [`STAGE_BYTES`] when pinned, else the bytes asked for; pinned ones go
+/// back to the pool when dropped.
 pub struct StageBuffer {
     memory: Memory,
 }
@@ -37,8 +38,9 @@ enum Memory {
 }
 
 impl StageBuffer {
-    /// A buffer for copies with `dev`'s memory: pinned when `dev` can pin.
-    pub fn take(dev: &Arc<dyn Device>) -> StageBuffer {
+    /// A buffer of at least `len` bytes (at most [`STAGE_BYTES`]) for copies with `dev`'s
+    /// memory: pinned when `dev` can pin.
+    pub fn take(dev: &Arc<dyn Device>, len: usize) -> StageBuffer {
         let reused = {
             let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
             idle.iter()
@@ -57,13 +59,14 @@ impl StageBuffer {
                 if dev.kind() != Kind::Host {
                     mf_log!(DEBUG, "staging through pageable memory: {e}");
                 }
-                Memory::Plain(vec![0u8; STAGE_BYTES])
+                Memory::Plain(vec![0u8; len.min(STAGE_BYTES)])
             }
         };
         StageBuffer { memory }
     }
 
-    /// The buffer's address ([`STAGE_BYTES`] bytes, writable, alive as long as `self`).
+    /// The buffer's address (the `len` bytes asked for or more, writable, alive as long as
+    /// `self`).
     pub fn addr(&mut self) -> u64 {
         match &mut self.memory {
             Memory::Pinned { addr, .. } => *addr,
@@ -71,16 +74,18 @@ impl StageBuffer {
         }
     }
 
-    /// The first `n` bytes (at most [`STAGE_BYTES`]).
+    /// The first `n` bytes (at most the buffer's size).
     pub fn slice_mut(&mut self, n: usize) -> &mut [u8] {
-        let n = n.min(STAGE_BYTES);
         match &mut self.memory {
             // SAFETY: the pinned allocation is STAGE_BYTES long, exclusively ours while this
             // buffer lives, and the borrow of `self` bounds the slice's life.
             Memory::Pinned { addr, .. } => unsafe {
-                std::slice::from_raw_parts_mut(*addr as *mut u8, n)
+                std::slice::from_raw_parts_mut(*addr as *mut u8, n.min(STAGE_BYTES))
             },
-            Memory::Plain(v) => &mut v[..n],
+            Memory::Plain(v) => {
+                let n = n.min(v.len());
+                &mut v[..n]
+            }
         }
     }
 
@@ -114,12 +119,21 @@ mod tests {
     #[test]
     fn host_backend_stages_through_plain_memory() {
         let host = super::super::registry().host();
-        let mut b = StageBuffer::take(&host);
+        let mut b = StageBuffer::take(&host, STAGE_BYTES);
         assert!(!b.pinned());
         let s = b.slice_mut(usize::MAX);
         assert_eq!(s.len(), STAGE_BYTES);
         s[STAGE_BYTES - 1] = 7;
         assert_eq!(b.slice_mut(STAGE_BYTES)[STAGE_BYTES - 1], 7);
         assert_ne!(b.addr(), 0);
+        // Unpinned buffers are as large as asked (a small bounce zeroes no 4 MiB).
+        let mut small = StageBuffer::take(&host, 4096);
+        assert_eq!(small.slice_mut(usize::MAX).len(), 4096);
+        assert_eq!(
+            StageBuffer::take(&host, usize::MAX)
+                .slice_mut(usize::MAX)
+                .len(),
+            STAGE_BYTES
+        );
     }
 }

@@ -373,8 +373,8 @@ fn staged(transport: &dyn Transport, write: bool, op: Op, deadline: Instant) -> 
         .collect();
     // Two host buffers (pinned where the device can) for device bytes on their way to or from
     // the network (one suffices for a single chunk); they live until the end of this function.
-    let mut first = StageBuffer::take(&dev);
-    let mut second = (chunks.len() > 1).then(|| StageBuffer::take(&dev));
+    let mut first = StageBuffer::take(&dev, chunk);
+    let mut second = (chunks.len() > 1).then(|| StageBuffer::take(&dev, chunk));
     let a0 = first.addr();
     let a1 = second.as_mut().map_or(a0, |b| b.addr());
     let net = |stage: u64, off: usize, n: usize| -> Result<()> {

@@ -714,7 +714,7 @@ async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
                     // Pinned where the device can: its copy then runs at full speed.
                     let dev =
                         device_backend(h.addr).unwrap_or_else(|_| crate::device::registry().host());
-                    let mut stage = StageBuffer::take(&dev);
+                    let mut stage = StageBuffer::take(&dev, (len - off).min(STAGE_BYTES));
                     while off < len {
                         let n = (len - off).min(STAGE_BYTES);
                         let at = stage.addr();
