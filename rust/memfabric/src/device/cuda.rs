@@ -1181,6 +1181,14 @@ mod gpu {
         let mut again = crate::device::staging::StageBuffer::take(&dev, n);
         assert_eq!(again.addr(), first_addr, "a pinned buffer was not reused");
         dev.free(d).unwrap();
+        // The backend's pair on its own: pinned memory is host memory, written and freed.
+        let p = dev.pinned_alloc(4096).unwrap();
+        assert_eq!(dev.device_of(p), None);
+        // SAFETY: 4096 bytes just allocated here, freed once below.
+        unsafe {
+            std::ptr::write_bytes(p as *mut u8, 0xA5, 4096);
+            dev.pinned_free(p).unwrap();
+        }
     }
 
     #[test]

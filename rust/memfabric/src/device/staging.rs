@@ -3,9 +3,9 @@
 //!
 //! Page-locked where the backend offers it: a device copy from pageable memory runs through
 //! the driver's own bounce buffer at a fraction of the speed (H100: 6-14 GB/s pageable, 52
-//! pinned). Page-locking costs far more than a copy, so buffers are kept for reuse, up to
-//! [`KEEP`] of them. Where the backend has no pinned memory (the host backend) or pinning
-//! fails, a plain allocation does the same job.
+//! pinned). Page-locking costs far more than a copy, so buffers are kept for reuse, and at
+//! most [`KEEP`] are ever pinned (32 MiB). Where the backend has no pinned memory (the host
+//! backend), pinning fails, or all of them are in use, a plain allocation does the job.
 
 use std::sync::{Arc, Mutex};
 
@@ -15,12 +15,25 @@ use crate::mf_log;
 
 /// Bytes of one staging buffer (one chunk of a pipelined transfer).
 pub const STAGE_BYTES: usize = 4 << 20;
-/// Pinned buffers kept for reuse, process-wide.
+/// Pinned buffers at most, process-wide; each is kept for reuse.
 const KEEP: usize = 8;
 
-/// Pinned buffers not in use, with the backend that pinned them (kept alive by them: the
-/// memory belongs to its context).
-static IDLE: Mutex<Vec<(Arc<dyn Device>, u64)>> = Mutex::new(Vec::new());
+struct Pool {
+    /// Pinned buffers not in use, with the backend that pinned them (kept alive by them: the
+    /// memory belongs to its context).
+    idle: Vec<(Arc<dyn Device>, u64)>,
+    /// Pinned buffers in all, idle or in use (or being pinned).
+    pinned: usize,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    idle: Vec::new(),
+    pinned: 0,
+});
+
+fn pool() -> std::sync::MutexGuard<'static, Pool> {
+    POOL.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn same(a: &Arc<dyn Device>, b: &Arc<dyn Device>) -> bool {
     std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
@@ -41,25 +54,32 @@ impl StageBuffer {
     /// A buffer of at least `len` bytes (at most [`STAGE_BYTES`]) for copies with `dev`'s
     /// memory: pinned when `dev` can pin.
     pub fn take(dev: &Arc<dyn Device>, len: usize) -> StageBuffer {
-        let reused = {
-            let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
-            idle.iter()
-                .position(|(d, _)| same(d, dev))
-                .map(|i| idle.swap_remove(i).1)
-        };
-        let pinned = reused
-            .map(Ok)
-            .unwrap_or_else(|| dev.pinned_alloc(STAGE_BYTES));
-        let memory = match pinned {
+        let plain = || Memory::Plain(vec![0u8; len.min(STAGE_BYTES)]);
+        let mut p = pool();
+        if let Some(i) = p.idle.iter().position(|(d, _)| same(d, dev)) {
+            let addr = p.idle.swap_remove(i).1;
+            let dev = dev.clone();
+            return StageBuffer {
+                memory: Memory::Pinned { dev, addr },
+            };
+        }
+        if p.pinned >= KEEP {
+            // All in use: pageable for this one rather than pinning (and unpinning) more.
+            return StageBuffer { memory: plain() };
+        }
+        p.pinned += 1;
+        drop(p);
+        let memory = match dev.pinned_alloc(STAGE_BYTES) {
             Ok(addr) => Memory::Pinned {
                 dev: dev.clone(),
                 addr,
             },
             Err(e) => {
+                pool().pinned -= 1;
                 if dev.kind() != Kind::Host {
                     mf_log!(DEBUG, "staging through pageable memory: {e}");
                 }
-                Memory::Plain(vec![0u8; len.min(STAGE_BYTES)])
+                plain()
             }
         };
         StageBuffer { memory }
@@ -98,16 +118,7 @@ impl StageBuffer {
 impl Drop for StageBuffer {
     fn drop(&mut self) {
         if let Memory::Pinned { dev, addr } = &self.memory {
-            let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < KEEP {
-                idle.push((dev.clone(), *addr));
-                return;
-            }
-            drop(idle);
-            // SAFETY: `addr` came from this backend's pinned_alloc and leaves with this buffer.
-            if let Err(e) = unsafe { dev.pinned_free(*addr) } {
-                mf_log!(DEBUG, "freeing a staging buffer: {e}");
-            }
+            pool().idle.push((dev.clone(), *addr));
         }
     }
 }
