@@ -22,8 +22,8 @@ use std::time::Duration;
 use libloading::Library;
 
 use super::{
-    loader_message, poll_until, tried_list, Device, DeviceInfo, Direction, EventHandle, IpcHandle,
-    Kind, StreamHandle,
+    copy_direction, loader_message, poll_until, tried_list, Device, DeviceInfo, Direction,
+    EventHandle, IpcHandle, Kind, StreamHandle,
 };
 use crate::error::{Error, Result};
 
@@ -753,16 +753,7 @@ impl Device for Cuda {
         len: usize,
         stream: Option<StreamHandle>,
     ) -> Result<()> {
-        let (dir, dev) = match (self.device_of(dst), self.device_of(src)) {
-            (Some(d), Some(_)) => (Direction::DeviceToDevice, d),
-            (Some(d), None) => (Direction::HostToDevice, d),
-            (None, Some(s)) => (Direction::DeviceToHost, s),
-            (None, None) => {
-                return Err(Error::InvalidParam(format!(
-                    "neither {dst:#x} nor {src:#x} is CUDA device memory"
-                )))
-            }
-        };
+        let (dir, dev) = copy_direction(self, dst, src)?;
         if len == 0 {
             return Ok(());
         }

@@ -214,17 +214,7 @@ pub trait Device: Send + Sync {
         len: usize,
         stream: Option<StreamHandle>,
     ) -> Result<()> {
-        let dir = match (self.device_of(dst).is_some(), self.device_of(src).is_some()) {
-            (true, true) => Direction::DeviceToDevice,
-            (true, false) => Direction::HostToDevice,
-            (false, true) => Direction::DeviceToHost,
-            (false, false) => {
-                return Err(Error::InvalidParam(format!(
-                    "neither {dst:#x} nor {src:#x} is {} device memory",
-                    self.kind().name()
-                )))
-            }
-        };
+        let (dir, _) = copy_direction(self, dst, src)?;
         // SAFETY: forwarded from the caller.
         unsafe {
             match stream {
@@ -232,6 +222,24 @@ pub trait Device: Send + Sync {
                 None => self.copy(dir, dst, src, len),
             }
         }
+    }
+}
+
+/// The direction of a copy from `src` to `dst` on `dev`, from where each side lives, with
+/// the device of the device side (the destination's when both are).
+pub(crate) fn copy_direction<D: Device + ?Sized>(
+    dev: &D,
+    dst: u64,
+    src: u64,
+) -> Result<(Direction, i32)> {
+    match (dev.device_of(dst), dev.device_of(src)) {
+        (Some(d), Some(_)) => Ok((Direction::DeviceToDevice, d)),
+        (Some(d), None) => Ok((Direction::HostToDevice, d)),
+        (None, Some(s)) => Ok((Direction::DeviceToHost, s)),
+        (None, None) => Err(Error::InvalidParam(format!(
+            "neither {dst:#x} nor {src:#x} is {} device memory",
+            dev.kind().name()
+        ))),
     }
 }
 
