@@ -399,7 +399,7 @@ impl SymmetricMemory {
         Ok(())
     }
 
-    /// Whether `[addr, addr+len)` lies in memory registered with [`register_local`].
+    /// Whether `[addr, addr+len)` lies in memory registered with [`Self::register_local`].
     pub fn is_registered(&self, addr: u64, len: u64) -> bool {
         self.registered.check(addr, len).is_ok()
     }

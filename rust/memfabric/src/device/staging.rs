@@ -4,7 +4,7 @@
 //! Page-locked where the backend offers it: a device copy from pageable memory runs through
 //! the driver's own bounce buffer at a fraction of the speed (H100: 6-14 GB/s pageable, 52
 //! pinned). Page-locking costs far more than a copy, so buffers are kept for reuse, and at
-//! most [`KEEP`] are ever pinned (32 MiB). Where the backend has no pinned memory (the host
+//! most `KEEP` are ever pinned (32 MiB). Where the backend has no pinned memory (the host
 //! backend), pinning fails, or all of them are in use, a plain allocation does the job.
 
 use std::sync::{Arc, Mutex};

@@ -2,7 +2,7 @@
 //!
 //! [`StoreClient`] is what every product holds; the URL picks what is behind it:
 //! `tcp://` the embedded store server ([`EmbeddedClient`]), `etcd://` an etcd cluster
-//! ([`super::etcd::EtcdClient`], with the `etcd` cargo feature). Both implement
+//! (`etcd::EtcdClient`, with the `etcd` cargo feature). Both implement
 //! [`StoreBackend`] with the same meaning for every operation, so the group layer, the Transfer
 //! Engine and BM/SHM run unchanged on either.
 

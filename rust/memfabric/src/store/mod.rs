@@ -5,7 +5,7 @@
 //! - [`shm_channel`]: shared-memory request channels for clients on the store's host;
 //! - [`backend`]: [`StoreClient`], one client type over the embedded server and etcd;
 //! - [`client`]: the embedded server's blocking client with deadlines and reconnects;
-//! - [`etcd`]: the store on an etcd cluster (cargo feature `etcd`);
+//! - `etcd`: the store on an etcd cluster (cargo feature `etcd`);
 //! - [`group`]: ranks, rendezvous, barrier and all_gather on top of a client;
 //! - [`tls`]: mutual-TLS settings; [`url`]: `tcp://` and `etcd://` URL parsing.
 
