@@ -22,8 +22,8 @@ use std::time::Duration;
 use libloading::Library;
 
 use super::{
-    copy_direction, loader_message, poll_until, tried_list, Device, DeviceInfo, Direction,
-    EventHandle, IpcHandle, Kind, StreamHandle,
+    loader_message, poll_until, tried_list, Device, DeviceInfo, Direction, EventHandle, IpcHandle,
+    Kind, StreamHandle,
 };
 use crate::error::{Error, Result};
 
@@ -549,7 +549,7 @@ impl Cuda {
     ///
     /// # Safety
     /// As for [`Device::copy`].
-    unsafe fn copy_on(
+    unsafe fn copy_sync_on(
         &self,
         dev: i32,
         dir: Direction,
@@ -724,7 +724,7 @@ impl Device for Cuda {
         }
         let dev = self.device_side(device_ptr_side(dir, dst, src))?;
         // SAFETY: forwarded from the caller.
-        unsafe { self.copy_on(dev, dir, dst, src, len) }
+        unsafe { self.copy_on_device(dev, dir, dst, src, len, None) }
     }
 
     unsafe fn copy_async(
@@ -740,28 +740,28 @@ impl Device for Cuda {
         }
         let dev = self.device_side(device_ptr_side(dir, dst, src))?;
         // SAFETY: forwarded from the caller.
-        unsafe { self.copy_async_on(dev, dir, dst, src, len, stream) }
+        unsafe { self.copy_on_device(dev, dir, dst, src, len, Some(stream)) }
     }
 
-    /// The trait's default asks the driver about each address again inside `copy`; here the
-    /// direction and the device come from one look at each side (each look at memory the
-    /// backend did not allocate is a driver call or two, per copy).
-    unsafe fn copy_between(
+    /// Each look at memory this backend did not allocate (torch's) is a driver call or two:
+    /// `copy_between` passes the device it found, so no copy looks twice.
+    unsafe fn copy_on_device(
         &self,
+        device: i32,
+        dir: Direction,
         dst: u64,
         src: u64,
         len: usize,
         stream: Option<StreamHandle>,
     ) -> Result<()> {
-        let (dir, dev) = copy_direction(self, dst, src)?;
         if len == 0 {
             return Ok(());
         }
         // SAFETY: forwarded from the caller.
         unsafe {
             match stream {
-                Some(s) => self.copy_async_on(dev, dir, dst, src, len, s),
-                None => self.copy_on(dev, dir, dst, src, len),
+                Some(s) => self.copy_async_on(device, dir, dst, src, len, s),
+                None => self.copy_sync_on(device, dir, dst, src, len),
             }
         }
     }

@@ -214,7 +214,39 @@ pub trait Device: Send + Sync {
         len: usize,
         stream: Option<StreamHandle>,
     ) -> Result<()> {
-        let (dir, _) = copy_direction(self, dst, src)?;
+        // The device of the device side: the destination's when both are.
+        let (dir, device) = match (self.device_of(dst), self.device_of(src)) {
+            (Some(d), Some(_)) => (Direction::DeviceToDevice, d),
+            (Some(d), None) => (Direction::HostToDevice, d),
+            (None, Some(s)) => (Direction::DeviceToHost, s),
+            (None, None) => {
+                return Err(Error::InvalidParam(format!(
+                    "neither {dst:#x} nor {src:#x} is {} device memory",
+                    self.kind().name()
+                )))
+            }
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_on_device(device, dir, dst, src, len, stream) }
+    }
+
+    /// [`Device::copy`] (or [`Device::copy_async`] on `stream`) once the caller has found the
+    /// device of the device side (`copy_between` has): backends whose lookups cost a driver
+    /// call take it from here instead of looking again.
+    ///
+    /// # Safety
+    /// As for [`Device::copy`] (and [`Device::copy_async`] with a stream); `device` holds the
+    /// device side.
+    unsafe fn copy_on_device(
+        &self,
+        device: i32,
+        dir: Direction,
+        dst: u64,
+        src: u64,
+        len: usize,
+        stream: Option<StreamHandle>,
+    ) -> Result<()> {
+        let _ = device;
         // SAFETY: forwarded from the caller.
         unsafe {
             match stream {
@@ -222,24 +254,6 @@ pub trait Device: Send + Sync {
                 None => self.copy(dir, dst, src, len),
             }
         }
-    }
-}
-
-/// The direction of a copy from `src` to `dst` on `dev`, from where each side lives, with
-/// the device of the device side (the destination's when both are).
-pub(crate) fn copy_direction<D: Device + ?Sized>(
-    dev: &D,
-    dst: u64,
-    src: u64,
-) -> Result<(Direction, i32)> {
-    match (dev.device_of(dst), dev.device_of(src)) {
-        (Some(d), Some(_)) => Ok((Direction::DeviceToDevice, d)),
-        (Some(d), None) => Ok((Direction::HostToDevice, d)),
-        (None, Some(s)) => Ok((Direction::DeviceToHost, s)),
-        (None, None) => Err(Error::InvalidParam(format!(
-            "neither {dst:#x} nor {src:#x} is {} device memory",
-            dev.kind().name()
-        ))),
     }
 }
 
