@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import json
 import socket
+import subprocess
 import sys
+import textwrap
 import uuid
 
 import pytest
@@ -15,6 +18,23 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import memfabric_hybrid as mf  # noqa: E402
 from memfabric_hybrid.etcd_cluster import LocalEtcdCluster, why_no_etcd  # noqa: E402
+
+
+# Driver paths that do not exist: makes the device backends' lookups deterministic.
+NO_CUDA = "/nonexistent/mf-test/libcuda.so.1"
+NO_ASCEND = "/nonexistent/mf-test/libascendcl.so"
+
+
+def run_child(code: str, **env: str) -> dict:
+    """Runs ``code`` in a fresh interpreter with ``env`` added; it prints one JSON line. (A
+    process chooses its device backend once: settings of the environment need a new one.)"""
+    full = dict(os.environ, **env)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def free_port() -> int:

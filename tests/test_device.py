@@ -8,32 +8,17 @@ process (a process probes its backends once).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
-import textwrap
 
 import pytest
 
 import memfabric_hybrid as mf
+from conftest import NO_ASCEND, NO_CUDA, run_child
 
 MiB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NO_CUDA = "/nonexistent/mf-test/libcuda.so.1"
-NO_ASCEND = "/nonexistent/mf-test/libascendcl.so"
-
-
-def run_child(code: str, **env: str) -> dict:
-    """Runs ``code`` in a fresh interpreter with ``env`` added; it prints one JSON line."""
-    full = dict(os.environ, **env)
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=full, capture_output=True, text=True, timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_device_info_shape():
@@ -41,6 +26,7 @@ def test_device_info_shape():
     assert set(info) == {"host", "cuda", "ascend"}
     for name, entry in info.items():
         assert isinstance(entry["available"], bool), name
+        assert isinstance(entry["selected"], bool) and (entry["available"] or not entry["selected"]), name
         if entry["available"]:
             assert isinstance(entry["devices"], list) and entry["devices"], name
             for d in entry["devices"]:
@@ -67,7 +53,8 @@ def test_not_found_reasons_name_what_was_looked_for():
         MF_CUDA_LIBRARY=NO_CUDA, MF_ASCEND_LIBRARY=NO_ASCEND,
     )
     cuda, ascend = info["cuda"], info["ascend"]
-    assert cuda == {"available": False, "reason": cuda["reason"]}
+    assert cuda == {"available": False, "reason": cuda["reason"], "selected": False}
+    assert [k for k, v in info.items() if v["selected"]] == []
     assert cuda["reason"].startswith("CUDA driver not found: tried " + NO_CUDA + " ("), cuda
     assert "No such file" in cuda["reason"] and "MF_CUDA_LIBRARY" in cuda["reason"]
     assert ascend["reason"].startswith("Ascend runtime not found: tried " + NO_ASCEND + " ("), ascend
@@ -145,6 +132,8 @@ def test_bm_hbm_and_device_streams_say_why():
 def test_bm_hbm_in_this_process(store):
     if mf.device_info()["cuda"]["available"] or mf.device_info()["ascend"]["available"]:
         pytest.skip("an accelerator is present; TestCuda covers this case")
+    if any(v["selected"] for v in mf.device_info().values()):
+        pytest.skip("MF_DEVICE_BACKEND chose a backend; test_host_device.py covers this case")
     cfg = mf.bm.BmConfig()
     cfg.auto_ranking = True
     cfg.set_nic("lo")

@@ -42,10 +42,16 @@ fn backend<'py>(py: Python<'py>, probe: &Probe) -> PyResult<Bound<'py, PyDict>> 
 /// ``libascendcl.so``, or ``$MF_ASCEND_LIBRARY``) and initialises those it finds; the answer
 /// is kept for the life of the process.
 ///
+/// Device memory (Big Memory HBM parts, device buffers in the Transfer Engine) comes from the
+/// backend ``$MF_DEVICE_BACKEND`` names (``cuda``, ``ascend`` or ``host``), else from CUDA,
+/// else from Ascend. ``host`` makes host memory (shared mappings) play device memory, so
+/// every device path runs on a machine without an accelerator.
+///
 /// Returns:
-///     ``{"host": {...}, "cuda": {...}, "ascend": {...}}``. Each entry has ``available``; an
-///     available one has ``devices`` (a list of ``{"id", "name", "memory"}``, memory in bytes)
-///     and ``library`` (the file loaded); an unavailable one has ``reason``.
+///     ``{"host": {...}, "cuda": {...}, "ascend": {...}}``. Each entry has ``available`` and
+///     ``selected`` (whether it provides this process's device memory); an available one has
+///     ``devices`` (a list of ``{"id", "name", "memory"}``, memory in bytes) and ``library``
+///     (the file loaded); an unavailable one has ``reason``.
 ///
 /// Example:
 ///     >>> info = mf.device_info()
@@ -58,9 +64,12 @@ fn backend<'py>(py: Python<'py>, probe: &Probe) -> PyResult<Bound<'py, PyDict>> 
 fn device_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     // Probing loads and initialises drivers: seconds on some machines, so without the GIL.
     let reg = py.detach(registry);
+    let chosen = reg.accelerator().ok().map(|d| d.kind());
     let out = PyDict::new(py);
     for k in [Kind::Host, Kind::Cuda, Kind::Ascend] {
-        out.set_item(k.name(), backend(py, reg.get(k))?)?;
+        let entry = backend(py, reg.get(k))?;
+        entry.set_item("selected", chosen == Some(k))?;
+        out.set_item(k.name(), entry)?;
     }
     Ok(out)
 }

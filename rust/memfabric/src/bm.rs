@@ -179,10 +179,17 @@ impl BmRuntime {
             )));
         }
         if hbm > 0 {
-            if let Some(why) = crate::device::registry().missing_reason() {
-                return Err(Error::Unsupported(format!(
-                    "local_hbm_size {hbm}: no device memory here ({why})"
-                )));
+            match crate::device::registry().accelerator() {
+                Ok(_) => {}
+                Err(Error::Unsupported(why)) => {
+                    return Err(Error::Unsupported(format!(
+                        "local_hbm_size {hbm}: no device memory here ({why})"
+                    )))
+                }
+                Err(Error::InvalidParam(why)) => {
+                    return Err(Error::InvalidParam(format!("local_hbm_size {hbm}: {why}")))
+                }
+                Err(e) => return Err(e),
             }
             if self.cfg.dynamic_world_size {
                 return Err(Error::Unsupported(format!(

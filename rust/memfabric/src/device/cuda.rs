@@ -23,7 +23,7 @@ use libloading::Library;
 
 use super::{
     loader_message, poll_until, tried_list, Device, DeviceInfo, Direction, EventHandle, IpcHandle,
-    Kind, StreamHandle,
+    IpcPlace, Kind, StreamHandle,
 };
 use crate::error::{Error, Result};
 
@@ -932,6 +932,26 @@ impl Device for Cuda {
         })
     }
 
+    fn ipc_place(&self, handle: &IpcHandle) -> Result<IpcPlace> {
+        if handle.kind != Kind::Cuda || handle.bytes.len() != IPC_LEN {
+            return Err(Error::InvalidParam(format!(
+                "not a CUDA IPC handle ({} handle of {} bytes)",
+                handle.kind.name(),
+                handle.bytes.len()
+            )));
+        }
+        // Layout: the driver's handle (names the allocation), u64 offset, u64 allocation size.
+        let word = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&handle.bytes[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
+        let (offset, len) = (word(IPC_HANDLE_LEN), word(IPC_HANDLE_LEN + 8));
+        let mut whole = handle.clone();
+        whole.bytes[IPC_HANDLE_LEN..IPC_HANDLE_LEN + 8].fill(0);
+        Ok(IpcPlace { whole, offset, len })
+    }
+
     fn ipc_open(&self, handle: &IpcHandle, device: i32) -> Result<u64> {
         if handle.kind != Kind::Cuda || handle.bytes.len() != IPC_LEN {
             return Err(Error::InvalidParam(format!(
@@ -1291,6 +1311,12 @@ mod gpu {
         };
         let h = c.ipc_export(a + 4096).unwrap();
         assert_eq!(h.bytes.len(), IPC_LEN);
+        let place = c.ipc_place(&h).unwrap();
+        assert_eq!((place.offset, place.len), (4096, n as u64));
+        assert_eq!(
+            c.ipc_place(&c.ipc_export(a).unwrap()).unwrap().whole,
+            place.whole
+        );
         // The driver refuses to open a handle in its own process; the importer is a child
         // running `gpu_ipc_child` of this same test binary.
         let exe = std::env::current_exe().unwrap();

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::{Device, DeviceInfo, Direction, EventHandle, IpcHandle, Kind, StreamHandle};
+use super::{Device, DeviceInfo, Direction, EventHandle, IpcHandle, IpcPlace, Kind, StreamHandle};
 use crate::error::{Error, Result};
 use crate::stream::{Event, HostStream};
 
@@ -62,6 +62,17 @@ fn check_device(device: i32) -> Result<()> {
     if device != 0 {
         return Err(Error::InvalidParam(format!(
             "host device {device}: the host backend has one device, 0"
+        )));
+    }
+    Ok(())
+}
+
+fn check_handle(handle: &IpcHandle) -> Result<()> {
+    if handle.kind != Kind::Host || handle.bytes.len() != IPC_LEN {
+        return Err(Error::InvalidParam(format!(
+            "not a host IPC handle ({} handle of {} bytes)",
+            handle.kind.name(),
+            handle.bytes.len()
         )));
     }
     Ok(())
@@ -288,15 +299,26 @@ impl Device for HostDevice {
         })
     }
 
+    fn ipc_place(&self, handle: &IpcHandle) -> Result<IpcPlace> {
+        check_handle(handle)?;
+        // Layout: u32 pid, i32 fd, u64 allocation length, u64 offset.
+        let word = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&handle.bytes[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
+        let mut whole = handle.clone();
+        whole.bytes[16..24].fill(0);
+        Ok(IpcPlace {
+            whole,
+            offset: word(16),
+            len: word(8),
+        })
+    }
+
     fn ipc_open(&self, handle: &IpcHandle, device: i32) -> Result<u64> {
         check_device(device)?;
-        if handle.kind != Kind::Host || handle.bytes.len() != IPC_LEN {
-            return Err(Error::InvalidParam(format!(
-                "not a host IPC handle ({} handle of {} bytes)",
-                handle.kind.name(),
-                handle.bytes.len()
-            )));
-        }
+        check_handle(handle)?;
         let b = &handle.bytes;
         let word = |r: std::ops::Range<usize>| -> [u8; 8] {
             let mut w = [0u8; 8];
@@ -352,6 +374,11 @@ impl Device for HostDevice {
         drop(t);
         unmap(start, len);
         Ok(())
+    }
+
+    fn allocation_of(&self, addr: u64) -> Option<(u64, usize)> {
+        let t = lock(&self.tables);
+        containing(&t.allocs, addr).or_else(|| containing(&t.opened, addr))
     }
 
     fn device_of(&self, addr: u64) -> Option<i32> {
@@ -510,6 +537,17 @@ mod tests {
         importer.ipc_close(p).unwrap();
         assert_eq!(importer.ipc_close(p).unwrap_err().code(), -2000);
 
+        // Handles into one allocation share their whole handle; opening it maps the start.
+        let place = exporter.ipc_place(&h).unwrap();
+        assert_eq!((place.offset, place.len), (4096, n as u64));
+        let other = exporter
+            .ipc_place(&exporter.ipc_export(a + 12).unwrap())
+            .unwrap();
+        assert_eq!((other.whole, other.offset), (place.whole.clone(), 12));
+        let base = importer.ipc_open(&place.whole, 0).unwrap();
+        assert_eq!(bytes(base + 4096, 64), bytes(a + 4096, 64));
+        importer.ipc_close(base).unwrap();
+
         let stack = [0u8; 8];
         assert_eq!(
             exporter
@@ -521,6 +559,7 @@ mod tests {
         let mut bad = h.clone();
         bad.kind = Kind::Cuda;
         assert_eq!(importer.ipc_open(&bad, 0).unwrap_err().code(), -2000);
+        assert_eq!(importer.ipc_place(&bad).unwrap_err().code(), -2000);
         let mut gone = h.clone();
         gone.bytes[4..8].copy_from_slice(&(-5i32).to_le_bytes());
         assert!(importer.ipc_open(&gone, 0).is_err());

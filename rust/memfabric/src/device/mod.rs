@@ -8,7 +8,12 @@
 //!
 //! Nothing device-specific is linked at build time: a backend whose library is missing reports
 //! why ([`Registry`]) and the rest of the fabric keeps working on host memory. [`registry`]
-//! probes each backend once per process; [`select`] picks the accelerator to use.
+//! probes each backend once per process; [`select`] picks the accelerator to use: CUDA, else
+//! Ascend, unless `MF_DEVICE_BACKEND` ([`BACKEND_ENV`]) names one. `MF_DEVICE_BACKEND=host`
+//! makes the host backend the device: its memory (shared memfd mappings) then takes every
+//! device path of the fabric (IPC between processes, staging on the network path, the data
+//! server's device copies, Big Memory HBM parts), so those paths run and are tested on
+//! machines without an accelerator.
 //!
 //! Handles are raw integers (the driver's own `CUstream`/`aclrtStream` values for the
 //! accelerators), so a stream that a framework created (`torch.cuda.Stream().cuda_stream`) can
@@ -80,6 +85,15 @@ pub struct IpcHandle {
     pub bytes: Vec<u8>,
 }
 
+/// Where an [`IpcHandle`] points: the handle of the start of its allocation, the offset
+/// inside it, and the allocation's length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpcPlace {
+    pub whole: IpcHandle,
+    pub offset: u64,
+    pub len: u64,
+}
+
 /// Device memory, copies, streams, events and same-host sharing.
 ///
 /// Contract, for every implementation:
@@ -149,6 +163,17 @@ pub trait Device: Send + Sync {
     fn ipc_open(&self, handle: &IpcHandle, device: i32) -> Result<u64>;
     /// Unmaps what `ipc_open` returned.
     fn ipc_close(&self, ptr: u64) -> Result<()>;
+    /// Where a handle of this backend points inside its allocation. Handles into one
+    /// allocation give equal whole handles, so a process can map each allocation once
+    /// (drivers refuse to map one twice).
+    fn ipc_place(&self, handle: &IpcHandle) -> Result<IpcPlace> {
+        Err(Error::Unsupported(format!(
+            "{} handle of {} bytes: {} memory cannot be shared between processes",
+            handle.kind.name(),
+            handle.bytes.len(),
+            self.kind().name()
+        )))
+    }
 
     /// The device ordinal when `addr` is memory of this backend's devices; `None` otherwise
     /// (for the host backend: memory it allocated or opened).
@@ -258,10 +283,15 @@ pub trait Device: Send + Sync {
 }
 
 /// The backend whose device memory holds `addr`, with the device ordinal; `None` for host
-/// memory (or when no accelerator is present).
+/// memory (or when no accelerator is present). Memory of the host backend counts only where
+/// the host backend is the chosen device (`MF_DEVICE_BACKEND=host`).
 pub fn memory_of(addr: u64) -> Option<(Arc<dyn Device>, i32)> {
     let reg = registry();
-    for kind in [Kind::Cuda, Kind::Ascend] {
+    let host_is_device = reg.choice == Ok(Choice::Only(Kind::Host));
+    for kind in [Kind::Cuda, Kind::Ascend, Kind::Host] {
+        if kind == Kind::Host && !host_is_device {
+            continue;
+        }
         if let Ok(d) = reg.get(kind) {
             if let Some(ord) = d.device_of(addr) {
                 return Some((d.clone(), ord));
@@ -269,6 +299,43 @@ pub fn memory_of(addr: u64) -> Option<(Arc<dyn Device>, i32)> {
         }
     }
     None
+}
+
+/// The environment variable that picks the device backend: `auto` (or unset: CUDA, else
+/// Ascend), `cuda`, `ascend` or `host`.
+pub const BACKEND_ENV: &str = "MF_DEVICE_BACKEND";
+
+/// Which backend plays the device, from [`BACKEND_ENV`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// CUDA, else Ascend.
+    Auto,
+    /// This backend, or an error saying why it is not available.
+    Only(Kind),
+}
+
+impl Choice {
+    /// Parses a value of [`BACKEND_ENV`] (case and surrounding blanks ignored; empty is
+    /// `auto`).
+    pub fn parse(value: &str) -> std::result::Result<Choice, String> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(Choice::Auto),
+            "cuda" => Ok(Choice::Only(Kind::Cuda)),
+            "ascend" => Ok(Choice::Only(Kind::Ascend)),
+            "host" => Ok(Choice::Only(Kind::Host)),
+            _ => Err(format!(
+                "{BACKEND_ENV}={value:?} is not a device backend: expected auto, cuda, ascend or host"
+            )),
+        }
+    }
+
+    fn from_env() -> std::result::Result<Choice, String> {
+        match std::env::var(BACKEND_ENV) {
+            Ok(v) => Choice::parse(&v),
+            Err(std::env::VarError::NotPresent) => Ok(Choice::Auto),
+            Err(std::env::VarError::NotUnicode(v)) => Choice::parse(&v.to_string_lossy()),
+        }
+    }
 }
 
 /// Whether any accelerator backend loaded (cheap after the first call).
@@ -286,14 +353,23 @@ pub struct Registry {
     host_probe: Probe,
     cuda: Probe,
     ascend: Probe,
+    /// `MF_DEVICE_BACKEND`, read once with the probes (or why its value is wrong).
+    choice: std::result::Result<Choice, String>,
 }
 
 impl Registry {
     /// Probes the accelerators. Loading a driver costs time (and, for CUDA, initialises the
     /// driver in this process), so this runs once, on first use; see [`registry`].
     pub fn probe() -> Registry {
+        Registry::probe_with(Choice::from_env())
+    }
+
+    /// As [`Registry::probe`], with the choice of backend given rather than read from the
+    /// environment.
+    pub fn probe_with(choice: std::result::Result<Choice, String>) -> Registry {
         let host: Arc<dyn Device> = Arc::new(host::HostDevice::new());
         Registry {
+            choice,
             host_probe: Ok(host.clone()),
             host,
             cuda: cuda::Cuda::load()
@@ -319,13 +395,28 @@ impl Registry {
         }
     }
 
-    /// The accelerator to use: CUDA, else Ascend. `Unsupported` naming what was looked for
-    /// when neither is present.
+    /// The device backend to use: the one `MF_DEVICE_BACKEND` names, else CUDA, else Ascend.
+    /// `Unsupported` naming what was looked for when none is present; `InvalidParam` for a
+    /// value of `MF_DEVICE_BACKEND` that names no backend.
     pub fn accelerator(&self) -> Result<Arc<dyn Device>> {
-        match (&self.cuda, &self.ascend) {
-            (Ok(d), _) | (Err(_), Ok(d)) => Ok(d.clone()),
-            (Err(c), Err(a)) => Err(Error::Unsupported(format!("no device backend: {c}; {a}"))),
+        let choice = self.choice.clone().map_err(Error::InvalidParam)?;
+        match choice {
+            Choice::Auto => match (&self.cuda, &self.ascend) {
+                (Ok(d), _) | (Err(_), Ok(d)) => Ok(d.clone()),
+                (Err(c), Err(a)) => Err(Error::Unsupported(format!("no device backend: {c}; {a}"))),
+            },
+            Choice::Only(kind) => self.get(kind).clone().map_err(|why| {
+                Error::Unsupported(format!(
+                    "no device backend: {BACKEND_ENV}={} but {why}",
+                    kind.name()
+                ))
+            }),
         }
+    }
+
+    /// The choice of backend (`MF_DEVICE_BACKEND`), or why its value is wrong.
+    pub fn choice(&self) -> std::result::Result<Choice, String> {
+        self.choice.clone()
     }
 
     /// Why no accelerator is available ("no device backend: ..."), `None` when one is.
@@ -430,6 +521,38 @@ mod tests {
                 assert!(msg.contains("Ascend runtime"), "{msg}");
             }
             _ => assert!(select().is_ok() && r.missing_reason().is_none()),
+        }
+    }
+
+    #[test]
+    fn the_backend_choice_is_parsed_and_obeyed() {
+        assert_eq!(Choice::parse(""), Ok(Choice::Auto));
+        assert_eq!(Choice::parse(" AUTO "), Ok(Choice::Auto));
+        assert_eq!(Choice::parse("Host"), Ok(Choice::Only(Kind::Host)));
+        assert_eq!(Choice::parse("cuda"), Ok(Choice::Only(Kind::Cuda)));
+        assert_eq!(Choice::parse("ascend\n"), Ok(Choice::Only(Kind::Ascend)));
+        let why = Choice::parse("gpu").unwrap_err();
+        assert!(why.contains("expected auto, cuda, ascend or host"), "{why}");
+
+        let host = Registry::probe_with(Ok(Choice::Only(Kind::Host)));
+        assert_eq!(host.accelerator().unwrap().kind(), Kind::Host);
+        assert!(host.missing_reason().is_none());
+        let bad = Registry::probe_with(Choice::parse("gpu"));
+        let e = bad.accelerator().err().expect("a bad choice is an error");
+        assert_eq!(e.code(), -2000);
+        assert!(e.to_string().contains("MF_DEVICE_BACKEND=\"gpu\""), "{e}");
+        // A backend named but missing is not replaced by another one.
+        for kind in [Kind::Cuda, Kind::Ascend] {
+            let r = Registry::probe_with(Ok(Choice::Only(kind)));
+            match r.get(kind) {
+                Ok(_) => assert_eq!(r.accelerator().unwrap().kind(), kind),
+                Err(why) => {
+                    let e = r.accelerator().err().expect("missing backend");
+                    assert_eq!(e.code(), -3006);
+                    let want = format!("MF_DEVICE_BACKEND={} but {why}", kind.name());
+                    assert!(e.to_string().contains(&want), "{e}");
+                }
+            }
         }
     }
 

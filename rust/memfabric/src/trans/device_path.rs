@@ -33,6 +33,8 @@ pub const STAGE_CHUNK: usize = device::staging::STAGE_BYTES;
 /// A device region of a peer, from its published list.
 #[derive(Clone, Debug)]
 pub struct PeerDeviceRegion {
+    /// Length of the region (its start is the key of [`PeerTable::device`]).
+    pub len: u64,
     pub device: i32,
     pub kind: DeviceKind,
     pub ipc: Vec<u8>,
@@ -48,7 +50,7 @@ pub struct PeerTable {
 
 /// Encodes what an engine publishes: the region list, then (when it has device regions)
 /// "MFDV", u32 count, and per device region u64 start, u64 length, i32 ordinal, u8 backend
-/// (1 CUDA, 2 Ascend), u16 handle length, handle bytes; little-endian.
+/// (1 CUDA, 2 Ascend, 3 host), u16 handle length, handle bytes; little-endian.
 pub fn encode_published(regions: &RegionTable, ipc: &HashMap<u64, IpcHandle>) -> Vec<u8> {
     let mut out = encode_list(&regions.snapshot());
     let dev = regions.device_regions();
@@ -64,6 +66,7 @@ pub fn encode_published(regions: &RegionTable, ipc: &HashMap<u64, IpcHandle>) ->
         out.extend_from_slice(&ord.to_le_bytes());
         out.push(match h.map(|h| h.kind) {
             Some(DeviceKind::Ascend) => 2,
+            Some(DeviceKind::Host) => 3,
             _ => 1,
         });
         let bytes = h.map(|h| h.bytes.as_slice()).unwrap_or(&[]);
@@ -108,6 +111,7 @@ pub fn decode_published(bytes: &[u8]) -> Result<PeerTable> {
         let kind = match rest[20] {
             1 => DeviceKind::Cuda,
             2 => DeviceKind::Ascend,
+            3 => DeviceKind::Host,
             k => return Err(bad(&format!("device entry {i}: unknown backend {k}"))),
         };
         let hl = u16::from_le_bytes([rest[21], rest[22]]) as usize;
@@ -125,6 +129,7 @@ pub fn decode_published(bytes: &[u8]) -> Result<PeerTable> {
         device.insert(
             start,
             PeerDeviceRegion {
+                len,
                 device: ord,
                 kind,
                 ipc,
@@ -169,11 +174,11 @@ pub fn check_device_registration(addr: u64, len: u64) -> Option<Result<DeviceReg
     })())
 }
 
-/// Peer device memory mapped into this process, by the allocation's handle (its first 64
-/// bytes name the allocation; the rest is the offset of the registered start).
+/// Peer device memory mapped into this process, one mapping per peer allocation (keyed by
+/// the backend and the handle of the allocation's start).
 #[derive(Default)]
 pub struct IpcCache {
-    opened: Mutex<HashMap<Vec<u8>, Opened>>,
+    opened: Mutex<HashMap<(DeviceKind, Vec<u8>), Opened>>,
 }
 
 /// A peer allocation mapped here: the backend that mapped it and the local base address.
@@ -182,52 +187,69 @@ struct Opened {
     base: u64,
 }
 
-const CUDA_HANDLE: usize = 64;
-
 impl IpcCache {
     /// This process's address for `remote`, inside the peer's device region `region` that
-    /// starts at `start`.
-    pub(crate) fn map(&self, region: &PeerDeviceRegion, start: u64, remote: u64) -> Result<u64> {
-        if region.ipc.len() != CUDA_HANDLE + 16 || region.kind != DeviceKind::Cuda {
-            return Err(Error::Unsupported(format!(
-                "the peer's device region at {start:#x} was published without an IPC handle \
-                 this host can open; use the tcp path (MF_TRANSPORT=tcp)"
+    /// starts at `start`, and the backend that mapped it.
+    pub(crate) fn map(
+        &self,
+        region: &PeerDeviceRegion,
+        start: u64,
+        remote: u64,
+    ) -> Result<(u64, Arc<dyn Device>)> {
+        let kind = region.kind.name();
+        let dev = device::registry().get(region.kind).clone().map_err(|why| {
+            Error::Unsupported(format!(
+                "the peer's region at {start:#x} is {kind} memory, but {why}"
+            ))
+        })?;
+        let handle = IpcHandle {
+            kind: region.kind,
+            device: region.device,
+            bytes: region.ipc.clone(),
+        };
+        // Opened at the allocation's start so that every region of one allocation shares the
+        // mapping: a driver maps an allocation once per process.
+        let place = dev.ipc_place(&handle).map_err(|e| {
+            Error::Unsupported(format!(
+                "the peer's {kind} region at {start:#x} was published without an IPC handle \
+                 this host can open ({}); use the tcp path (MF_TRANSPORT=tcp)",
+                device::reason_of(e)
+            ))
+        })?;
+        // The handle comes from the peer: the region must lie inside the allocation it names.
+        if place
+            .offset
+            .checked_add(region.len)
+            .is_none_or(|end| end > place.len)
+        {
+            return Err(Error::Protocol(format!(
+                "the peer's {kind} region at {start:#x} ({} bytes) is published at offset {} of \
+                 a {}-byte allocation",
+                region.len, place.offset, place.len
             )));
         }
-        let key = region.ipc[..CUDA_HANDLE].to_vec();
-        let offset = u64::from_le_bytes(
-            region.ipc[CUDA_HANDLE..CUDA_HANDLE + 8]
-                .try_into()
-                .unwrap_or_default(),
-        );
         let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (region.kind, place.whole.bytes);
         let base = match opened.get(&key) {
             Some(o) => o.base,
             None => {
-                let dev = device::registry()
-                    .get(DeviceKind::Cuda)
-                    .clone()
-                    .map_err(|why| {
-                        Error::Unsupported(format!(
-                            "the peer's region at {start:#x} is CUDA memory, but {why}"
-                        ))
-                    })?;
-                // Opened at the allocation's base (offset 0) so that every region of one
-                // allocation shares the mapping: the driver maps an allocation once per
-                // process.
-                let mut whole = region.ipc.clone();
-                whole[CUDA_HANDLE..CUDA_HANDLE + 8].copy_from_slice(&0u64.to_le_bytes());
-                let h = IpcHandle {
-                    kind: DeviceKind::Cuda,
+                let whole = IpcHandle {
+                    kind: region.kind,
                     device: region.device,
-                    bytes: whole,
+                    bytes: key.1.clone(),
                 };
-                let b = dev.ipc_open(&h, region.device)?;
-                opened.insert(key, Opened { dev, base: b });
+                let b = dev.ipc_open(&whole, region.device)?;
+                opened.insert(
+                    key,
+                    Opened {
+                        dev: dev.clone(),
+                        base: b,
+                    },
+                );
                 b
             }
         };
-        Ok(base + offset + (remote - start))
+        Ok((base + place.offset + (remote - start), dev))
     }
 }
 
@@ -314,20 +336,29 @@ fn move_one(
     deadline: Instant,
 ) -> Result<()> {
     let op = d.op;
-    // Where the peer's bytes are, as an address of this process (same-process and mapped).
+    // Where the peer's bytes are, as an address of this process (same-process and mapped),
+    // and the backend that copies between the two sides.
     let remote_here = match (kind, d.remote) {
-        (Kind::Local, _) => Some(op.remote),
+        (Kind::Local, _) => {
+            let (dst, src) = if write {
+                (op.remote, op.local)
+            } else {
+                (op.local, op.remote)
+            };
+            Some((op.remote, device_for(dst, src)?))
+        }
         (Kind::Cma, Some(start)) => {
             let region = peer.device.get(&start).ok_or_else(|| {
                 Error::Protocol(format!("peer region {start:#x} has no device entry"))
             })?;
-            Some(ipc.map(region, start, op.remote)?)
+            let (r, mapped_by) = ipc.map(region, start, op.remote)?;
+            let here = device::memory_of(op.local).map(|(d, _)| d);
+            Some((r, copier(here, mapped_by)?))
         }
         _ => None,
     };
-    if let Some(r) = remote_here {
+    if let Some((r, dev)) = remote_here {
         let (dst, src) = if write { (r, op.local) } else { (op.local, r) };
-        let dev = device_for(dst, src)?;
         // SAFETY: the local side lies in a region this engine registered (checked), the
         // remote side in one the peer registered (checked against its published table) and
         // mapped here (same process, or opened through its IPC handle).
@@ -345,6 +376,23 @@ fn move_one(
             }
         }
         Some(_) => staged(transport, write, op, deadline),
+    }
+}
+
+/// The backend that copies between device memory of `here` (`None`: host memory) and peer
+/// memory that `mapped_by` mapped into this process. Memory of the host backend is plain host
+/// memory to an accelerator's copies; two different accelerators cannot copy directly.
+fn copier(here: Option<Arc<dyn Device>>, mapped_by: Arc<dyn Device>) -> Result<Arc<dyn Device>> {
+    match here {
+        None => Ok(mapped_by),
+        Some(h) if h.kind() == mapped_by.kind() || mapped_by.kind() == DeviceKind::Host => Ok(h),
+        Some(h) if h.kind() == DeviceKind::Host => Ok(mapped_by),
+        Some(h) => Err(Error::Unsupported(format!(
+            "no copy between {} memory here and the peer's {} memory; use the tcp path \
+             (MF_TRANSPORT=tcp)",
+            h.kind().name(),
+            mapped_by.kind().name()
+        ))),
     }
 }
 

@@ -1,0 +1,390 @@
+//! The Transfer Engine's device paths, run on the host backend (`MF_DEVICE_BACKEND=host`) so
+//! that they run on every machine: device buffers on both sides, over each path (local, cma
+//! between two processes through IPC handles, tcp through the staging buffers and the data
+//! server's device copies), every direction, mixed batches, several staging chunks and a
+//! ragged tail, verified byte for byte on the side that received them; then the refusals.
+//!
+//! Its own harness (`harness = false`): the backend is chosen once per process, from the
+//! environment, so each role runs in a process started with the environment it needs.
+//! `MF_TEST_DEVICE_ROLE` picks the role of a child: `target` (serves its buffers, reports
+//! their checksums when its stdin closes) or `initiator` (moves bytes to and from a target).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use memfabric::device::{self, Device};
+use memfabric::store::StoreServer;
+use memfabric::trans::{Direction, EngineConfig, Role, TransferEngine};
+use memfabric::transport::Op;
+use memfabric::Error;
+
+const MIB: usize = 1 << 20;
+/// Three staging chunks, the last a ragged one.
+const N: usize = 2 * device::staging::STAGE_BYTES + 4097;
+const ROLE: &str = "MF_TEST_DEVICE_ROLE";
+const STORE: &str = "MF_TEST_DEVICE_STORE";
+const PEER: &str = "MF_TEST_DEVICE_PEER";
+
+/// Deterministic bytes, different per seed.
+fn pattern(seed: u64, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    v
+}
+
+fn checksum(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn engine(store: &str, role: Role) -> TransferEngine {
+    TransferEngine::start(EngineConfig {
+        store_url: store.to_string(),
+        session_id: "127.0.0.1:0".into(),
+        role,
+        device_id: 0,
+        store_server_role: None,
+        transfer_timeout: Duration::from_secs(60),
+        store_timeout: Duration::from_secs(30),
+        reserved_listener: None,
+    })
+    .expect("engine starts")
+}
+
+/// `n` bytes of device memory of the chosen backend, freed on drop. They start `LEAD` bytes
+/// into their allocation, so that a region's offset inside its allocation is taken into
+/// account wherever it matters (IPC handles).
+struct DevBuf {
+    dev: std::sync::Arc<dyn Device>,
+    addr: u64,
+    n: usize,
+}
+
+const LEAD: usize = 12288;
+
+impl DevBuf {
+    fn new(n: usize, fill: &[u8]) -> DevBuf {
+        let dev = device::select().expect("a device backend");
+        let addr = dev.alloc(0, LEAD + n).expect("device alloc") + LEAD as u64;
+        assert_eq!(fill.len(), n);
+        // SAFETY: `addr` holds `n` bytes of this backend's memory; `fill` is `n` host bytes.
+        unsafe {
+            dev.copy(
+                device::Direction::HostToDevice,
+                addr,
+                fill.as_ptr() as u64,
+                n,
+            )
+        }
+        .expect("fill device buffer");
+        DevBuf { dev, addr, n }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.n];
+        // SAFETY: as in `new`, the other way round.
+        unsafe {
+            self.dev.copy(
+                device::Direction::DeviceToHost,
+                out.as_mut_ptr() as u64,
+                self.addr,
+                self.n,
+            )
+        }
+        .expect("read device buffer");
+        out
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        let _ = self.dev.free(self.addr - LEAD as u64);
+    }
+}
+
+/// What the target holds: one device buffer (seed 1) and one host buffer (seed 2).
+struct TargetBuffers {
+    dev: DevBuf,
+    host: Vec<u8>,
+}
+
+impl TargetBuffers {
+    fn new() -> TargetBuffers {
+        TargetBuffers {
+            dev: DevBuf::new(N, &pattern(1, N)),
+            host: pattern(2, N),
+        }
+    }
+
+    fn register(&self, e: &TransferEngine) {
+        e.register(self.dev.addr, N as u64)
+            .expect("register device");
+        e.register(self.host.as_ptr() as u64, N as u64)
+            .expect("register host");
+    }
+}
+
+/// The target's buffers after `initiate`, from the initiator's seeds (3 device, 4 host).
+fn expected_target() -> (Vec<u8>, Vec<u8>) {
+    let (d, h) = (pattern(3, N), pattern(4, N));
+    let half = N / 2;
+    // Device <- device for the first half, device <- host (shifted by 5) for the rest.
+    let mut dev = d[..half].to_vec();
+    dev.extend_from_slice(&h[5..5 + (N - half)]);
+    // Host <- device, shifted by 3, whole; then a mixed batch rewrites its first MiB.
+    let mut host = pattern(2, N);
+    host[..N - 3].copy_from_slice(&d[3..]);
+    host[..MIB].copy_from_slice(&h[..MIB]);
+    (dev, host)
+}
+
+/// Moves bytes to and from the target's buffers at `peer_dev`/`peer_host` (each N bytes),
+/// checking every read here and what it wrote through read-backs.
+fn initiate(e: &TransferEngine, peer: &str, peer_dev: u64, peer_host: u64) {
+    let d = DevBuf::new(N, &pattern(3, N));
+    let h = pattern(4, N);
+    let back_dev = DevBuf::new(N, &vec![0u8; N]);
+    let mut back_host = vec![0u8; N];
+    e.register(d.addr, N as u64).unwrap();
+    e.register(h.as_ptr() as u64, N as u64).unwrap();
+    e.register(back_dev.addr, N as u64).unwrap();
+    e.register(back_host.as_ptr() as u64, N as u64).unwrap();
+    let bh = back_host.as_mut_ptr() as u64;
+    let path = e.transport_for(peer).unwrap();
+    let want = std::env::var("MF_TRANSPORT").unwrap_or_else(|_| "local".into());
+    assert_eq!(path, want, "the path taken");
+
+    // Reads, every kind of side: device <- device, device <- host, host <- device.
+    e.transfer(peer, Direction::Read, back_dev.addr, peer_dev, N as u64)
+        .unwrap();
+    assert!(
+        back_dev.bytes() == pattern(1, N),
+        "{path}: read device <- device"
+    );
+    e.transfer(
+        peer,
+        Direction::Read,
+        back_dev.addr + 7,
+        peer_host,
+        (N - 7) as u64,
+    )
+    .unwrap();
+    let got = back_dev.bytes();
+    assert!(
+        got[7..] == pattern(2, N)[..N - 7],
+        "{path}: read device <- host"
+    );
+    e.transfer(peer, Direction::Read, bh, peer_dev + 11, (N - 11) as u64)
+        .unwrap();
+    assert!(
+        back_host[..N - 11] == pattern(1, N)[11..],
+        "{path}: read host <- device"
+    );
+
+    // Writes: device -> device, host -> device, device -> host.
+    let half = N / 2;
+    e.transfer(peer, Direction::Write, d.addr, peer_dev, half as u64)
+        .unwrap();
+    e.transfer(
+        peer,
+        Direction::Write,
+        h.as_ptr() as u64 + 5,
+        peer_dev + half as u64,
+        (N - half) as u64,
+    )
+    .unwrap();
+    e.transfer(
+        peer,
+        Direction::Write,
+        d.addr + 3,
+        peer_host,
+        (N - 3) as u64,
+    )
+    .unwrap();
+    // A batch mixing host and device descriptors: host -> host, device -> device (the same
+    // bytes the device already holds, so the expected state does not change).
+    e.transfer_batch(
+        peer,
+        Direction::Write,
+        vec![
+            Op::new(h.as_ptr() as u64, peer_host, MIB as u64),
+            Op::new(d.addr + 64, peer_dev + 64, 4096),
+        ],
+    )
+    .unwrap();
+
+    // Read everything back, into device memory here, and compare with what must be there.
+    let (want_dev, want_host) = expected_target();
+    e.transfer_batch(
+        peer,
+        Direction::Read,
+        vec![Op::new(back_dev.addr, peer_dev, N as u64)],
+    )
+    .unwrap();
+    assert!(back_dev.bytes() == want_dev, "{path}: device after writes");
+    e.transfer(peer, Direction::Read, back_dev.addr, peer_host, N as u64)
+        .unwrap();
+    assert!(back_dev.bytes() == want_host, "{path}: host after writes");
+
+    // Refusals: past the end of the peer's device region, and of a local device buffer.
+    let err = e
+        .transfer(peer, Direction::Write, d.addr, peer_dev + 1, N as u64)
+        .unwrap_err();
+    assert!(matches!(err, Error::OutOfBounds(_)), "{path}: {err}");
+    let err = e
+        .transfer(peer, Direction::Read, d.addr + 1, peer_dev, N as u64)
+        .unwrap_err();
+    assert!(matches!(err, Error::OutOfBounds(_)), "{path}: {err}");
+    // Nothing moved by the refused calls.
+    e.transfer(peer, Direction::Read, back_dev.addr, peer_dev, N as u64)
+        .unwrap();
+    assert!(
+        back_dev.bytes() == want_dev,
+        "{path}: a refused call changed bytes"
+    );
+    for a in [d.addr, h.as_ptr() as u64, back_dev.addr, bh] {
+        e.unregister(a).unwrap();
+    }
+}
+
+/// Child role: a target process. Prints `READY session dev host`, serves until stdin closes,
+/// then prints `SUM dev host`.
+fn run_target(store: &str) {
+    let e = engine(store, Role::Decode);
+    let b = TargetBuffers::new();
+    b.register(&e);
+    println!(
+        "READY {} {} {}",
+        e.session_id(),
+        b.dev.addr,
+        b.host.as_ptr() as u64
+    );
+    std::io::stdout().flush().unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    println!("SUM {} {}", checksum(&b.dev.bytes()), checksum(&b.host));
+}
+
+/// Child role: an initiator process moving bytes to the target named in `MF_TEST_DEVICE_PEER`
+/// ("session dev host"), or to one it starts in this process when there is none.
+fn run_initiator(store: &str) {
+    let e = engine(store, Role::Prefill);
+    match std::env::var(PEER) {
+        Ok(p) => {
+            let w: Vec<&str> = p.split(' ').collect();
+            initiate(&e, w[0], w[1].parse().unwrap(), w[2].parse().unwrap());
+        }
+        Err(_) => {
+            let target = engine(store, Role::Decode);
+            let b = TargetBuffers::new();
+            b.register(&target);
+            initiate(&e, target.session_id(), b.dev.addr, b.host.as_ptr() as u64);
+            let (dev, host) = expected_target();
+            assert!(
+                b.dev.bytes() == dev && b.host == host,
+                "local: target bytes"
+            );
+        }
+    }
+    println!("INITIATOR OK");
+}
+
+fn child(role: &str, store: &str, extra: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.env(device::BACKEND_ENV, "host")
+        .env(ROLE, role)
+        .env(STORE, store)
+        .env_remove("MF_TRANSPORT")
+        .env_remove(PEER)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    for (k, v) in extra {
+        c.env(k, v);
+    }
+    c
+}
+
+/// Kills and reaps a child however the test ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn line_with(out: &mut BufReader<ChildStdout>, tag: &str) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "child exited before {tag}"
+        );
+        if let Some(rest) = line.trim().strip_prefix(tag) {
+            return rest.trim().to_string();
+        }
+    }
+}
+
+fn finish(c: Child, what: &str, t0: Instant) {
+    let out = c.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("INITIATOR OK"),
+        "{what}: initiator failed ({:?}):\n{text}",
+        out.status
+    );
+    eprintln!("{what}: ok in {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// One path between two processes: a target, an initiator with `MF_TRANSPORT=path`, and the
+/// target's checksums afterwards.
+fn across_processes(store: &str, path: &str) {
+    let t0 = Instant::now();
+    let mut target = Reaped(child("target", store, &[]).spawn().unwrap());
+    let mut out = BufReader::new(target.0.stdout.take().unwrap());
+    let peer = line_with(&mut out, "READY");
+    let init = child("initiator", store, &[("MF_TRANSPORT", path), (PEER, &peer)])
+        .spawn()
+        .unwrap();
+    finish(init, path, t0);
+    drop(target.0.stdin.take());
+    let sums = line_with(&mut out, "SUM");
+    let (dev, host) = expected_target();
+    assert_eq!(
+        sums,
+        format!("{} {}", checksum(&dev), checksum(&host)),
+        "{path}: the target's bytes"
+    );
+}
+
+fn main() {
+    if let Ok(role) = std::env::var(ROLE) {
+        let store = std::env::var(STORE).expect("store url");
+        match role.as_str() {
+            "target" => run_target(&store),
+            "initiator" => run_initiator(&store),
+            r => panic!("unknown role {r}"),
+        }
+        return;
+    }
+    // The chosen backend of this process is the default one; only children use the host's.
+    let server = StoreServer::start("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let url = server.url();
+    let t0 = Instant::now();
+    finish(child("initiator", &url, &[]).spawn().unwrap(), "local", t0);
+    for path in ["cma", "tcp"] {
+        across_processes(&url, path);
+    }
+    println!("device paths: local, cma, tcp ok");
+}
