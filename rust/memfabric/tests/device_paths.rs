@@ -297,6 +297,132 @@ fn run_initiator(store: &str) {
     println!("INITIATOR OK");
 }
 
+/// Child role: a target that unregisters and frees its buffers while an initiator writes into
+/// them, puts new memory in their place (likely at the same addresses), and checks that no
+/// write reached it: `unregister` waits for the data server's copies into the region, and
+/// none starts after it. Prints `READY session dev host`, waits for `GO`, prints `CANARY ok`.
+fn run_teardown_target(store: &str) {
+    let e = engine(store, Role::Decode);
+    let b = TargetBuffers::new();
+    b.register(&e);
+    println!(
+        "READY {} {} {}",
+        e.session_id(),
+        b.dev.addr,
+        b.host.as_ptr() as u64
+    );
+    std::io::stdout().flush().unwrap();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "GO");
+    // Writes are on their way now, some in the middle of their payload.
+    std::thread::sleep(Duration::from_millis(30));
+    let (dev_at, host_at) = (b.dev.addr, b.host.as_ptr() as u64);
+    e.unregister(dev_at).unwrap();
+    e.unregister(host_at).unwrap();
+    drop(b);
+    let dev = DevBuf::new(N, &vec![0xcd; N]);
+    let host = vec![0xabu8; N];
+    eprintln!(
+        "teardown: new memory {} the old addresses",
+        if dev.addr == dev_at || host.as_ptr() as u64 == host_at {
+            "reuses"
+        } else {
+            "avoids"
+        }
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let intact = dev.bytes().iter().all(|&x| x == 0xcd) && host.iter().all(|&x| x == 0xab);
+    println!("CANARY {}", if intact { "ok" } else { "overwritten" });
+    std::io::stdout().flush().unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+}
+
+/// Child role: writes into the target's buffers without pause until its writes have been
+/// refused for a while; prints `STARTED` after the first ones landed.
+fn run_hammer(store: &str) {
+    let e = engine(store, Role::Prefill);
+    let p = std::env::var(PEER).unwrap();
+    let w: Vec<&str> = p.split(' ').collect();
+    let (peer, peer_dev, peer_host): (&str, u64, u64) =
+        (w[0], w[1].parse().unwrap(), w[2].parse().unwrap());
+    let d = DevBuf::new(N, &pattern(5, N));
+    let h = pattern(6, N);
+    e.register(d.addr, N as u64).unwrap();
+    e.register(h.as_ptr() as u64, N as u64).unwrap();
+    // Three writers at once, so that some payload is always on its way when the target
+    // unregisters: device -> device, host -> host, host -> device.
+    let pairs = [
+        (d.addr, peer_dev),
+        (h.as_ptr() as u64, peer_host),
+        (h.as_ptr() as u64, peer_dev),
+    ];
+    let landed = std::sync::atomic::AtomicU32::new(0);
+    let t0 = Instant::now();
+    let refused: u32 = std::thread::scope(|s| {
+        let writers: Vec<_> = pairs
+            .iter()
+            .map(|&(src, dst)| {
+                let (e, landed) = (&e, &landed);
+                s.spawn(move || {
+                    let mut refused = 0u32;
+                    while refused < 10 && t0.elapsed() < Duration::from_secs(20) {
+                        match e.transfer(peer, Direction::Write, src, dst, N as u64) {
+                            Ok(()) => {
+                                if landed.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 5 {
+                                    println!("STARTED");
+                                    std::io::stdout().flush().unwrap();
+                                }
+                            }
+                            Err(Error::OutOfBounds(_) | Error::PeerGone(_)) => refused += 1,
+                            Err(err) => panic!("a write failed otherwise than refused: {err}"),
+                        }
+                    }
+                    refused
+                })
+            })
+            .collect();
+        writers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    let landed = landed.into_inner();
+    assert!(
+        refused >= 30,
+        "writes were still accepted after the target unregistered"
+    );
+    println!("INITIATOR OK landed {landed} refused {refused}");
+}
+
+/// Unregistering while a peer writes over tcp: the target's new memory stays untouched and
+/// the target lives.
+fn teardown_under_writes(store: &str) {
+    let t0 = Instant::now();
+    let mut target = Reaped(child("teardown", store, &[]).spawn().unwrap());
+    let mut out = BufReader::new(target.0.stdout.take().unwrap());
+    let peer = line_with(&mut out, "READY");
+    let mut hammer = child("hammer", store, &[("MF_TRANSPORT", "tcp"), (PEER, &peer)])
+        .spawn()
+        .unwrap();
+    let mut hout = BufReader::new(hammer.stdout.take().unwrap());
+    line_with(&mut hout, "STARTED");
+    let mut stdin = target.0.stdin.take().unwrap();
+    writeln!(stdin, "GO").unwrap();
+    assert_eq!(
+        line_with(&mut out, "CANARY"),
+        "ok",
+        "a write landed after unregister"
+    );
+    let rest = line_with(&mut hout, "INITIATOR OK");
+    assert!(hammer.wait().unwrap().success(), "the writer failed");
+    drop(stdin);
+    let status = target.0.wait().unwrap();
+    assert!(status.success(), "the target died: {status:?}");
+    eprintln!(
+        "teardown under writes: ok ({rest}) in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
 fn child(role: &str, store: &str, extra: &[(&str, &str)]) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
     c.env(device::BACKEND_ENV, "host")
@@ -374,6 +500,8 @@ fn main() {
         match role.as_str() {
             "target" => run_target(&store),
             "initiator" => run_initiator(&store),
+            "teardown" => run_teardown_target(&store),
+            "hammer" => run_hammer(&store),
             r => panic!("unknown role {r}"),
         }
         return;
@@ -386,5 +514,6 @@ fn main() {
     for path in ["cma", "tcp"] {
         across_processes(&url, path);
     }
-    println!("device paths: local, cma, tcp ok");
+    teardown_under_writes(&url);
+    println!("device paths: local, cma, tcp, teardown under writes ok");
 }

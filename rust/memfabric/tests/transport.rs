@@ -510,6 +510,65 @@ fn refuses_out_of_bounds(p: Path) {
     assert!(matches!(e, Error::OutOfBounds(_)), "{e}");
 }
 
+/// Once `unregister` has returned, the server touches the region no more, even with writes
+/// in the middle of their payloads: the owner may reuse the memory at once.
+#[test]
+fn tcp_unregister_is_a_barrier_for_the_server() {
+    unregister_is_a_barrier(Path::tcp());
+}
+
+#[test]
+fn tcp_tls_unregister_is_a_barrier_for_the_server() {
+    let pki = Pki::new("barrier");
+    unregister_is_a_barrier(Path::tcp_with(tls_auth(&pki)));
+}
+
+fn unregister_is_a_barrier(p: Path) {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+    let n = 4 * MIB;
+    let dst = vec![0u8; n];
+    let at = addr(&dst);
+    p.remote.register(at, n as u64).unwrap();
+    let src = pattern(31, n);
+    p.local.register(addr(&src), n as u64).unwrap();
+    let (stop, landed, refused) = (AtomicBool::new(false), AtomicU32::new(0), AtomicU32::new(0));
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                while !stop.load(Relaxed) {
+                    // No peer table: the server alone decides.
+                    let op =
+                        CheckedOps::new(vec![Op::new(addr(&src), at, n as u64)], &p.local, None);
+                    match p.t.write(&op.unwrap(), long()) {
+                        Ok(()) => landed.fetch_add(1, Relaxed),
+                        Err(Error::OutOfBounds(_)) => refused.fetch_add(1, Relaxed),
+                        Err(e) => panic!("a write failed otherwise than refused: {e}"),
+                    };
+                }
+            });
+        }
+        let t0 = Instant::now();
+        while landed.load(Relaxed) < 6 && t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        p.remote.unregister(at).unwrap();
+        // The owner reuses its memory at once.
+        // SAFETY: `dst` is this test's buffer; only a server copy that ignored the
+        // unregistration could write it concurrently, which is what this test looks for.
+        unsafe { std::ptr::write_bytes(at as *mut u8, 0xC3, n) };
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Relaxed);
+    });
+    assert!(
+        refused.load(Relaxed) > 0,
+        "no write was refused after unregister"
+    );
+    assert!(
+        dst.iter().all(|&b| b == 0xC3),
+        "a server write landed after unregister returned"
+    );
+}
+
 fn assert_within(t0: Instant, limit: Duration, what: &str) {
     let took = t0.elapsed();
     assert!(took <= limit, "{what} took {took:?}, limit {limit:?}");

@@ -10,7 +10,9 @@
 //! Registration checks that the range is mapped readable and writable in this process, because
 //! the TCP data server and the local path copy into it with plain loads and stores. What the
 //! table cannot check is the future: the owner must keep the memory mapped until it
-//! unregisters it (the same contract as every RDMA registration).
+//! unregisters it (the same contract as every RDMA registration). The data server touches
+//! registered memory only inside [`RegionTable::while_registered`], so unregistering is a
+//! barrier for it: after `unregister` returns the owner may unmap or reuse the memory.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -170,8 +172,11 @@ impl RegionTable {
 
     /// Removes the registration that starts at `addr`; `NotExist` when none does.
     ///
-    /// Transfers already past their region check may still be copying; the owner must not
-    /// unmap the memory until its own transfers to this engine have finished.
+    /// Waits for the copies that this process's data server is making into or out of the
+    /// region (each a bounded piece: one system call, or one device copy of at most a staging
+    /// buffer; see [`while_registered`](Self::while_registered)); once this returns, none
+    /// starts, so the owner may unmap the memory even while peers are writing to it. The
+    /// owner's own transfers from or into the region must have finished.
     pub fn unregister(&self, addr: u64) -> Result<()> {
         match self.write().remove(&addr) {
             Some(_) => {
@@ -185,6 +190,30 @@ impl RegionTable {
                 "no registered region starts at {addr:#x}"
             ))),
         }
+    }
+
+    /// Runs `f` while `[addr, addr + len)` lies inside one registered region, which cannot be
+    /// unregistered until `f` returns; `OutOfBounds` (and `f` not run) when the range is not
+    /// registered. This is how the data server touches registered memory, piece by piece, so
+    /// that [`unregister`](Self::unregister) is a barrier for it. `f` must be short (register
+    /// and unregister wait for it) and must not use this table.
+    pub fn while_registered<T>(&self, addr: u64, len: u64, f: impl FnOnce() -> T) -> Result<T> {
+        let map = self.read();
+        check_in(&map, addr, len)?;
+        Ok(f())
+    }
+
+    /// [`while_registered`](Self::while_registered) for several ranges at once.
+    pub fn while_all_registered<T>(
+        &self,
+        ranges: impl IntoIterator<Item = (u64, u64)>,
+        f: impl FnOnce() -> T,
+    ) -> Result<T> {
+        let map = self.read();
+        for (addr, len) in ranges {
+            check_in(&map, addr, len)?;
+        }
+        Ok(f())
     }
 
     /// `Ok` when `[addr, addr + len)` lies entirely inside ONE registered region, else

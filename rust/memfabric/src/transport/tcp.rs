@@ -686,7 +686,6 @@ fn retry(e: &std::io::Error) -> bool {
 /// One connection: requests are answered in order. Responses are queued and leave together
 /// in one `sendmsg` when input runs dry or enough piled up.
 async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
-    let fd = stream.as_raw_fd();
     let mut rbuf = vec![0u8; STAGING];
     let (mut rs, mut re) = (0usize, 0usize);
     let mut out = Out::default();
@@ -698,14 +697,14 @@ async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
             rs += REQ_HDR;
             let (verdict, on_device) = check_request(regions, h.addr, h.len);
             if h.op == OP_READ && on_device {
-                out.read_reply_device(h.req_id, h.addr, h.len as usize);
+                out.read_reply_device(regions, h.req_id, h.addr, h.len as usize);
             } else if h.op == OP_READ {
                 out.read_reply(h.req_id, &verdict, h.addr, h.len);
             } else if on_device {
                 // Device memory cannot be a recv target: stage through host memory.
                 let len = h.len as usize;
                 let avail = len.min(re - rs);
-                let mut applied = device_write(h.addr, &rbuf[rs..rs + avail]);
+                let mut applied = device_write(regions, h.addr, &rbuf[rs..rs + avail]);
                 rs += avail;
                 let mut off = avail;
                 if off < len {
@@ -718,9 +717,14 @@ async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
                     while off < len {
                         let n = (len - off).min(STAGE_BYTES);
                         let at = stage.addr();
-                        recv_payload(stream, fd, at, n, &mut [], &mut out).await?;
+                        let to_stage = Dest::Ours(at);
+                        // Our own buffer: never refused.
+                        recv_payload(stream, regions, to_stage, n, &mut [], &mut out)
+                            .await?
+                            .1?;
                         if applied.is_ok() {
-                            applied = device_write(h.addr + off as u64, stage.slice_mut(n));
+                            let to = h.addr + off as u64;
+                            applied = device_write(regions, to, stage.slice_mut(n));
                         }
                         off += n;
                     }
@@ -731,19 +735,19 @@ async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
                 let len = h.len as usize;
                 let avail = len.min(re - rs);
                 let rest = len - avail;
+                let mut verdict = verdict;
                 if verdict.is_ok() && avail > 0 {
-                    // SAFETY: the region table holds `[addr, addr + len)` inside one
-                    // registration of this process; registration verified the range mapped
-                    // read-write and the owner keeps it so until it unregisters. The source is
-                    // our own staging buffer, which cannot overlap registered memory handed
-                    // to us by the owner.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            rbuf.as_ptr().add(rs),
-                            h.addr as *mut u8,
-                            avail,
-                        )
-                    };
+                    let from = &rbuf[rs..rs + avail];
+                    verdict = regions.while_registered(h.addr, avail as u64, || {
+                        // SAFETY: `[addr, addr + avail)` lies inside one registration of this
+                        // process, which stays registered while this runs; registration
+                        // verified the range mapped read-write and the owner keeps it so
+                        // until it unregisters. The source is our own staging buffer, which
+                        // cannot overlap registered memory handed to us by the owner.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(from.as_ptr(), h.addr as *mut u8, avail)
+                        }
+                    });
                 }
                 rs += avail;
                 if rest > 0 {
@@ -758,18 +762,21 @@ async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
                         } else {
                             STAGING
                         };
-                        let dest = h.addr + avail as u64;
-                        re = recv_payload(stream, fd, dest, rest, &mut rbuf[..tail], &mut out)
-                            .await?;
+                        let dest = Dest::Registered(h.addr + avail as u64);
+                        let tail = &mut rbuf[..tail];
+                        let (got, landed) =
+                            recv_payload(stream, regions, dest, rest, tail, &mut out).await?;
+                        re = got;
+                        verdict = landed;
                     } else {
-                        out.flush(stream).await?;
+                        out.flush(stream, regions).await?;
                         discard(stream, &mut rbuf, rest).await?;
                     }
                 }
                 out.write_ack(h.req_id, &verdict, h.len);
             }
             if out.full() {
-                out.flush(stream).await?;
+                out.flush(stream, regions).await?;
             }
         }
         if rs > 0 {
@@ -793,7 +800,7 @@ async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                wait_readable(stream, &mut out).await?;
+                wait_readable(stream, regions, &mut out).await?;
             }
             Err(e) if retry(&e) => continue,
             Err(e) => return Err(Error::io("data server read", e)),
@@ -824,73 +831,114 @@ fn device_backend(addr: u64) -> Result<std::sync::Arc<dyn crate::device::Device>
 }
 
 /// Copies `len` bytes of registered device memory at `addr` into a new host buffer.
-fn device_read(addr: u64, len: usize) -> Result<Vec<u8>> {
+fn device_read(regions: &RegionTable, addr: u64, len: usize) -> Result<Vec<u8>> {
     let mut data = Vec::with_capacity(len);
-    device_read_into(addr, data.spare_capacity_mut().as_mut_ptr() as u64, len)?;
+    device_read_into(
+        regions,
+        addr,
+        data.spare_capacity_mut().as_mut_ptr() as u64,
+        len,
+    )?;
     // SAFETY: the device copy initialized the first `len` bytes of the capacity.
     unsafe { data.set_len(len) };
     Ok(data)
 }
 
-/// Copies `len` bytes of registered device memory at `addr` to host memory at `dst`.
-fn device_read_into(addr: u64, dst: u64, len: usize) -> Result<()> {
+/// Copies `len` bytes of registered device memory at `addr` to host memory at `dst`, while
+/// the region stays registered.
+fn device_read_into(regions: &RegionTable, addr: u64, dst: u64, len: usize) -> Result<()> {
     let dev = device_backend(addr)?;
-    // SAFETY: `[addr, addr + len)` lies in a registered device region (checked by the
-    // caller); the caller passes `dst` with room for `len` bytes that nothing else uses.
-    crate::device::cuda::with_private_stream_copies(|| unsafe {
-        dev.copy_between(dst, addr, len, None)
-    })
+    regions.while_registered(addr, len as u64, || {
+        // SAFETY: `[addr, addr + len)` lies in a device region registered while this runs;
+        // the caller passes `dst` with room for `len` bytes that nothing else uses.
+        crate::device::cuda::with_private_stream_copies(|| unsafe {
+            dev.copy_between(dst, addr, len, None)
+        })
+    })?
 }
 
-/// Copies `data` into registered device memory at `addr`.
-fn device_write(addr: u64, data: &[u8]) -> Result<()> {
+/// Copies `data` into registered device memory at `addr`, while the region stays registered.
+fn device_write(regions: &RegionTable, addr: u64, data: &[u8]) -> Result<()> {
     if data.is_empty() {
         return Ok(());
     }
     let dev = device_backend(addr)?;
-    // SAFETY: as for `device_read`; the destination range was checked by the caller.
-    crate::device::cuda::with_private_stream_copies(|| unsafe {
-        dev.copy_between(addr, data.as_ptr() as u64, data.len(), None)
-    })
+    regions.while_registered(addr, data.len() as u64, || {
+        // SAFETY: as for `device_read_into`.
+        crate::device::cuda::with_private_stream_copies(|| unsafe {
+            dev.copy_between(addr, data.as_ptr() as u64, data.len(), None)
+        })
+    })?
 }
 
 /// Input ran dry: sends the acknowledgements queued so far (the initiator may be waiting for
 /// them before it sends more), then waits for more input.
-async fn wait_readable(stream: &TcpStream, out: &mut Out) -> Result<()> {
-    out.flush(stream).await?;
+async fn wait_readable(stream: &TcpStream, regions: &RegionTable, out: &mut Out) -> Result<()> {
+    out.flush(stream, regions).await?;
     stream
         .readable()
         .await
         .map_err(|e| Error::io("data server read", e))
 }
 
-/// Receives the `len` remaining payload bytes straight into registered memory at `addr`, and
-/// in the same system calls whatever follows into `tail`; returns how much landed in `tail`.
+/// Where a payload goes.
+#[derive(Clone, Copy)]
+enum Dest {
+    /// Registered memory: each system call runs while the rest of the range is registered.
+    Registered(u64),
+    /// A buffer of the server's own.
+    Ours(u64),
+}
+
+/// Receives the `len` remaining payload bytes straight into `dest`, and in the same system
+/// calls whatever follows into `tail`. Returns how much landed in `tail`, and whether the
+/// payload landed: when its registered destination is unregistered part way, the rest of the
+/// payload is read and dropped (keeping the stream in step) and the refusal returned.
 async fn recv_payload(
     stream: &TcpStream,
-    fd: RawFd,
-    addr: u64,
+    regions: &RegionTable,
+    dest: Dest,
     len: usize,
     tail: &mut [u8],
     out: &mut Out,
-) -> Result<usize> {
+) -> Result<(usize, Result<()>)> {
+    let fd = stream.as_raw_fd();
     let mut done = 0usize;
     loop {
+        let mut refused = None;
         let r = stream.try_io(Interest::READABLE, || {
-            // SAFETY: the caller checked `[addr, addr + len)` against the region table (see
-            // serve_conn), so `[addr + done, addr + len)` is registered memory; `tail` is our
-            // own buffer. The kernel reports EFAULT rather than faulting if the owner broke
-            // its contract and unmapped the region.
-            unsafe {
+            // SAFETY: `[at, at + len - done)` is either registered memory, registered while
+            // the call runs (checked just before, under the table's lock), or our own buffer
+            // of `len` bytes; `tail` is our own buffer.
+            let mut recv = |at: u64| unsafe {
                 recv2(
                     fd,
-                    addr + done as u64,
+                    at + done as u64,
                     len - done,
                     tail.as_mut_ptr(),
                     tail.len(),
                 )
+            };
+            match dest {
+                Dest::Ours(at) => recv(at),
+                Dest::Registered(at) => {
+                    let rest = (len - done) as u64;
+                    match regions.while_registered(at + done as u64, rest, || recv(at)) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            refused = Some(e);
+                            Ok(0)
+                        }
+                    }
+                }
             }
         });
+        if let Some(e) = refused {
+            out.flush(stream, regions).await?;
+            let mut scratch = vec![0u8; (len - done).min(STAGING)];
+            discard(stream, &mut scratch, len - done).await?;
+            return Ok((0, Err(e)));
+        }
         match r {
             Ok(0) => {
                 return Err(Error::Protocol(format!(
@@ -898,10 +946,10 @@ async fn recv_payload(
                     len - done
                 )))
             }
-            Ok(n) if done + n >= len => return Ok(done + n - len),
+            Ok(n) if done + n >= len => return Ok((done + n - len, Ok(()))),
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                wait_readable(stream, out).await?;
+                wait_readable(stream, regions, out).await?;
             }
             Err(e) if retry(&e) => continue,
             Err(e) => return Err(Error::io("data server receiving a payload", e)),
@@ -962,7 +1010,7 @@ async fn serve_tls_conn<S: AsyncRead + AsyncWrite + Unpin>(
         // parse_req bounded len by MAX_REQUEST.
         let len = h.len as usize;
         if h.op == OP_READ && on_device {
-            match device_read(h.addr, len) {
+            match device_read(regions, h.addr, len) {
                 Ok(data) => {
                     encode_resp(&mut out, ST_OK, "", h.req_id, h.len);
                     write_tls(&mut rd, &out).await?;
@@ -989,7 +1037,7 @@ async fn serve_tls_conn<S: AsyncRead + AsyncWrite + Unpin>(
                         _ => rd_err(e),
                     })?;
                 if applied.is_ok() {
-                    applied = device_write(h.addr + off as u64, &scratch[..n]);
+                    applied = device_write(regions, h.addr + off as u64, &scratch[..n]);
                 }
                 off += n;
             }
@@ -1002,35 +1050,58 @@ async fn serve_tls_conn<S: AsyncRead + AsyncWrite + Unpin>(
             encode_resp(&mut out, ST_OK, "", h.req_id, h.len);
             write_tls(&mut rd, &out).await?;
             out.clear();
-            if len > 0 {
-                // SAFETY: the region table holds `[addr, addr + len)` inside one registration
-                // of this process, mapped and readable until its owner unregisters it (the
-                // owner's contract, as for the plaintext path's sendmsg from it).
-                let data = unsafe { std::slice::from_raw_parts(h.addr as *const u8, len) };
-                write_tls(&mut rd, data).await?;
-            }
-        } else {
+            // In pieces copied out while the region is registered: rustls reads its input
+            // across waits, when the owner may have unregistered and unmapped it. A piece that
+            // can no longer be copied ends the connection (its header promised the bytes).
             let mut off = 0usize;
             while off < len {
-                // Chunks, so that acknowledgements go out before a read that waits.
                 let n = (len - off).min(TLS_CHUNK);
-                if rd.buffer().len() < n {
+                let at = h.addr + off as u64;
+                let piece = &mut scratch[..n];
+                regions
+                    .while_registered(at, n as u64, || {
+                        // SAFETY: `[at, at + n)` lies in a registration of this process,
+                        // mapped readable while it stays registered; `piece` is our own.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(at as *const u8, piece.as_mut_ptr(), n)
+                        }
+                    })
+                    .map_err(|e| {
+                        Error::Failed(format!(
+                            "the source of a READ was unregistered before it was sent: {e}"
+                        ))
+                    })?;
+                write_tls(&mut rd, piece).await?;
+                off += n;
+            }
+        } else {
+            // Decrypted data is taken from the reader's buffer and copied into the region
+            // while it is registered, piece by piece (never across a wait).
+            let mut verdict = verdict;
+            let mut off = 0usize;
+            while off < len {
+                if rd.buffer().is_empty() {
                     flush_tls(&mut rd, &mut out).await?;
+                    if rd.fill_buf().await.map_err(rd_err)?.is_empty() {
+                        return Err(Error::Protocol(format!(
+                            "connection closed with {} payload bytes missing",
+                            len - off
+                        )));
+                    }
                 }
-                let dest: &mut [u8] = if verdict.is_ok() {
-                    // SAFETY: as for READ above, and registration checked the range
-                    // read-write; nothing else of ours refers to it.
-                    unsafe { std::slice::from_raw_parts_mut((h.addr + off as u64) as *mut u8, n) }
-                } else {
-                    &mut scratch[..n]
-                };
-                rd.read_exact(dest).await.map_err(|e| match e.kind() {
-                    std::io::ErrorKind::UnexpectedEof => Error::Protocol(format!(
-                        "connection closed with {} payload bytes missing",
-                        len - off
-                    )),
-                    _ => rd_err(e),
-                })?;
+                let got = rd.buffer();
+                let n = got.len().min(len - off);
+                if verdict.is_ok() {
+                    let at = h.addr + off as u64;
+                    let from = &got[..n];
+                    verdict = regions.while_registered(at, n as u64, || {
+                        // SAFETY: `[at, at + n)` lies in a registration of this process,
+                        // mapped read-write while it stays registered; `from` is the reader's
+                        // buffer, which cannot overlap memory the owner registered.
+                        unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), at as *mut u8, n) }
+                    });
+                }
+                rd.consume(n);
                 off += n;
             }
             status_frame(&mut out, h.req_id, &verdict);
@@ -1134,14 +1205,15 @@ impl Out {
     /// A READ reply of `len` bytes of device memory at `addr`, copied from the device straight
     /// into the queue (no buffer of its own and no second host copy); an error status instead
     /// when the copy fails.
-    fn read_reply_device(&mut self, req_id: u64, addr: u64, len: usize) {
+    fn read_reply_device(&mut self, regions: &RegionTable, req_id: u64, addr: u64, len: usize) {
         let mut copied = Ok(());
         self.own(|b| {
             let start = b.len();
             encode_resp(b, ST_OK, "", req_id, len as u64);
             let at = b.len();
             b.reserve(len);
-            copied = device_read_into(addr, b.spare_capacity_mut().as_mut_ptr() as u64, len);
+            let to = b.spare_capacity_mut().as_mut_ptr() as u64;
+            copied = device_read_into(regions, addr, to, len);
             match copied {
                 // SAFETY: the device copy initialized `len` bytes from `at`, inside the
                 // capacity reserved above.
@@ -1159,9 +1231,10 @@ impl Out {
         self.segs.len() >= 2 * IOV_BATCH || self.data >= ACK_EVERY || self.bytes.len() >= 64 << 10
     }
 
-    fn send_some(&self, fd: RawFd) -> std::io::Result<usize> {
+    fn send_some(&self, fd: RawFd, regions: &RegionTable) -> std::io::Result<usize> {
         let mut iov = [EMPTY_IOV; IOV_BATCH];
-        let mut n = 0;
+        let mut mem = [(0u64, 0u64); IOV_BATCH];
+        let (mut n, mut m) = (0, 0);
         for (k, seg) in self.segs[self.pos..].iter().enumerate() {
             if n == IOV_BATCH {
                 break;
@@ -1169,7 +1242,11 @@ impl Out {
             let skip = if k == 0 { self.off } else { 0 };
             let (base, len) = match *seg {
                 Seg::Own { start, len } => (self.bytes[start..].as_ptr() as u64, len),
-                Seg::Mem { addr, len } => (addr, len),
+                Seg::Mem { addr, len } => {
+                    mem[m] = (addr + skip as u64, (len - skip) as u64);
+                    m += 1;
+                    (addr, len)
+                }
             };
             iov[n] = libc::iovec {
                 iov_base: (base + skip as u64) as *mut libc::c_void,
@@ -1177,9 +1254,18 @@ impl Out {
             };
             n += 1;
         }
-        // Mem segments were checked against the region table when queued (read_reply); Own
+        // Mem segments are registered memory, still registered while the kernel reads them
+        // (an owner that unregistered it may have reused it: its bytes must not leave); Own
         // ones point into `self.bytes`, not modified while this runs.
-        sendmsg_nosignal(fd, &iov[..n], libc::MSG_DONTWAIT)
+        regions
+            .while_all_registered(mem[..m].iter().copied(), || {
+                sendmsg_nosignal(fd, &iov[..n], libc::MSG_DONTWAIT)
+            })
+            .unwrap_or_else(|e| {
+                Err(std::io::Error::other(format!(
+                    "the source of a READ was unregistered before it was sent: {e}"
+                )))
+            })
     }
 
     fn advance(&mut self, mut n: usize) {
@@ -1199,14 +1285,14 @@ impl Out {
         }
     }
 
-    async fn flush(&mut self, stream: &TcpStream) -> Result<()> {
+    async fn flush(&mut self, stream: &TcpStream, regions: &RegionTable) -> Result<()> {
         let fd = stream.as_raw_fd();
         while self.pos < self.segs.len() {
             stream
                 .writable()
                 .await
                 .map_err(|e| Error::io("data server write", e))?;
-            match stream.try_io(Interest::WRITABLE, || self.send_some(fd)) {
+            match stream.try_io(Interest::WRITABLE, || self.send_some(fd, regions)) {
                 Ok(n) => self.advance(n),
                 Err(e) if retry(&e) => continue,
                 Err(e) => return Err(Error::io("data server sending responses", e)),
