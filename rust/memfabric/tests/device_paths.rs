@@ -4,6 +4,9 @@
 //! server's device copies), every direction, mixed batches, several staging chunks and a
 //! ragged tail, verified byte for byte on the side that received them; then the refusals.
 //!
+//! `MF_DEVICE_PATHS_TIMING=1 cargo test --release -p memfabric --test device_paths` prints
+//! rough figures of each kind of side over cma and tcp instead.
+//!
 //! Its own harness (`harness = false`): the backend is chosen once per process, from the
 //! environment, so each role runs in a process started with the environment it needs.
 //! `MF_TEST_DEVICE_ROLE` picks the role of a child: `target` (serves its buffers, reports
@@ -494,6 +497,69 @@ fn across_processes(store: &str, path: &str) {
     );
 }
 
+/// Child role: prints rough figures of each kind of side over the path in `MF_TRANSPORT`.
+fn run_timer(store: &str) {
+    let e = engine(store, Role::Prefill);
+    let p = std::env::var(PEER).unwrap();
+    let w: Vec<&str> = p.split(' ').collect();
+    let (peer, peer_dev, peer_host): (&str, u64, u64) =
+        (w[0], w[1].parse().unwrap(), w[2].parse().unwrap());
+    let d = DevBuf::new(N, &pattern(5, N));
+    let h = pattern(6, N);
+    e.register(d.addr, N as u64).unwrap();
+    e.register(h.as_ptr() as u64, N as u64).unwrap();
+    let path = e.transport_for(peer).unwrap();
+    let sides = [
+        ("host -> host", h.as_ptr() as u64, peer_host),
+        ("device -> device", d.addr, peer_dev),
+        ("host -> device", h.as_ptr() as u64, peer_dev),
+        ("device -> host", d.addr, peer_host),
+    ];
+    for size in [4096usize, 1 << 20, 8 << 20] {
+        for (what, local, remote) in sides {
+            for dir in [Direction::Write, Direction::Read] {
+                let mut times = Vec::new();
+                let t0 = Instant::now();
+                while t0.elapsed() < Duration::from_millis(400) || times.len() < 5 {
+                    let t = Instant::now();
+                    e.transfer(peer, dir, local, remote, size as u64).unwrap();
+                    times.push(t.elapsed());
+                }
+                times.sort();
+                let p50 = times[times.len() / 2];
+                let total: Duration = times.iter().sum();
+                let gbs = (size * times.len()) as f64 / total.as_secs_f64() / 1e9;
+                println!(
+                    "{path} {:>5} KiB {:<16} {:<5}  {gbs:6.2} GB/s  p50 {:8.1} us",
+                    size >> 10,
+                    what,
+                    if dir == Direction::Write {
+                        "write"
+                    } else {
+                        "read"
+                    },
+                    p50.as_secs_f64() * 1e6
+                );
+            }
+        }
+    }
+    println!("INITIATOR OK");
+}
+
+/// `MF_DEVICE_PATHS_TIMING=1`: figures instead of checks (build with --release).
+fn timing(store: &str) {
+    for path in ["cma", "tcp"] {
+        let mut target = Reaped(child("target", store, &[]).spawn().unwrap());
+        let mut out = BufReader::new(target.0.stdout.take().unwrap());
+        let peer = line_with(&mut out, "READY");
+        let timer = child("timer", store, &[("MF_TRANSPORT", path), (PEER, &peer)])
+            .stdout(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        assert!(timer.wait_with_output().unwrap().status.success());
+    }
+}
+
 fn main() {
     if let Ok(role) = std::env::var(ROLE) {
         let store = std::env::var(STORE).expect("store url");
@@ -502,6 +568,7 @@ fn main() {
             "initiator" => run_initiator(&store),
             "teardown" => run_teardown_target(&store),
             "hammer" => run_hammer(&store),
+            "timer" => run_timer(&store),
             r => panic!("unknown role {r}"),
         }
         return;
@@ -509,6 +576,9 @@ fn main() {
     // The chosen backend of this process is the default one; only children use the host's.
     let server = StoreServer::start("127.0.0.1:0".parse().unwrap(), None).unwrap();
     let url = server.url();
+    if std::env::var_os("MF_DEVICE_PATHS_TIMING").is_some() {
+        return timing(&url);
+    }
     let t0 = Instant::now();
     finish(child("initiator", &url, &[]).spawn().unwrap(), "local", t0);
     for path in ["cma", "tcp"] {

@@ -436,6 +436,17 @@ fn staged(transport: &dyn Transport, write: bool, op: Op, deadline: Instant) -> 
             transport.read(&checked, deadline)
         }
     };
+    if chunks.len() == 1 {
+        // Nothing to overlap: no helper thread (starting one costs more than a small copy).
+        // SAFETY: the stage holds `total` bytes; the device range is registered (checked).
+        return if write {
+            unsafe { dev.copy_between(a0, op.local, total, None)? };
+            net(a0, 0, total)
+        } else {
+            net(a0, 0, total)?;
+            unsafe { dev.copy_between(op.local, a0, total, None) }
+        };
+    }
     // Helper threads copy the way this thread does (a stream-ordered job's private stream).
     let private = device::cuda::private_stream_copies();
     let addr_of = |i: usize| if i.is_multiple_of(2) { a0 } else { a1 };
