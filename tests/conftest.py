@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import json
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 
 import pytest
@@ -35,6 +37,36 @@ def run_child(code: str, **env: str) -> dict:
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_ranks(target, world: int, args_of, timeout: float = 120.0) -> list:
+    """Runs ``target(*args_of(rank, q))`` in ``world`` spawned processes and returns what each
+    put on ``q``, sorted. A rank that dies without reporting fails the test at once, with its
+    exit code (a crash shows as a crash, not as a timeout); every process is reaped."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=args_of(r, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: list = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world:
+            try:
+                results.append(q.get(timeout=0.5))
+            except queue.Empty:
+                died = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if died:
+                    pytest.fail(f"rank processes died without reporting (rank, exit code): {died}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{world - len(results)} of {world} ranks did not report within {timeout} s")
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return sorted(results)
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ import os
 import pytest
 
 import memfabric_hybrid as mf
+from conftest import run_ranks
 
 MiB = 1 << 20
 
@@ -323,15 +324,8 @@ def test_bm_hbm_in_one_process(store):
 
 @pytest.mark.parametrize("transport", ["", "tcp"], ids=["same-host", "tcp"])
 def test_bm_hbm_across_ranks(store, transport):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     world = 2
-    procs = [ctx.Process(target=_bm_rank, args=(store.url, world, r, transport, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = sorted(q.get(timeout=180) for _ in range(world))
-    for p in procs:
-        p.join(60)
+    results = run_ranks(_bm_rank, world, lambda r, q: (store.url, world, r, transport, q), timeout=180)
     for rank, ok, err in results:
         assert ok, f"rank {rank}: {err or 'wrong bytes in its HBM part'}"
 

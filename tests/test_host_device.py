@@ -10,14 +10,13 @@ runs its ranks in child processes started with the variable set.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 
 import numpy as np
 import pytest
 
 import memfabric_hybrid as mf
-from conftest import NO_ASCEND, NO_CUDA, run_child
+from conftest import NO_ASCEND, NO_CUDA, run_child, run_ranks
 
 MiB = 1 << 20
 
@@ -118,19 +117,8 @@ def _bm_rank(url: str, world: int, rank: int, transport: str, q) -> None:
 
 @pytest.mark.parametrize("transport", ["", "tcp"], ids=["same-host-ipc", "tcp-staged"])
 def test_bm_hbm_parts_across_ranks(store, transport):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     world = 2
-    procs = [ctx.Process(target=_bm_rank, args=(store.url, world, r, transport, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        results = sorted(q.get(timeout=120) for _ in range(world))
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
+    results = run_ranks(_bm_rank, world, lambda r, q: (store.url, world, r, transport, q))
     for rank, ok_out, ok_in, ok_moved, past, err in results:
         assert not err, f"rank {rank}: {err}"
         assert ok_out, f"rank {rank}: the next rank's part read back wrong"

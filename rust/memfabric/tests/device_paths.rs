@@ -22,31 +22,15 @@ use memfabric::trans::{Direction, EngineConfig, Role, TransferEngine};
 use memfabric::transport::Op;
 use memfabric::Error;
 
+mod common;
+use common::{checksum, pattern};
+
 const MIB: usize = 1 << 20;
 /// Three staging chunks, the last a ragged one.
 const N: usize = 2 * device::staging::STAGE_BYTES + 4097;
 const ROLE: &str = "MF_TEST_DEVICE_ROLE";
 const STORE: &str = "MF_TEST_DEVICE_STORE";
 const PEER: &str = "MF_TEST_DEVICE_PEER";
-
-/// Deterministic bytes, different per seed.
-fn pattern(seed: u64, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    v
-}
-
-fn checksum(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
-        (h ^ x as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
 
 fn engine(store: &str, role: Role) -> TransferEngine {
     TransferEngine::start(EngineConfig {
@@ -258,19 +242,32 @@ fn initiate(e: &TransferEngine, peer: &str, peer_dev: u64, peer_host: u64) {
     }
 }
 
-/// Child role: a target process. Prints `READY session dev host`, serves until stdin closes,
-/// then prints `SUM dev host`.
-fn run_target(store: &str) {
+/// Starts a target engine with its buffers registered and prints `READY session dev host`.
+fn serve_buffers(store: &str) -> (TransferEngine, TargetBuffers) {
     let e = engine(store, Role::Decode);
     let b = TargetBuffers::new();
     b.register(&e);
-    println!(
-        "READY {} {} {}",
-        e.session_id(),
-        b.dev.addr,
-        b.host.as_ptr() as u64
-    );
+    let (dev, host) = (b.dev.addr, b.host.as_ptr() as u64);
+    println!("READY {} {dev} {host}", e.session_id());
     std::io::stdout().flush().unwrap();
+    (e, b)
+}
+
+/// The target named by `MF_TEST_DEVICE_PEER`: session, device buffer, host buffer.
+fn peer_from_env() -> (String, u64, u64) {
+    let p = std::env::var(PEER).expect("the peer");
+    let w: Vec<&str> = p.split(' ').collect();
+    (
+        w[0].to_string(),
+        w[1].parse().unwrap(),
+        w[2].parse().unwrap(),
+    )
+}
+
+/// Child role: a target process. Prints `READY session dev host`, serves until stdin closes,
+/// then prints `SUM dev host`.
+fn run_target(store: &str) {
+    let (_e, b) = serve_buffers(store);
     let mut rest = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut rest);
     println!("SUM {} {}", checksum(&b.dev.bytes()), checksum(&b.host));
@@ -280,12 +277,12 @@ fn run_target(store: &str) {
 /// ("session dev host"), or to one it starts in this process when there is none.
 fn run_initiator(store: &str) {
     let e = engine(store, Role::Prefill);
-    match std::env::var(PEER) {
-        Ok(p) => {
-            let w: Vec<&str> = p.split(' ').collect();
-            initiate(&e, w[0], w[1].parse().unwrap(), w[2].parse().unwrap());
+    match std::env::var_os(PEER) {
+        Some(_) => {
+            let (peer, dev, host) = peer_from_env();
+            initiate(&e, &peer, dev, host);
         }
-        Err(_) => {
+        None => {
             let target = engine(store, Role::Decode);
             let b = TargetBuffers::new();
             b.register(&target);
@@ -305,16 +302,7 @@ fn run_initiator(store: &str) {
 /// write reached it: `unregister` waits for the data server's copies into the region, and
 /// none starts after it. Prints `READY session dev host`, waits for `GO`, prints `CANARY ok`.
 fn run_teardown_target(store: &str) {
-    let e = engine(store, Role::Decode);
-    let b = TargetBuffers::new();
-    b.register(&e);
-    println!(
-        "READY {} {} {}",
-        e.session_id(),
-        b.dev.addr,
-        b.host.as_ptr() as u64
-    );
-    std::io::stdout().flush().unwrap();
+    let (e, b) = serve_buffers(store);
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "GO");
@@ -342,18 +330,23 @@ fn run_teardown_target(store: &str) {
     let _ = std::io::stdin().read_to_end(&mut rest);
 }
 
-/// Child role: writes into the target's buffers without pause until its writes have been
-/// refused for a while; prints `STARTED` after the first ones landed.
-fn run_hammer(store: &str) {
+/// An initiator engine, the target from the environment, and registered sources: a device
+/// buffer (seed 5) and a host one (seed 6).
+fn initiator_with_sources(store: &str) -> (TransferEngine, String, u64, u64, DevBuf, Vec<u8>) {
     let e = engine(store, Role::Prefill);
-    let p = std::env::var(PEER).unwrap();
-    let w: Vec<&str> = p.split(' ').collect();
-    let (peer, peer_dev, peer_host): (&str, u64, u64) =
-        (w[0], w[1].parse().unwrap(), w[2].parse().unwrap());
+    let (peer, peer_dev, peer_host) = peer_from_env();
     let d = DevBuf::new(N, &pattern(5, N));
     let h = pattern(6, N);
     e.register(d.addr, N as u64).unwrap();
     e.register(h.as_ptr() as u64, N as u64).unwrap();
+    (e, peer, peer_dev, peer_host, d, h)
+}
+
+/// Child role: writes into the target's buffers without pause until its writes have been
+/// refused for a while; prints `STARTED` after the first ones landed.
+fn run_hammer(store: &str) {
+    let (e, peer, peer_dev, peer_host, d, h) = initiator_with_sources(store);
+    let peer = peer.as_str();
     // Three writers at once, so that some payload is always on its way when the target
     // unregisters: device -> device, host -> host, host -> device.
     let pairs = [
@@ -499,15 +492,8 @@ fn across_processes(store: &str, path: &str) {
 
 /// Child role: prints rough figures of each kind of side over the path in `MF_TRANSPORT`.
 fn run_timer(store: &str) {
-    let e = engine(store, Role::Prefill);
-    let p = std::env::var(PEER).unwrap();
-    let w: Vec<&str> = p.split(' ').collect();
-    let (peer, peer_dev, peer_host): (&str, u64, u64) =
-        (w[0], w[1].parse().unwrap(), w[2].parse().unwrap());
-    let d = DevBuf::new(N, &pattern(5, N));
-    let h = pattern(6, N);
-    e.register(d.addr, N as u64).unwrap();
-    e.register(h.as_ptr() as u64, N as u64).unwrap();
+    let (e, peer, peer_dev, peer_host, d, h) = initiator_with_sources(store);
+    let peer = peer.as_str();
     let path = e.transport_for(peer).unwrap();
     let sides = [
         ("host -> host", h.as_ptr() as u64, peer_host),

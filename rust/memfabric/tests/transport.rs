@@ -21,27 +21,13 @@ use memfabric::transport::{CheckedOps, Op, Transport};
 use memfabric::Error;
 
 mod common;
-use common::{job_auth, tls_auth, Pki};
+use common::{checksum, job_auth, pattern, tls_auth, Pki};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
 
 fn long() -> Instant {
     Instant::now() + Duration::from_secs(60)
-}
-
-/// Deterministic bytes, different per seed, cheap to make even in a debug build.
-fn pattern(seed: u64, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
-    v
 }
 
 fn addr(v: &[u8]) -> u64 {
@@ -299,12 +285,6 @@ fn cma_probe() {
     let e = cma::probe((1 << 22) + 12345, addr(&v)).unwrap_err();
     assert!(matches!(e, Error::PeerGone(_)), "{e}");
     assert!(CmaTransport::new(0).is_err());
-}
-
-fn checksum(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
-        (h ^ x as u64).wrapping_mul(0x100_0000_01b3)
-    })
 }
 
 /// Not a test on its own: the target process of `cma_to_another_process`. It publishes one

@@ -66,3 +66,23 @@ pub fn job_auth() -> Arc<DataAuth> {
 pub fn tls_auth(pki: &Pki) -> Arc<DataAuth> {
     Arc::new(DataAuth::new(&JOB_SECRET).with_tls(&pki.material()))
 }
+
+/// Deterministic bytes, different per seed, cheap to make even in a debug build.
+pub fn pattern(seed: u64, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    v
+}
+
+/// FNV-1a of `b`: compares buffers held by different processes.
+pub fn checksum(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
