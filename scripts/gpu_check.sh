@@ -2,10 +2,12 @@
 # The checks that need an NVIDIA GPU, for a GPU machine with no Rust toolchain and no network.
 #
 # Here (where Rust builds):  bash scripts/gpu_check.sh prepare
-#   builds the release extension and the core's test binary into .devrun/ (stripped), and
-#   bundles Mooncake's CUDA wheel for the benchmark's comparison (.devrun/mooncake.tar.xz).
+#   builds the release extension, the core's test binary and the device-paths test into
+#   .devrun/ (stripped), and bundles Mooncake's CUDA wheel for the benchmark's comparison
+#   (.devrun/mooncake.tar.xz).
 # There (in a copy of this tree with .devrun/):  bash scripts/gpu_check.sh run [bench]
-#   runs the Rust GPU tests, the Python device tests and, with `bench`, the device benchmark;
+#   runs the Rust GPU tests, the Transfer Engine's device paths on CUDA, the Python device
+#   tests and, with `bench`, the device benchmark;
 #   logs go to $OUT (or /tmp/mf-gpu-out).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -68,7 +70,14 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "memfabric":
         print(m["executable"])')
     cp "$bin" "$DEV/memfabric-tests"
-    strip "$DEV/_native.abi3.so" "$DEV/memfabric-tests"
+    bin=$(cargo test --release -p memfabric --test device_paths --no-run --message-format=json 2>/dev/null |
+        python -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "device_paths":
+        print(m["executable"])')
+    cp "$bin" "$DEV/device-paths-tests"
+    strip "$DEV/_native.abi3.so" "$DEV/memfabric-tests" "$DEV/device-paths-tests"
     mooncake_bundle || echo "note: Mooncake's CUDA wheel not bundled; the device benchmark will skip it" >&2
     ls -la "$DEV"
 }
@@ -82,6 +91,11 @@ run() {
     python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))' | tee -a "$out/gpu.txt"
     echo "== rust GPU tests"
     timeout 300 "$DEV/memfabric-tests" device:: --nocapture --test-threads=1 2>&1 | tee "$out/rust_gpu.log" | tail -n 40 || rc=1
+    echo "== device paths of the Transfer Engine on CUDA (local, cma through IPC, tcp staged, teardown)"
+    MF_TEST_DEVICE_BACKEND=cuda timeout 120 "$DEV/device-paths-tests" 2>&1 | grep -v WARN |
+        tee "$out/device_paths.log" | tail -n 20 || rc=1
+    MF_TEST_DEVICE_BACKEND=cuda MF_DEVICE_PATHS_TIMING=1 timeout 120 "$DEV/device-paths-tests" 2>&1 |
+        grep -v WARN | tee "$out/device_paths_timing.log" | tail -n 50 || rc=1
     echo "== pytest (device)"
     timeout 400 python3 -m pytest tests/test_device.py tests/test_cuda.py -v -p no:cacheprovider -W ignore \
         -o timeout=120 2>&1 | tee "$out/pytest_device.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed|Error|assert" | tail -n 60 || rc=1

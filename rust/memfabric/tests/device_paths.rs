@@ -5,7 +5,8 @@
 //! ragged tail, verified byte for byte on the side that received them; then the refusals.
 //!
 //! `MF_DEVICE_PATHS_TIMING=1 cargo test --release -p memfabric --test device_paths` prints
-//! rough figures of each kind of side over cma and tcp instead.
+//! rough figures of each kind of side over cma and tcp instead. `MF_TEST_DEVICE_BACKEND=cuda`
+//! runs all of it on a GPU (`scripts/gpu_check.sh run` does).
 //!
 //! Its own harness (`harness = false`): the backend is chosen once per process, from the
 //! environment, so each role runs in a process started with the environment it needs.
@@ -419,9 +420,15 @@ fn teardown_under_writes(store: &str) {
     );
 }
 
+/// The device backend of the children: `MF_TEST_DEVICE_BACKEND`, else the host backend (a
+/// GPU machine runs the same paths with `cuda`).
+fn backend() -> String {
+    std::env::var("MF_TEST_DEVICE_BACKEND").unwrap_or_else(|_| "host".into())
+}
+
 fn child(role: &str, store: &str, extra: &[(&str, &str)]) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
-    c.env(device::BACKEND_ENV, "host")
+    c.env(device::BACKEND_ENV, backend())
         .env(ROLE, role)
         .env(STORE, store)
         .env_remove("MF_TRANSPORT")
@@ -571,5 +578,8 @@ fn main() {
         across_processes(&url, path);
     }
     teardown_under_writes(&url);
-    println!("device paths: local, cma, tcp, teardown under writes ok");
+    println!(
+        "device paths on the {} backend: local, cma, tcp, teardown under writes ok",
+        backend()
+    );
 }
