@@ -173,8 +173,8 @@ impl RegionTable {
     /// Removes the registration that starts at `addr`; `NotExist` when none does.
     ///
     /// Waits for the copies that this process's data server is making into or out of the
-    /// region (each a bounded piece: one system call, or one device copy of at most a staging
-    /// buffer; see [`while_registered`](Self::while_registered)); once this returns, none
+    /// region (each a bounded piece: one system call, or one device copy of a staging buffer or
+    /// of one request; see [`while_registered`](Self::while_registered)); once this returns, none
     /// starts, so the owner may unmap the memory even while peers are writing to it. The
     /// owner's own transfers from or into the region must have finished.
     pub fn unregister(&self, addr: u64) -> Result<()> {
