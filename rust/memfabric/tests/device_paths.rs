@@ -390,14 +390,14 @@ fn run_hammer(store: &str) {
     println!("INITIATOR OK landed {landed} refused {refused}");
 }
 
-/// Unregistering while a peer writes over tcp: the target's new memory stays untouched and
-/// the target lives.
-fn teardown_under_writes(store: &str) {
+/// Unregistering while a peer writes over `path`: the target's new memory stays untouched
+/// and the target lives.
+fn teardown_under_writes(store: &str, path: &str) {
     let t0 = Instant::now();
     let mut target = Reaped(child("teardown", store, &[]).spawn().unwrap());
     let mut out = BufReader::new(target.0.stdout.take().unwrap());
     let peer = line_with(&mut out, "READY");
-    let mut hammer = child("hammer", store, &[("MF_TRANSPORT", "tcp"), (PEER, &peer)])
+    let mut hammer = child("hammer", store, &[("MF_TRANSPORT", path), (PEER, &peer)])
         .spawn()
         .unwrap();
     let mut hout = BufReader::new(hammer.stdout.take().unwrap());
@@ -407,7 +407,7 @@ fn teardown_under_writes(store: &str) {
     assert_eq!(
         line_with(&mut out, "CANARY"),
         "ok",
-        "a write landed after unregister"
+        "{path}: a write landed after unregister"
     );
     let rest = line_with(&mut hout, "INITIATOR OK");
     assert!(hammer.wait().unwrap().success(), "the writer failed");
@@ -415,7 +415,7 @@ fn teardown_under_writes(store: &str) {
     let status = target.0.wait().unwrap();
     assert!(status.success(), "the target died: {status:?}");
     eprintln!(
-        "teardown under writes: ok ({rest}) in {:.1} s",
+        "teardown under writes over {path}: ok ({rest}) in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
 }
@@ -577,7 +577,9 @@ fn main() {
     for path in ["cma", "tcp"] {
         across_processes(&url, path);
     }
-    teardown_under_writes(&url);
+    for path in ["tcp", "cma"] {
+        teardown_under_writes(&url, path);
+    }
     println!(
         "device paths on the {} backend: local, cma, tcp, teardown under writes ok",
         backend()
