@@ -219,6 +219,14 @@ impl Device for HostDevice {
         })
     }
 
+    fn launch_host_func(&self, stream: StreamHandle, f: Box<dyn FnOnce() + Send>) -> Result<()> {
+        // The stream's worker runs it in order, as a device runs a host function.
+        self.stream(stream)?.submit(move || {
+            f();
+            Ok(())
+        })
+    }
+
     fn stream_create(&self, device: i32) -> Result<StreamHandle> {
         check_device(device)?;
         let s = Arc::new(HostStream::new()?);

@@ -152,3 +152,84 @@ pub fn submit(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::host::HostDevice;
+    use crate::device::Direction;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// On the host backend (whose streams run host functions in order, as devices do): a job
+    /// runs after the work queued before it and before the work queued after it, and a failed
+    /// job is reported by the next submit on that stream, not lost.
+    #[test]
+    fn jobs_run_in_stream_order_and_failures_are_reported() {
+        let host = Arc::new(HostDevice::new());
+        let dev: Arc<dyn Device> = host.clone();
+        let s = dev.stream_create(0).unwrap();
+        let n = 1 << 20;
+        let buf = dev.alloc(0, n).unwrap();
+        let fill = vec![0x5au8; n];
+        // Work before the job: a slow step, then a copy the job must see.
+        dev.launch_host_func(
+            s,
+            Box::new(|| std::thread::sleep(Duration::from_millis(300))),
+        )
+        .unwrap();
+        // SAFETY: `buf` and `fill` outlive the stream synchronize below.
+        unsafe { dev.copy_async(Direction::HostToDevice, buf, fill.as_ptr() as u64, n, s) }
+            .unwrap();
+        let seen = Arc::new(AtomicU64::new(0));
+        let job_seen = seen.clone();
+        submit(
+            &dev,
+            s,
+            Box::new(move || {
+                // SAFETY: `buf` holds `n` bytes until the test frees it after synchronize.
+                let bytes = unsafe { std::slice::from_raw_parts(buf as *const u8, n) };
+                let sum = bytes.iter().map(|&b| b as u64).sum();
+                job_seen.store(sum, Ordering::SeqCst);
+                Ok(())
+            }),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        // The submit did not wait for the stream: the job cannot have run yet.
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            0,
+            "submit waited for the stream"
+        );
+        // Work after the job sees what the job did.
+        let after = seen.clone();
+        let observed = Arc::new(AtomicU64::new(u64::MAX));
+        let o = observed.clone();
+        dev.launch_host_func(
+            s,
+            Box::new(move || o.store(after.load(Ordering::SeqCst), Ordering::SeqCst)),
+        )
+        .unwrap();
+        dev.stream_synchronize(s, Duration::from_secs(10)).unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 0x5a * n as u64);
+        assert_eq!(observed.load(Ordering::SeqCst), 0x5a * n as u64);
+
+        // A failing job: the stream goes on, the next submit returns the error.
+        submit(
+            &dev,
+            s,
+            Box::new(|| Err(Error::OutOfBounds("the bytes were not there".into()))),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        dev.stream_synchronize(s, Duration::from_secs(10)).unwrap();
+        let e = submit(&dev, s, Box::new(|| Ok(())), Duration::from_secs(10)).unwrap_err();
+        assert_eq!(e.code(), Error::OutOfBounds(String::new()).code());
+        assert!(e.to_string().contains("the bytes were not there"), "{e}");
+        // Reported once: the next submit is accepted again.
+        submit(&dev, s, Box::new(|| Ok(())), Duration::from_secs(10)).unwrap();
+        dev.stream_synchronize(s, Duration::from_secs(10)).unwrap();
+        dev.stream_destroy(s).unwrap();
+        dev.free(buf).unwrap();
+    }
+}
