@@ -56,27 +56,26 @@ mooncake_unpack() {
     export MF_BENCH_MOONCAKE_SITE="$dir/site" MF_BENCH_MOONCAKE_LIBS="$dir/lib"
 }
 
+# The executable cargo builds for the memfabric test target named $1 (cargo options follow).
+test_binary() {
+    local name=$1
+    shift
+    cargo test -p memfabric "$@" --no-run --message-format=json 2>/dev/null | python -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$name"
+}
+
 prepare() {
     set -e
     mkdir -p "$DEV"
     . .venv/bin/activate
     maturin develop --release -q
     cp memfabric_hybrid/_native.abi3.so "$DEV/"
-    local bin
-    bin=$(cargo test -p memfabric --lib --no-run --message-format=json 2>/dev/null |
-        python -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "memfabric":
-        print(m["executable"])')
-    cp "$bin" "$DEV/memfabric-tests"
-    bin=$(cargo test --release -p memfabric --test device_paths --no-run --message-format=json 2>/dev/null |
-        python -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "device_paths":
-        print(m["executable"])')
-    cp "$bin" "$DEV/device-paths-tests"
+    cp "$(test_binary memfabric --lib)" "$DEV/memfabric-tests"
+    cp "$(test_binary device_paths --release --test device_paths)" "$DEV/device-paths-tests"
     strip "$DEV/_native.abi3.so" "$DEV/memfabric-tests" "$DEV/device-paths-tests"
     mooncake_bundle || echo "note: Mooncake's CUDA wheel not bundled; the device benchmark will skip it" >&2
     ls -la "$DEV"
