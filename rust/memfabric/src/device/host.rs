@@ -19,7 +19,8 @@ use crate::stream::{Event, HostStream};
 /// trait's `stream_wait_event` has no deadline argument: device streams wait on the device).
 pub const WAIT_EVENT_LIMIT: Duration = Duration::from_secs(600);
 
-const IPC_LEN: usize = 24;
+/// u32 pid, i32 fd, u64 allocation length, u64 offset, u64 inode of the memfd.
+const IPC_LEN: usize = 32;
 
 struct Mapping {
     len: usize,
@@ -65,6 +66,16 @@ fn check_device(device: i32) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+fn inode(fd: i32) -> std::io::Result<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: fstat writes one `stat` into the buffer we own; `fd` is checked by the kernel.
+    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fstat succeeded, so it initialized the structure.
+    Ok(unsafe { st.assume_init() }.st_ino)
 }
 
 fn check_handle(handle: &IpcHandle) -> Result<()> {
@@ -295,11 +306,14 @@ impl Device for HostDevice {
             .and_then(|m| m.fd.as_ref())
             .map(|fd| fd.as_raw_fd())
             .ok_or_else(|| Error::Failed(format!("allocation at {start:#x} has no fd")))?;
+        // The inode tells this allocation from a later one that reuses its fd number.
+        let ino = inode(fd).map_err(|e| Error::io("fstat of a host allocation", e))?;
         let mut bytes = Vec::with_capacity(IPC_LEN);
         bytes.extend_from_slice(&std::process::id().to_le_bytes());
         bytes.extend_from_slice(&fd.to_le_bytes());
         bytes.extend_from_slice(&(len as u64).to_le_bytes());
         bytes.extend_from_slice(&(ptr - start).to_le_bytes());
+        bytes.extend_from_slice(&ino.to_le_bytes());
         Ok(IpcHandle {
             kind: Kind::Host,
             device: 0,
@@ -309,7 +323,7 @@ impl Device for HostDevice {
 
     fn ipc_place(&self, handle: &IpcHandle) -> Result<IpcPlace> {
         check_handle(handle)?;
-        // Layout: u32 pid, i32 fd, u64 allocation length, u64 offset.
+        // Layout: see IPC_LEN.
         let word = |at: usize| {
             let mut w = [0u8; 8];
             w.copy_from_slice(&handle.bytes[at..at + 8]);
@@ -358,10 +372,16 @@ impl Device for HostDevice {
                 }
                 _ => Error::io(format!("open exported memory {path}"), e),
             })?;
-        let size = file
+        let meta = file
             .metadata()
-            .map_err(|e| Error::io(format!("stat {path}"), e))?
-            .len();
+            .map_err(|e| Error::io(format!("stat {path}"), e))?;
+        let ino = u64::from_le_bytes(word(24..32));
+        if std::os::unix::fs::MetadataExt::ino(&meta) != ino {
+            return Err(Error::PeerGone(format!(
+                "{path} is no longer the exported memory (freed, its fd number reused)"
+            )));
+        }
+        let size = meta.len();
         if size < len as u64 {
             return Err(Error::Protocol(format!(
                 "{path} has {size} bytes, the IPC handle says {len}"
@@ -572,5 +592,22 @@ mod tests {
         gone.bytes[4..8].copy_from_slice(&(-5i32).to_le_bytes());
         assert!(importer.ipc_open(&gone, 0).is_err());
         exporter.free(a).unwrap();
+
+        // A handle of freed memory whose fd number now names a new allocation is refused:
+        // the old handle's inode with the new allocation's fd.
+        let b = exporter.alloc(0, n).unwrap();
+        let fresh = exporter.ipc_export(b).unwrap();
+        assert_ne!(
+            fresh.bytes[24..32],
+            h.bytes[24..32],
+            "a new inode per allocation"
+        );
+        let mut stale = fresh.clone();
+        stale.bytes[24..32].copy_from_slice(&h.bytes[24..32]);
+        let e = importer.ipc_open(&stale, 0).unwrap_err();
+        assert!(matches!(e, Error::PeerGone(_)), "{e}");
+        let p = importer.ipc_open(&fresh, 0).unwrap();
+        importer.ipc_close(p).unwrap();
+        exporter.free(b).unwrap();
     }
 }
