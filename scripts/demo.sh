@@ -14,6 +14,9 @@ echo
 echo "== Big Memory: two ranks"
 python examples/bm_two_ranks.py
 echo
+echo "== Big Memory with device memory (HBM parts): two ranks"
+python examples/bm_hbm_parts.py
+echo
 echo "== Share Memory: four ranks"
 python examples/shm_barrier_allgather.py
 echo
