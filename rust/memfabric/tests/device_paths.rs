@@ -539,6 +539,64 @@ fn run_timer(store: &str) {
     println!("INITIATOR OK");
 }
 
+/// Child role (with `MF_TRANSPORT=cma`): a target engine in this process frees and registers
+/// device memory anew, cycle after cycle, while an initiator engine writes into each new
+/// buffer through IPC mappings; every write lands, and the mappings of freed buffers do not
+/// pile up (the initiator lets go of those its peer no longer lists).
+fn run_reregister(store: &str) {
+    let target = engine(store, Role::Decode);
+    let e = engine(store, Role::Prefill);
+    let src = pattern(8, N);
+    e.register(src.as_ptr() as u64, N as u64).unwrap();
+    // Mappings of host-backend device memory in this process (allocations and IPC opens).
+    let mapped = || {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("mf-host-device"))
+            .count()
+    };
+    let mut after_first = 0;
+    for cycle in 0..6 {
+        let buf = DevBuf::new(N, &vec![0u8; N]);
+        target.register(buf.addr, N as u64).unwrap();
+        let peer = target.session_id();
+        e.transfer(
+            peer,
+            Direction::Write,
+            src.as_ptr() as u64,
+            buf.addr,
+            N as u64,
+        )
+        .unwrap();
+        assert_eq!(e.transport_for(peer).unwrap(), "cma");
+        assert!(buf.bytes() == src, "cycle {cycle}: the write did not land");
+        target.unregister(buf.addr).unwrap();
+        drop(buf);
+        if cycle == 0 {
+            after_first = mapped();
+        }
+    }
+    // The next transfer refetches the table and lets the last freed buffer's mapping go; a
+    // mapping is closed once nothing uses it.
+    let buf = DevBuf::new(N, &vec![0u8; N]);
+    target.register(buf.addr, N as u64).unwrap();
+    e.transfer(
+        target.session_id(),
+        Direction::Write,
+        src.as_ptr() as u64,
+        buf.addr,
+        4096,
+    )
+    .unwrap();
+    let now = mapped();
+    assert!(
+        now <= after_first + 1,
+        "mappings of freed peer memory piled up: {after_first} after one cycle, {now} after seven"
+    );
+    println!("INITIATOR OK mappings {after_first} -> {now}");
+}
+
 /// `MF_DEVICE_PATHS_TIMING=1`: figures instead of checks (build with --release).
 fn timing(store: &str) {
     for path in ["cma", "tcp"] {
@@ -562,6 +620,7 @@ fn main() {
             "teardown" => run_teardown_target(&store),
             "hammer" => run_hammer(&store),
             "timer" => run_timer(&store),
+            "reregister" => run_reregister(&store),
             r => panic!("unknown role {r}"),
         }
         return;
@@ -580,8 +639,15 @@ fn main() {
     for path in ["tcp", "cma"] {
         teardown_under_writes(&url, path);
     }
+    let t0 = Instant::now();
+    let mut rereg = child("reregister", &url, &[("MF_TRANSPORT", "cma")]);
+    finish(
+        rereg.spawn().unwrap(),
+        "re-registering under IPC mappings",
+        t0,
+    );
     println!(
-        "device paths on the {} backend: local, cma, tcp, teardown under writes ok",
+        "device paths on the {} backend: local, cma, tcp, teardown under writes, re-registering ok",
         backend()
     );
 }

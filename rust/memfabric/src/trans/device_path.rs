@@ -20,9 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::device::staging::StageBuffer;
-use crate::device::{self, Device, IpcHandle, Kind as DeviceKind};
+use crate::device::{self, Device, IpcHandle, IpcPlace, Kind as DeviceKind};
 use crate::error::{Error, Result};
+use crate::log::WARN;
 use crate::mem::regions::{decode_list, encode_list, RegionTable};
+use crate::mf_log;
 use crate::transport::{CheckedOps, Kind, Op, Transport};
 
 /// Marks the device section after the region list in the published value.
@@ -175,41 +177,72 @@ pub fn check_device_registration(addr: u64, len: u64) -> Option<Result<DeviceReg
 }
 
 /// Peer device memory mapped into this process, one mapping per peer allocation (keyed by
-/// the backend and the handle of the allocation's start).
+/// the backend and the handle of the allocation's start). A mapping is closed once its peer's
+/// table no longer lists the allocation and the last copy using it has ended.
 #[derive(Default)]
 pub struct IpcCache {
-    opened: Mutex<HashMap<(DeviceKind, Vec<u8>), Opened>>,
+    opened: Mutex<HashMap<IpcKey, Arc<Opened>>>,
 }
 
+type IpcKey = (DeviceKind, Vec<u8>);
+
 /// A peer allocation mapped here: the backend that mapped it and the local base address.
-struct Opened {
-    dev: Arc<dyn Device>,
+/// Unmapped when the last holder lets go (the cache, and each copy in flight through it).
+pub(crate) struct Opened {
+    pub(crate) dev: Arc<dyn Device>,
     base: u64,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        let (dev, base) = (self.dev.clone(), self.base);
+        if dev.kind() == DeviceKind::Host {
+            let _ = dev.ipc_close(base);
+            return;
+        }
+        // A driver may wait for every stream when it unmaps, and this may run inside a
+        // transfer ordered on a caller's stream (which waits for it): unmapped elsewhere.
+        let closing = std::thread::Builder::new()
+            .name("mf-ipc-close".into())
+            .spawn(move || dev.ipc_close(base));
+        if let Err(e) = closing {
+            mf_log!(
+                WARN,
+                "peer memory at {base:#x} stays mapped: no thread to unmap it: {e}"
+            );
+        }
+    }
+}
+
+/// The peer region's handle, and where it points, where its backend is present here.
+fn place_of(region: &PeerDeviceRegion) -> Result<(Arc<dyn Device>, IpcPlace)> {
+    let kind = region.kind.name();
+    let dev = device::registry()
+        .get(region.kind)
+        .clone()
+        .map_err(|why| Error::Unsupported(format!("the peer's {kind} memory: {why}")))?;
+    let handle = IpcHandle {
+        kind: region.kind,
+        device: region.device,
+        bytes: region.ipc.clone(),
+    };
+    let place = dev.ipc_place(&handle)?;
+    Ok((dev, place))
 }
 
 impl IpcCache {
     /// This process's address for `remote`, inside the peer's device region `region` that
-    /// starts at `start`, and the backend that mapped it.
+    /// starts at `start`, and the mapping it lies in (hold it while copying).
     pub(crate) fn map(
         &self,
         region: &PeerDeviceRegion,
         start: u64,
         remote: u64,
-    ) -> Result<(u64, Arc<dyn Device>)> {
+    ) -> Result<(u64, Arc<Opened>)> {
         let kind = region.kind.name();
-        let dev = device::registry().get(region.kind).clone().map_err(|why| {
-            Error::Unsupported(format!(
-                "the peer's region at {start:#x} is {kind} memory, but {why}"
-            ))
-        })?;
-        let handle = IpcHandle {
-            kind: region.kind,
-            device: region.device,
-            bytes: region.ipc.clone(),
-        };
         // Opened at the allocation's start so that every region of one allocation shares the
         // mapping: a driver maps an allocation once per process.
-        let place = dev.ipc_place(&handle).map_err(|e| {
+        let (dev, place) = place_of(region).map_err(|e| {
             Error::Unsupported(format!(
                 "the peer's {kind} region at {start:#x} was published without an IPC handle \
                  this host can open ({}); use the tcp path (MF_TRANSPORT=tcp)",
@@ -230,35 +263,46 @@ impl IpcCache {
         }
         let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
         let key = (region.kind, place.whole.bytes);
-        let base = match opened.get(&key) {
-            Some(o) => o.base,
+        let mapping = match opened.get(&key) {
+            Some(o) => o.clone(),
             None => {
                 let whole = IpcHandle {
                     kind: region.kind,
                     device: region.device,
                     bytes: key.1.clone(),
                 };
-                let b = dev.ipc_open(&whole, region.device)?;
-                opened.insert(
-                    key,
-                    Opened {
-                        dev: dev.clone(),
-                        base: b,
-                    },
-                );
-                b
+                let base = dev.ipc_open(&whole, region.device)?;
+                let o = Arc::new(Opened { dev, base });
+                opened.insert(key, o.clone());
+                o
             }
         };
-        Ok((base + place.offset + (remote - start), dev))
+        Ok((mapping.base + place.offset + (remote - start), mapping))
     }
-}
 
-impl Drop for IpcCache {
-    fn drop(&mut self) {
-        let opened = std::mem::take(&mut *self.opened.lock().unwrap_or_else(|p| p.into_inner()));
-        for o in opened.into_values() {
-            let _ = o.dev.ipc_close(o.base);
+    /// Lets go of the mappings of allocations that `old` listed and `fresh` (the same peer's
+    /// newer table) does not: the peer unregistered every region of them, and perhaps freed
+    /// them. Copies still running through one keep it until they end.
+    pub(crate) fn forget_missing(&self, old: &PeerTable, fresh: &PeerTable) {
+        let key_of = |r: &PeerDeviceRegion| place_of(r).ok().map(|(_, p)| (r.kind, p.whole.bytes));
+        let gone: Vec<IpcKey> = {
+            let keep: std::collections::HashSet<IpcKey> =
+                fresh.device.values().filter_map(key_of).collect();
+            old.device
+                .values()
+                .filter_map(key_of)
+                .filter(|k| !keep.contains(k))
+                .collect()
+        };
+        if gone.is_empty() {
+            return;
         }
+        let dropped: Vec<Arc<Opened>> = {
+            let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+            gone.iter().filter_map(|k| opened.remove(k)).collect()
+        };
+        // Unmapped here, outside the lock, unless a copy still holds one.
+        drop(dropped);
     }
 }
 
@@ -345,19 +389,21 @@ fn move_one(
             } else {
                 (op.local, op.remote)
             };
-            Some((op.remote, device_for(dst, src)?))
+            Some((op.remote, device_for(dst, src)?, None))
         }
         (Kind::Cma, Some(start)) => {
             let region = peer.device.get(&start).ok_or_else(|| {
                 Error::Protocol(format!("peer region {start:#x} has no device entry"))
             })?;
-            let (r, mapped_by) = ipc.map(region, start, op.remote)?;
+            let (r, mapping) = ipc.map(region, start, op.remote)?;
             let here = device::memory_of(op.local).map(|(d, _)| d);
-            Some((r, copier(here, mapped_by)?))
+            let dev = copier(here, mapping.dev.clone())?;
+            Some((r, dev, Some(mapping)))
         }
         _ => None,
     };
-    if let Some((r, dev)) = remote_here {
+    // `_mapping` keeps a peer's mapped allocation mapped until the copy has ended.
+    if let Some((r, dev, _mapping)) = remote_here {
         let (dst, src) = if write { (r, op.local) } else { (op.local, r) };
         // SAFETY: the local side lies in a region this engine registered (checked), the
         // remote side in one the peer registered (checked against its published table) and

@@ -521,8 +521,14 @@ impl TransferEngine {
             }
         }
         let fresh = Arc::new(self.fetch_table(dest)?);
-        let mut t = peer.table.write().unwrap_or_else(|p| p.into_inner());
-        *t = (gen.unwrap_or(0), fresh.clone());
+        let old = {
+            let mut t = peer.table.write().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *t, (gen.unwrap_or(0), fresh.clone())).1
+        };
+        if peer.kind == Kind::Cma {
+            // Allocations the peer no longer lists are not kept mapped here.
+            self.opened.forget_missing(&old, &fresh);
+        }
         Ok(fresh)
     }
 
