@@ -69,6 +69,18 @@ def run_ranks(target, world: int, args_of, timeout: float = 120.0) -> list:
     return sorted(results)
 
 
+def join_bm(url: str, world: int, rank: int) -> None:
+    """In a rank process: ``bm.initialize`` as rank ``rank`` of ``world`` on the store at ``url``
+    (started elsewhere), data paths on loopback."""
+    import memfabric_hybrid as m
+
+    cfg = m.bm.BmConfig()
+    cfg.rank_id = rank
+    cfg.start_store = False
+    cfg.set_nic("lo")
+    assert m.bm.initialize(url, world, 0, cfg) == 0, m.get_last_err_msg()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ import os
 import pytest
 
 import memfabric_hybrid as mf
-from conftest import run_ranks
+from conftest import join_bm, run_ranks
 
 MiB = 1 << 20
 
@@ -237,11 +237,7 @@ def _bm_rank(url: str, world: int, rank: int, transport: str, q) -> None:
     import memfabric_hybrid as m
 
     try:
-        cfg = m.bm.BmConfig()
-        cfg.rank_id = rank
-        cfg.start_store = False
-        cfg.set_nic("lo")
-        assert m.bm.initialize(url, world, 0, cfg) == 0, m.get_last_err_msg()
+        join_bm(url, world, rank)
         n = 4 * MiB
         big = m.bm.create(0, 2 * MiB, local_hbm_size=n)
         peer = (rank + 1) % world

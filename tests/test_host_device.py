@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import memfabric_hybrid as mf
-from conftest import NO_ASCEND, NO_CUDA, run_child, run_ranks
+from conftest import NO_ASCEND, NO_CUDA, join_bm, run_child, run_ranks
 
 MiB = 1 << 20
 
@@ -70,11 +70,7 @@ def _bm_rank(url: str, world: int, rank: int, transport: str, q) -> None:
 
     T = m.bm.BmCopyType
     try:
-        cfg = m.bm.BmConfig()
-        cfg.rank_id = rank
-        cfg.start_store = False
-        cfg.set_nic("lo")
-        assert m.bm.initialize(url, world, 0, cfg) == 0, m.get_last_err_msg()
+        join_bm(url, world, rank)
         # Three staging chunks and a ragged tail per half.
         half = 8 * MiB + 4097
         n = 2 * half
