@@ -298,12 +298,14 @@ fn run_initiator(store: &str) {
     println!("INITIATOR OK");
 }
 
-/// Child role: a target that unregisters and frees its buffers while an initiator writes into
-/// them, puts new memory in their place (likely at the same addresses), and checks that no
-/// write reached it: `unregister` waits for the data server's copies into the region, and
-/// none starts after it. Prints `READY session dev host`, waits for `GO`, prints `CANARY ok`.
+/// Child role: a target that unregisters its buffers while an initiator writes into them,
+/// then reuses them at once: the host buffer is refilled in place, the device buffer is freed
+/// and new memory put in its place (likely at the same address). It checks that no write
+/// reached either: `unregister` waits for the data server's copies into the region and for
+/// same-host peers' copies in flight, and none starts after it. Prints `READY session dev
+/// host`, waits for `GO`, prints `CANARY ok`.
 fn run_teardown_target(store: &str) {
-    let (e, b) = serve_buffers(store);
+    let (e, mut b) = serve_buffers(store);
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "GO");
@@ -312,20 +314,29 @@ fn run_teardown_target(store: &str) {
     let (dev_at, host_at) = (b.dev.addr, b.host.as_ptr() as u64);
     e.unregister(dev_at).unwrap();
     e.unregister(host_at).unwrap();
-    drop(b);
+    b.host.fill(0xab);
+    drop(b.dev);
     let dev = DevBuf::new(N, &vec![0xcd; N]);
-    let host = vec![0xabu8; N];
     eprintln!(
-        "teardown: new memory {} the old addresses",
-        if dev.addr == dev_at || host.as_ptr() as u64 == host_at {
+        "teardown: new device memory {} the old address",
+        if dev.addr == dev_at {
             "reuses"
         } else {
             "avoids"
         }
     );
     std::thread::sleep(Duration::from_millis(400));
-    let intact = dev.bytes().iter().all(|&x| x == 0xcd) && host.iter().all(|&x| x == 0xab);
-    println!("CANARY {}", if intact { "ok" } else { "overwritten" });
+    let host_intact = b.host.iter().all(|&x| x == 0xab);
+    let dev_intact = dev.bytes().iter().all(|&x| x == 0xcd);
+    println!(
+        "CANARY {}",
+        match (dev_intact, host_intact) {
+            (true, true) => "ok",
+            (false, true) => "device overwritten",
+            (true, false) => "host overwritten",
+            (false, false) => "device and host overwritten",
+        }
+    );
     std::io::stdout().flush().unwrap();
     let mut rest = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut rest);

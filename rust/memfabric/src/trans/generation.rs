@@ -1,33 +1,92 @@
-//! A registration generation counter that same-host peers read without a round trip.
+//! The page same-host peers share with an engine: its registration generation, and the copies
+//! they have in flight into its memory.
 //!
-//! Same-host paths (cma) copy into a peer without asking it, so the initiator must know the
-//! peer's registered regions. It caches the table the peer published in the store; the peer
-//! bumps this counter every time it unregisters memory, after publishing the new table. The
-//! initiator reads the counter (one load from a shared page) before each transfer and refetches
-//! the table when it moved, so a cached table never outlives an unregistration that finished
-//! before the transfer started.
+//! Same-host paths (local, cma) copy into a peer without asking it, so the initiator must know
+//! the peer's registered regions, and the peer must know when the initiator's copies are done.
+//! The initiator caches the table the peer published in the store. The peer bumps the
+//! generation every time it unregisters memory, after publishing the new table, and then waits
+//! until every copy that started under the old generation has finished ([`GenerationPage::retire`]).
+//! The initiator pins the generation for the length of each transfer ([`GenerationView::pin`]):
+//! it counts itself in, reads the generation again, and refetches the table when it moved. So a
+//! copy either sees the table without the region, or finishes before `unregister` returns;
+//! afterwards the owner may free or reuse the memory at once.
 //!
-//! The counter lives on a memfd page; a peer maps it read-only through `/proc/<pid>/fd/<fd>`,
-//! which needs the same permission as CMA itself.
+//! Each initiator process counts its copies in a slot of its own (tagged with its pid), with a
+//! counter per generation parity: copies started under the new generation use the other
+//! counter, so a steady stream of transfers cannot hold an unregister up, and a slot whose
+//! process died is ignored (and may be taken over).
+//!
+//! The page is a memfd; a peer maps it through `/proc/<pid>/fd/<fd>`, which needs the same
+//! permission as CMA itself. Its contents are written by other processes, so the owner trusts
+//! nothing it reads there beyond waiting a bounded time.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
 const PAGE: usize = 4096;
+/// The generation sits alone in the first cache line; the slots follow.
+const SLOTS_AT: usize = 64;
 
-/// The owner's side: a writable shared page holding the counter.
-pub struct GenerationPage {
-    fd: OwnedFd,
+/// One initiator process's copies in flight into the page's owner.
+#[repr(C)]
+struct Slot {
+    /// The pid of the process that holds the slot; 0 when free.
+    pid: AtomicU64,
+    /// Copies in flight, by the parity of the generation they started under.
+    active: [AtomicU64; 2],
+    _pad: u64,
+}
+
+const SLOTS: usize = (PAGE - SLOTS_AT) / std::mem::size_of::<Slot>();
+
+/// The shared page, seen through a mapping of `PAGE` bytes.
+struct Shared {
     map: *mut libc::c_void,
 }
 
-// SAFETY: the mapping is only accessed through the AtomicU64 at its start; atomics are safe to
-// share between threads, and the mapping lives as long as the struct.
-unsafe impl Send for GenerationPage {}
+// SAFETY: the mapping is only accessed through atomics; atomics are safe to share between
+// threads, and the mapping lives as long as the struct.
+unsafe impl Send for Shared {}
 // SAFETY: as above.
-unsafe impl Sync for GenerationPage {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn map(fd: i32, prot: i32) -> Result<Shared> {
+        let map = crate::mem::map_shared(fd, PAGE, prot)
+            .map_err(|e| Error::io("mmap of the generation page", e))?;
+        Ok(Shared { map })
+    }
+
+    fn generation(&self) -> &AtomicU64 {
+        // SAFETY: the mapping is PAGE bytes, page-aligned (so aligned for u64), zero-filled by
+        // the kernel, and lives as long as self; every access to it is atomic.
+        unsafe { &*(self.map as *const AtomicU64) }
+    }
+
+    fn slots(&self) -> &[Slot] {
+        // SAFETY: SLOTS slots of 32 bytes fit in the page after SLOTS_AT, 8-byte aligned; a
+        // Slot is atomics only (any bit pattern is valid), accessed atomically.
+        unsafe {
+            std::slice::from_raw_parts((self.map as *const u8).add(SLOTS_AT) as *const Slot, SLOTS)
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping we created, exactly once.
+        unsafe { libc::munmap(self.map, PAGE) };
+    }
+}
+
+/// The owner's side: the engine whose memory same-host peers copy into.
+pub struct GenerationPage {
+    fd: OwnedFd,
+    page: Shared,
+}
 
 impl GenerationPage {
     pub fn create() -> Result<Self> {
@@ -49,8 +108,8 @@ impl GenerationPage {
                 std::io::Error::last_os_error(),
             ));
         }
-        let map = map_shared(fd.as_raw_fd(), libc::PROT_READ | libc::PROT_WRITE)?;
-        Ok(GenerationPage { fd, map })
+        let page = Shared::map(fd.as_raw_fd(), libc::PROT_READ | libc::PROT_WRITE)?;
+        Ok(GenerationPage { fd, page })
     }
 
     /// The fd number peers open as `/proc/<pid>/fd/<n>`.
@@ -58,89 +117,303 @@ impl GenerationPage {
         self.fd.as_raw_fd()
     }
 
-    fn counter(&self) -> &AtomicU64 {
-        // SAFETY: the mapping is PAGE bytes, page-aligned (so aligned for u64), zero-filled by
-        // the kernel, and lives as long as self.
-        unsafe { &*(self.map as *const AtomicU64) }
-    }
-
     pub fn get(&self) -> u64 {
-        self.counter().load(Ordering::Acquire)
+        self.page.generation().load(Ordering::SeqCst)
     }
 
-    /// Announces that regions were removed (after the new table is published).
-    pub fn bump(&self) {
-        self.counter().fetch_add(1, Ordering::AcqRel);
+    /// Announces that regions were removed (call it after the new table is published) and
+    /// waits until no same-host peer has a copy in flight that started before: when it returns
+    /// `Ok`, no copy of a peer reaches memory that is not in the published table. Copies that
+    /// start later pin the new generation and see the new table.
+    pub fn retire(&self, deadline: Instant) -> Result<()> {
+        // SeqCst here and in `pin`: either the peer's count-in is seen below, or the peer sees
+        // the new generation after counting itself in (and backs off).
+        let old = self.page.generation().fetch_add(1, Ordering::SeqCst);
+        let parity = (old & 1) as usize;
+        for slot in self.page.slots() {
+            let mut pause = Pause::default();
+            loop {
+                let pid = slot.pid.load(Ordering::SeqCst);
+                if pid == 0 || slot.active[parity].load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                if !process_alive(pid) {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(Error::Timeout(format!(
+                        "a same-host peer (pid {pid}) still had a copy into this engine's memory \
+                         in flight when the deadline passed; the region is unregistered (no new \
+                         copy reaches it) but that copy may still land"
+                    )));
+                }
+                pause.wait();
+            }
+        }
+        Ok(())
     }
 }
 
-impl Drop for GenerationPage {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping we created, exactly once.
-        unsafe { libc::munmap(self.map, PAGE) };
-    }
-}
-
-/// A peer's counter, mapped read-only.
+/// A peer's page, mapped read-write to count this process's copies in.
 pub struct GenerationView {
-    map: *mut libc::c_void,
+    page: Shared,
+    /// This view's slot in the peer's page.
+    slot: usize,
 }
-
-// SAFETY: read-only atomic loads from a mapping owned by this struct.
-unsafe impl Send for GenerationView {}
-// SAFETY: as above.
-unsafe impl Sync for GenerationView {}
 
 impl GenerationView {
-    /// Maps the counter of process `pid` published as fd `fd`.
+    /// Maps the page of process `pid` published as fd `fd` and takes a slot in it for this
+    /// process's copies. `NoResources` when every slot is held by a live process.
     pub fn open(pid: u32, fd: i32) -> Result<Self> {
         let path = format!("/proc/{pid}/fd/{fd}");
-        let file = std::fs::File::open(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                Error::PeerGone(format!("{path} does not exist: the peer process is gone"))
-            }
-            std::io::ErrorKind::PermissionDenied => {
-                Error::Refused(format!("cannot open {path}: {e}"))
-            }
-            _ => Error::io(format!("open {path}"), e),
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    Error::PeerGone(format!("{path} does not exist: the peer process is gone"))
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    Error::Refused(format!("cannot open {path}: {e}"))
+                }
+                _ => Error::io(format!("open {path}"), e),
+            })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {path}"), e))?;
+        if meta.len() < PAGE as u64 {
+            return Err(Error::Refused(format!(
+                "{path} is {} bytes, not a generation page",
+                meta.len()
+            )));
+        }
+        let page = Shared::map(file.as_raw_fd(), libc::PROT_READ | libc::PROT_WRITE)?;
+        let slot = take_slot(page.slots()).ok_or_else(|| {
+            Error::NoResources(format!(
+                "all {SLOTS} slots for same-host peers of process {pid} are taken by live processes"
+            ))
         })?;
-        let map = map_shared(file.as_raw_fd(), libc::PROT_READ)?;
-        Ok(GenerationView { map })
+        Ok(GenerationView { page, slot })
     }
 
     pub fn get(&self) -> u64 {
-        // SAFETY: see GenerationPage::counter; this mapping is PAGE bytes and read-only.
-        unsafe { &*(self.map as *const AtomicU64) }.load(Ordering::Acquire)
+        self.page.generation().load(Ordering::SeqCst)
+    }
+
+    /// Counts one transfer of this process in under the current generation, which stays
+    /// current for the owner's purposes until the pin is dropped: an unregister that bumps it
+    /// waits for the pin. Gives up at `deadline` (only reached while the owner keeps bumping).
+    pub fn pin(&self, deadline: Instant) -> Result<Pin<'_>> {
+        let slot = &self.page.slots()[self.slot];
+        let mut pause = Pause::default();
+        loop {
+            let generation = self.get();
+            let active = &slot.active[(generation & 1) as usize];
+            active.fetch_add(1, Ordering::SeqCst);
+            if self.get() == generation {
+                return Ok(Pin { active, generation });
+            }
+            active.fetch_sub(1, Ordering::SeqCst);
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(
+                    "the peer's registration generation kept moving".into(),
+                ));
+            }
+            pause.wait();
+        }
     }
 }
 
 impl Drop for GenerationView {
     fn drop(&mut self) {
-        // SAFETY: unmapping the mapping we created, exactly once.
-        unsafe { libc::munmap(self.map, PAGE) };
+        // Every pin borrowed this view, so none is left: the slot's counts are zero.
+        let _ = self.page.slots()[self.slot].pid.compare_exchange(
+            u64::from(std::process::id()),
+            0,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
     }
 }
 
-fn map_shared(fd: i32, prot: i32) -> Result<*mut libc::c_void> {
-    crate::mem::map_shared(fd, PAGE, prot).map_err(|e| Error::io("mmap of the generation page", e))
+/// One transfer counted in at a generation; counted out on drop, after its copies returned.
+pub struct Pin<'a> {
+    active: &'a AtomicU64,
+    generation: u64,
+}
+
+impl Pin<'_> {
+    /// The generation the transfer runs under: its table must be at least this new.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A free slot, else one whose process is gone; its counts start at zero.
+fn take_slot(slots: &[Slot]) -> Option<usize> {
+    let me = u64::from(std::process::id());
+    let take = |i: usize, was: u64| {
+        let s = &slots[i];
+        if s.pid
+            .compare_exchange(was, me, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return false;
+        }
+        s.active[0].store(0, Ordering::SeqCst);
+        s.active[1].store(0, Ordering::SeqCst);
+        true
+    };
+    if let Some(i) = (0..SLOTS).find(|&i| slots[i].pid.load(Ordering::SeqCst) == 0 && take(i, 0)) {
+        return Some(i);
+    }
+    (0..SLOTS).find(|&i| {
+        let pid = slots[i].pid.load(Ordering::SeqCst);
+        pid != me && !process_alive(pid) && take(i, pid)
+    })
+}
+
+/// Whether `pid` names a running process (a zombie's copies are over). Values no process can
+/// have (0 would address a process group) count as gone.
+fn process_alive(pid: u64) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    let exists = unsafe { libc::kill(pid, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    exists && !is_zombie(pid)
+}
+
+fn is_zombie(pid: libc::pid_t) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // The state follows the command name, which is in parentheses and may hold anything.
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].trim_start().chars().next())
+        .is_none_or(|state| matches!(state, 'Z' | 'X'))
+}
+
+/// Spins briefly, then sleeps longer and longer (up to 1 ms): copies in flight usually end
+/// within microseconds, and a long one should not burn a core.
+#[derive(Default)]
+struct Pause {
+    rounds: u32,
+}
+
+impl Pause {
+    fn wait(&mut self) {
+        self.rounds += 1;
+        if self.rounds < 64 {
+            std::hint::spin_loop();
+        } else if self.rounds < 128 {
+            std::thread::yield_now();
+        } else {
+            let us = 10u64 << (self.rounds - 128).min(7);
+            std::thread::sleep(Duration::from_micros(us.min(1000)));
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
     #[test]
     fn a_view_sees_bumps() {
         let page = GenerationPage::create().unwrap();
         let view = GenerationView::open(std::process::id(), page.fd()).unwrap();
         assert_eq!(view.get(), 0);
-        page.bump();
-        page.bump();
+        page.retire(far()).unwrap();
+        page.retire(far()).unwrap();
         assert_eq!(view.get(), 2);
         assert_eq!(page.get(), 2);
         assert!(matches!(
             GenerationView::open(std::process::id(), 987_654),
             Err(Error::PeerGone(_))
         ));
+    }
+
+    #[test]
+    fn retire_waits_for_pins_of_the_old_generation_only() {
+        let page = GenerationPage::create().unwrap();
+        let view = GenerationView::open(std::process::id(), page.fd()).unwrap();
+        let old = view.pin(far()).unwrap();
+        assert_eq!(old.generation(), 0);
+        // Held: retire gives up at its deadline, having bumped the generation.
+        let t0 = Instant::now();
+        let e = page.retire(t0 + Duration::from_millis(50)).unwrap_err();
+        assert!(matches!(e, Error::Timeout(_)), "{e}");
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        // A pin taken now is under the new generation: the next retire waits for it.
+        let new = view.pin(far()).unwrap();
+        assert_eq!(new.generation(), 1);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let t = Instant::now();
+                page.retire(far()).map(|_| t.elapsed())
+            });
+            std::thread::sleep(Duration::from_millis(30));
+            drop(new);
+            let waited = waiter.join().unwrap().unwrap();
+            assert!(waited >= Duration::from_millis(25), "{waited:?}");
+        });
+        drop(old);
+        // Generation 2 now; nothing pinned under 2.
+        page.retire(far()).unwrap();
+    }
+
+    #[test]
+    fn slots_of_dead_processes_are_ignored_and_taken_over() {
+        let page = GenerationPage::create().unwrap();
+        let slots = page.page.slots();
+        // A process that no longer exists, with a copy counted in under generation 0.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = u64::from(child.id());
+        child.wait().unwrap();
+        for s in slots {
+            s.pid.store(dead, Ordering::SeqCst);
+            s.active[0].store(1, Ordering::SeqCst);
+        }
+        page.retire(Instant::now() + Duration::from_millis(500))
+            .expect("a dead process's count is not waited for");
+        let view = GenerationView::open(std::process::id(), page.fd()).unwrap();
+        assert_eq!(
+            slots[view.slot].active[0].load(Ordering::SeqCst),
+            0,
+            "a slot taken over starts at zero"
+        );
+        drop(view);
+        // Every slot held by a live process: no room.
+        for s in slots {
+            s.pid.store(1, Ordering::SeqCst);
+        }
+        assert!(matches!(
+            GenerationView::open(std::process::id(), page.fd()),
+            Err(Error::NoResources(_))
+        ));
+    }
+
+    #[test]
+    fn values_no_process_has_are_not_alive() {
+        assert!(!process_alive(0));
+        assert!(!process_alive(u64::MAX));
+        assert!(!process_alive(1 << 40));
+        assert!(process_alive(u64::from(std::process::id())));
     }
 }

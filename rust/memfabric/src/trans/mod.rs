@@ -399,10 +399,12 @@ impl TransferEngine {
         self.regions.unregister(addr)?;
         self.lock_ipc().remove(&addr);
         let published = self.publish_regions();
-        // Bump even if publishing failed: same-host peers then refetch, and a failed refetch
+        // Retire even if publishing failed: same-host peers then refetch, and a failed refetch
         // fails their transfer instead of using the old table.
-        self.generation.bump();
-        published
+        let retired = self
+            .generation
+            .retire(Instant::now() + self.transfer_timeout);
+        published.and(retired)
     }
 
     fn publish_regions(&self) -> Result<()> {
@@ -506,14 +508,15 @@ impl TransferEngine {
         device_path::decode_published(&raw)
     }
 
-    /// The peer's table, refetched first when its generation moved (same-host peers).
+    /// The peer's table, refetched first when it is older than generation `gen` (same-host
+    /// peers: the generation a transfer pinned, or the current one).
     fn current_table(
         &self,
         dest: &str,
         peer: &Peer,
+        gen: Option<u64>,
         force_refresh: bool,
     ) -> Result<Arc<PeerTable>> {
-        let gen = peer.generation.as_ref().map(|g| g.get());
         {
             let t = peer.table.read().unwrap_or_else(|p| p.into_inner());
             if !force_refresh && gen.is_none_or(|g| g == t.0) {
@@ -540,7 +543,8 @@ impl TransferEngine {
         let deadline = Instant::now() + self.transfer_timeout;
         crate::store::within(deadline, || {
             let peer = self.peer(dest)?;
-            let table = self.current_table(dest, &peer, false)?;
+            let gen = peer.generation.as_ref().map(|g| g.get());
+            let table = self.current_table(dest, &peer, gen, false)?;
             if peer.kind == Kind::Cma {
                 for (start, region) in &table.device {
                     self.opened.map(region, *start, *start)?;
@@ -636,13 +640,20 @@ impl TransferEngine {
         ops: Vec<Op>,
         deadline: Instant,
     ) -> Result<()> {
-        let table = self.current_table(dest, peer, false)?;
+        // Same-host peers: counted in with the peer until the copies below have returned, so
+        // its unregister waits for them (see `generation`).
+        let pin = match &peer.generation {
+            Some(view) => Some(view.pin(deadline)?),
+            None => None,
+        };
+        let gen = pin.as_ref().map(|p| p.generation());
+        let table = self.current_table(dest, peer, gen, false)?;
         let (checked, table) =
             match CheckedOps::new(ops.clone(), &self.regions, Some(&table.regions)) {
                 Ok(c) => (c, table),
                 Err(first) => {
                     // The cached table may predate a registration: refetch once before refusing.
-                    let fresh = self.current_table(dest, peer, true)?;
+                    let fresh = self.current_table(dest, peer, gen, true)?;
                     let c = CheckedOps::new(ops, &self.regions, Some(&fresh.regions))
                         .map_err(|_| first)?;
                     (c, fresh)
@@ -675,6 +686,7 @@ impl TransferEngine {
         } else {
             run(&checked)
         };
+        drop(pin);
         moved.map_err(|e| match e {
             Error::Timeout(m) => Error::Timeout(format!(
                 "transfer to {dest} ({}, pid {}): {m}",
@@ -697,6 +709,11 @@ impl Drop for TransferEngine {
             .is_ok()
         {
             let _ = self.store.delete_within(&regions_key(&self.session), limit);
+        }
+        // Same-host peers' copies in flight end before the owner may free its memory; later
+        // ones see the generation move, look the engine up and find it gone.
+        if let Err(e) = self.generation.retire(Instant::now() + limit) {
+            mf_log!(WARN, "transfer engine {} stopping: {e}", self.session);
         }
         mf_log!(INFO, "transfer engine {} stopped", self.session);
     }
