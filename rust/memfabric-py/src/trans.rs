@@ -352,8 +352,12 @@ impl TransferEngine {
         Ok(rc)
     }
 
-    /// Unregister the region starting at ``buffer_addr`` (an int or the registered object);
-    /// peers see it gone when this returns, and the object is no longer kept alive.
+    /// Unregister the region starting at ``buffer_addr`` (an int or the registered object).
+    /// When it returns 0, peers see the region gone and no copy of theirs reaches it any more
+    /// (those in flight have finished): the memory may be freed or reused at once, and the
+    /// object is no longer kept alive. ``SMEM_TIMEOUT`` when a same-host peer's copy was still
+    /// running at ``transfer_timeout``: the region is unregistered, but the object stays alive
+    /// with the engine since that copy may still land.
     fn unregister_memory(&self, py: Python<'_>, buffer_addr: &Bound<'_, PyAny>) -> PyResult<i32> {
         let addr = buffers::resolve(buffer_addr, false)?.addr;
         let rc = self.run(py, move |e| e.unregister(addr));
