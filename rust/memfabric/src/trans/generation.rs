@@ -21,7 +21,7 @@
 //! nothing it reads there beyond waiting a bounded time.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -86,6 +86,9 @@ impl Drop for Shared {
 pub struct GenerationPage {
     fd: OwnedFd,
     page: Shared,
+    /// A retire gave up before the copies it waited for ended: they may run under either
+    /// parity now, so the next retire waits for both.
+    unfinished: AtomicBool,
 }
 
 impl GenerationPage {
@@ -109,7 +112,11 @@ impl GenerationPage {
             ));
         }
         let page = Shared::map(fd.as_raw_fd(), libc::PROT_READ | libc::PROT_WRITE)?;
-        Ok(GenerationPage { fd, page })
+        Ok(GenerationPage {
+            fd,
+            page,
+            unfinished: AtomicBool::new(false),
+        })
     }
 
     /// The fd number peers open as `/proc/<pid>/fd/<n>`.
@@ -124,8 +131,26 @@ impl GenerationPage {
     /// Announces that regions were removed (call it after the new table is published) and
     /// waits until no same-host peer has a copy in flight that started before: when it returns
     /// `Ok`, no copy of a peer reaches memory that is not in the published table. Copies that
-    /// start later pin the new generation and see the new table.
+    /// start later pin the new generation and see the new table. After a retire that timed
+    /// out, the next one waits for copies under both parities (two rounds), so it covers the
+    /// copies the earlier one gave up on.
     pub fn retire(&self, deadline: Instant) -> Result<()> {
+        let rounds = if self.unfinished.load(Ordering::SeqCst) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..rounds {
+            if let Err(e) = self.retire_once(deadline) {
+                self.unfinished.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+        self.unfinished.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn retire_once(&self, deadline: Instant) -> Result<()> {
         // SeqCst here and in `pin`: either the peer's count-in is seen below, or the peer sees
         // the new generation after counting itself in (and backs off).
         let old = self.page.generation().fetch_add(1, Ordering::SeqCst);
@@ -144,7 +169,8 @@ impl GenerationPage {
                     return Err(Error::Timeout(format!(
                         "a same-host peer (pid {pid}) still had a copy into this engine's memory \
                          in flight when the deadline passed; the region is unregistered (no new \
-                         copy reaches it) but that copy may still land"
+                         copy reaches it) but that copy may still land: unregister it again to \
+                         wait for it"
                     )));
                 }
                 pause.wait();
@@ -349,33 +375,71 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn retire_waits_for_pins_of_the_old_generation_only() {
-        let page = GenerationPage::create().unwrap();
-        let view = GenerationView::open(std::process::id(), page.fd()).unwrap();
-        let old = view.pin(far()).unwrap();
-        assert_eq!(old.generation(), 0);
-        // Held: retire gives up at its deadline, having bumped the generation.
-        let t0 = Instant::now();
-        let e = page.retire(t0 + Duration::from_millis(50)).unwrap_err();
-        assert!(matches!(e, Error::Timeout(_)), "{e}");
-        assert!(t0.elapsed() >= Duration::from_millis(50));
-        // A pin taken now is under the new generation: the next retire waits for it.
-        let new = view.pin(far()).unwrap();
-        assert_eq!(new.generation(), 1);
+    /// Runs `retire` on another thread, drops `pins` one by one 30 ms apart meanwhile, and
+    /// returns how long the retire took.
+    fn retire_while_dropping(page: &GenerationPage, pins: Vec<Pin<'_>>) -> Duration {
         std::thread::scope(|s| {
             let waiter = s.spawn(|| {
                 let t = Instant::now();
                 page.retire(far()).map(|_| t.elapsed())
             });
-            std::thread::sleep(Duration::from_millis(30));
-            drop(new);
-            let waited = waiter.join().unwrap().unwrap();
-            assert!(waited >= Duration::from_millis(25), "{waited:?}");
+            for pin in pins {
+                std::thread::sleep(Duration::from_millis(30));
+                drop(pin);
+            }
+            waiter.join().unwrap().unwrap()
+        })
+    }
+
+    #[test]
+    fn retire_waits_for_the_pins_of_the_old_generation() {
+        let page = GenerationPage::create().unwrap();
+        let view = GenerationView::open(std::process::id(), page.fd()).unwrap();
+        let p0 = view.pin(far()).unwrap();
+        assert_eq!(p0.generation(), 0);
+        let waited = retire_while_dropping(&page, vec![p0]);
+        assert!(waited >= Duration::from_millis(25), "{waited:?}");
+        assert_eq!(page.get(), 1);
+        // Held at generation 1 while a retire bumps to 2: a pin taken meanwhile is under 2 and
+        // does not hold that retire up (a steady stream of transfers cannot starve it).
+        let p1 = view.pin(far()).unwrap();
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| page.retire(far()));
+            while page.get() != 2 {
+                std::hint::spin_loop();
+            }
+            let p2 = view.pin(far()).unwrap();
+            assert_eq!(p2.generation(), 2);
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(
+                !waiter.is_finished(),
+                "retire returned with a pin of its generation"
+            );
+            drop(p1);
+            waiter.join().unwrap().unwrap();
+            drop(p2);
         });
-        drop(old);
-        // Generation 2 now; nothing pinned under 2.
+    }
+
+    #[test]
+    fn after_a_retire_gave_up_the_next_one_waits_for_both_parities() {
+        let page = GenerationPage::create().unwrap();
+        let view = GenerationView::open(std::process::id(), page.fd()).unwrap();
+        let stuck = view.pin(far()).unwrap();
+        let t0 = Instant::now();
+        let e = page.retire(t0 + Duration::from_millis(50)).unwrap_err();
+        assert!(matches!(e, Error::Timeout(_)), "{e}");
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        assert_eq!(page.get(), 1);
+        // Generation 0's copy is still running, and one under generation 1 started since: the
+        // next retire waits for both, though the first is of the parity it would not wait for.
+        let later = view.pin(far()).unwrap();
+        assert_eq!(later.generation(), 1);
+        let waited = retire_while_dropping(&page, vec![later, stuck]);
+        assert!(waited >= Duration::from_millis(55), "{waited:?}");
+        assert_eq!(page.get(), 3, "two rounds after an unfinished retire");
         page.retire(far()).unwrap();
+        assert_eq!(page.get(), 4, "one round again");
     }
 
     #[test]

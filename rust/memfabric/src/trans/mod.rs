@@ -24,7 +24,7 @@
 pub mod device_path;
 pub mod generation;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -132,6 +132,9 @@ pub struct TransferEngine {
     force: Option<String>,
     /// IPC handles of this engine's device regions, by region start (published with them).
     ipc: Mutex<HashMap<u64, IpcHandle>>,
+    /// Regions unregistered while a same-host peer's copy into them outlived the wait: a
+    /// second `unregister` of one waits again instead of reporting it unknown.
+    draining: Mutex<HashSet<u64>>,
     /// Same-host peers' device memory mapped here.
     opened: IpcCache,
     /// A config store this engine started (store_server_role).
@@ -294,6 +297,7 @@ impl TransferEngine {
             transfer_timeout: cfg.transfer_timeout,
             force,
             ipc: Mutex::new(HashMap::new()),
+            draining: Mutex::new(HashSet::new()),
             opened: IpcCache::default(),
             _store_server: store_server,
         })
@@ -393,18 +397,39 @@ impl TransferEngine {
         self.ipc.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Unregisters the region that starts at `addr`. Peers see it gone when this returns.
+    /// Unregisters the region that starts at `addr`. When this returns `Ok`, peers see it gone
+    /// and none of their copies reaches it any more. `Timeout` when a same-host peer's copy
+    /// was still running at the transfer timeout: the region is unregistered, and calling this
+    /// again waits for that copy once more.
     pub fn unregister(&self, addr: u64) -> Result<()> {
         let _g = self.publish.lock().unwrap_or_else(|p| p.into_inner());
-        self.regions.unregister(addr)?;
-        self.lock_ipc().remove(&addr);
-        let published = self.publish_regions();
+        let published = match self.regions.unregister(addr) {
+            Ok(()) => {
+                self.lock_ipc().remove(&addr);
+                self.publish_regions()
+            }
+            Err(e) if !self.lock_draining().contains(&addr) => return Err(e),
+            Err(_) => Ok(()),
+        };
         // Retire even if publishing failed: same-host peers then refetch, and a failed refetch
         // fails their transfer instead of using the old table.
-        let retired = self
+        match self
             .generation
-            .retire(Instant::now() + self.transfer_timeout);
-        published.and(retired)
+            .retire(Instant::now() + self.transfer_timeout)
+        {
+            Ok(()) => {
+                self.lock_draining().remove(&addr);
+                published
+            }
+            Err(e) => {
+                self.lock_draining().insert(addr);
+                Err(e)
+            }
+        }
+    }
+
+    fn lock_draining(&self) -> MutexGuard<'_, HashSet<u64>> {
+        self.draining.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn publish_regions(&self) -> Result<()> {
