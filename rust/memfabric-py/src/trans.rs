@@ -356,8 +356,9 @@ impl TransferEngine {
     /// When it returns 0, peers see the region gone and no copy of theirs reaches it any more
     /// (those in flight have finished): the memory may be freed or reused at once, and the
     /// object is no longer kept alive. ``SMEM_TIMEOUT`` when a same-host peer's copy was still
-    /// running at ``transfer_timeout``: the region is unregistered, but the object stays alive
-    /// with the engine since that copy may still land.
+    /// running at ``transfer_timeout``: the region is unregistered (no new copy reaches it),
+    /// but that copy may still land, so the object stays alive; call this again to wait for
+    /// the copy once more (0 when it has ended).
     fn unregister_memory(&self, py: Python<'_>, buffer_addr: &Bound<'_, PyAny>) -> PyResult<i32> {
         let addr = buffers::resolve(buffer_addr, false)?.addr;
         let rc = self.run(py, move |e| e.unregister(addr));
