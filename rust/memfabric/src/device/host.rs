@@ -358,23 +358,7 @@ impl Device for HostDevice {
                 "IPC handle offset {offset} is outside its {len}-byte allocation"
             )));
         }
-        let path = format!("/proc/{pid}/fd/{fd}");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Error::PeerGone(format!(
-                    "{path} is gone: the exporting process exited or freed the memory"
-                )),
-                std::io::ErrorKind::PermissionDenied => {
-                    Error::Refused(format!("cannot open exported memory {path}: {e}"))
-                }
-                _ => Error::io(format!("open exported memory {path}"), e),
-            })?;
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io(format!("stat {path}"), e))?;
+        let (file, meta, path) = crate::mem::open_peer_fd(pid, fd, "exported memory")?;
         let ino = u64::from_le_bytes(word(24..32));
         if std::os::unix::fs::MetadataExt::ino(&meta) != ino {
             return Err(Error::PeerGone(format!(

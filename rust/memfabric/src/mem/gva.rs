@@ -53,24 +53,8 @@ impl Segment {
 
     /// Opens a same-host peer's segment.
     pub fn open_peer(pid: u32, fd: i32, len: u64) -> Result<Segment> {
-        let path = format!("/proc/{pid}/fd/{fd}");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    Error::PeerGone(format!("{path} is gone: the peer process exited"))
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    Error::Refused(format!("cannot open peer segment {path}: {e}"))
-                }
-                _ => Error::io(format!("open peer segment {path}"), e),
-            })?;
-        let size = file
-            .metadata()
-            .map_err(|e| Error::io(format!("stat {path}"), e))?
-            .len();
+        let (file, meta, path) = super::open_peer_fd(pid, fd, "peer segment")?;
+        let size = meta.len();
         if size < len {
             return Err(Error::Protocol(format!(
                 "peer segment {path} has {size} bytes, {len} expected"

@@ -191,23 +191,7 @@ impl GenerationView {
     /// Maps the page of process `pid` published as fd `fd` and takes a slot in it for this
     /// process's copies. `NoResources` when every slot is held by a live process.
     pub fn open(pid: u32, fd: i32) -> Result<Self> {
-        let path = format!("/proc/{pid}/fd/{fd}");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    Error::PeerGone(format!("{path} does not exist: the peer process is gone"))
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    Error::Refused(format!("cannot open {path}: {e}"))
-                }
-                _ => Error::io(format!("open {path}"), e),
-            })?;
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io(format!("stat {path}"), e))?;
+        let (file, meta, path) = crate::mem::open_peer_fd(pid, fd, "generation page")?;
         if meta.len() < PAGE as u64 {
             return Err(Error::Refused(format!(
                 "{path} is {} bytes, not a generation page",
