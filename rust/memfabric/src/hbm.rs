@@ -59,6 +59,8 @@ const _: () = assert!(BOUNCE_TO_MAX <= STAGE_BYTES as u64);
 
 pub struct HbmPart {
     dev: Arc<dyn Device>,
+    /// The device this rank's part is on (bounce buffers are made in its context).
+    device: i32,
     size: u64,
     own: u64,
     window: Gva,
@@ -129,6 +131,7 @@ impl HbmPart {
         // From here on, dropping `part` on an error frees what was made.
         let mut part = HbmPart {
             dev: dev.clone(),
+            device,
             size,
             own,
             window,
@@ -270,14 +273,14 @@ impl HbmPart {
         let (s, d) = match (s, d) {
             // Caller host memory with an HBM part: small copies bounce (kernel-checked).
             (Side::Unchecked(h), Side::Here(dv)) if len <= BOUNCE_FROM_MAX => {
-                let mut bounce = StageBuffer::take(&self.dev, len as usize);
+                let mut bounce = StageBuffer::take(&self.dev, self.device, len as usize);
                 let b = bounce.addr();
                 crate::fabric::copy_in_process(h, b, len, deadline)?;
                 // SAFETY: `bounce` holds at least `len` bytes; `dv` was checked by `side`.
                 return unsafe { self.dev.copy_between(dv, b, len as usize, None) };
             }
             (Side::Here(sv), Side::Unchecked(h)) if len <= BOUNCE_TO_MAX => {
-                let mut bounce = StageBuffer::take(&self.dev, len as usize);
+                let mut bounce = StageBuffer::take(&self.dev, self.device, len as usize);
                 let b = bounce.addr();
                 // SAFETY: as above, in the other direction.
                 unsafe { self.dev.copy_between(b, sv, len as usize, None)? };

@@ -396,6 +396,16 @@ impl Cuda {
         Ok(ctx)
     }
 
+    /// A context this backend already holds (the first device's it retained), else device
+    /// 0's.
+    fn some_context(&self) -> Result<CUcontext> {
+        let held = lock(&self.contexts).iter().copied().find(|&c| c != 0);
+        match held {
+            Some(c) => Ok(c as CUcontext),
+            None => self.context(0),
+        }
+    }
+
     fn enter(&self, ctx: CUcontext) -> Result<Current<'_>> {
         // SAFETY: `ctx` is a live context (a retained primary context or a stream's context).
         self.api.check(
@@ -442,8 +452,9 @@ impl Cuda {
         let out = &mut ty as *mut c_uint as *mut c_void;
         let mut r = self.attribute(CU_POINTER_ATTRIBUTE_MEMORY_TYPE, addr, out);
         if r == CUDA_ERROR_INVALID_CONTEXT {
-            // Some drivers want a current context even for this query.
-            let _g = self.enter_device(0).ok()?;
+            // Some drivers want a current context even for this query: one this process has
+            // already, so that asking about an address creates none on another device.
+            let _g = self.enter(self.some_context().ok()?).ok()?;
             r = self.attribute(CU_POINTER_ATTRIBUTE_MEMORY_TYPE, addr, out);
         }
         if r != CUDA_SUCCESS || ty != CU_MEMORYTYPE_DEVICE {
@@ -682,13 +693,13 @@ impl Device for Cuda {
         Ok(p)
     }
 
-    fn pinned_alloc(&self, len: usize) -> Result<u64> {
+    fn pinned_alloc(&self, device: i32, len: usize) -> Result<u64> {
         if len == 0 {
             return Err(Error::InvalidParam("allocation of 0 bytes".into()));
         }
         // Portable: page-locked for every context, whichever device copies from it.
         const CU_MEMHOSTALLOC_PORTABLE: c_uint = 0x01;
-        let _g = self.enter_device(0)?;
+        let _g = self.enter_device(device)?;
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: writes one host pointer; a context is current.
         self.api.check(
@@ -698,8 +709,8 @@ impl Device for Cuda {
         Ok(p as u64)
     }
 
-    unsafe fn pinned_free(&self, ptr: u64) -> Result<()> {
-        let _g = self.enter_device(0)?;
+    unsafe fn pinned_free(&self, device: i32, ptr: u64) -> Result<()> {
+        let _g = self.enter_device(device)?;
         // SAFETY: the caller passes memory from cuMemHostAlloc above, freed once.
         self.api.check(
             unsafe { (self.api.cuMemFreeHost)(ptr as *mut c_void) },
@@ -1178,7 +1189,7 @@ mod gpu {
         let data = pattern(n, 5);
         let first_addr;
         {
-            let mut stage = crate::device::staging::StageBuffer::take(&dev, n);
+            let mut stage = crate::device::staging::StageBuffer::take(&dev, 0, n);
             assert!(stage.pinned(), "cuMemHostAlloc gave no staging buffer");
             first_addr = stage.addr();
             stage.slice_mut(n).copy_from_slice(&data);
@@ -1189,16 +1200,16 @@ mod gpu {
             unsafe { dev.copy_between(stage.addr(), d, n, None).unwrap() };
             assert!(stage.slice_mut(n) == &data[..]);
         }
-        let mut again = crate::device::staging::StageBuffer::take(&dev, n);
+        let mut again = crate::device::staging::StageBuffer::take(&dev, 0, n);
         assert_eq!(again.addr(), first_addr, "a pinned buffer was not reused");
         dev.free(d).unwrap();
         // The backend's pair on its own: pinned memory is host memory, written and freed.
-        let p = dev.pinned_alloc(4096).unwrap();
+        let p = dev.pinned_alloc(0, 4096).unwrap();
         assert_eq!(dev.device_of(p), None);
         // SAFETY: 4096 bytes just allocated here, freed once below.
         unsafe {
             std::ptr::write_bytes(p as *mut u8, 0xA5, 4096);
-            dev.pinned_free(p).unwrap();
+            dev.pinned_free(0, p).unwrap();
         }
     }
 

@@ -200,9 +200,10 @@ pub trait Device: Send + Sync {
     }
 
     /// `len` bytes of page-locked host memory, which this backend's copies move at full
-    /// speed (see [`staging`]). Unsupported where the backend has none.
-    fn pinned_alloc(&self, len: usize) -> Result<u64> {
-        let _ = len;
+    /// speed (see [`staging`]), made in the context of `device` (one the caller copies with,
+    /// so that no other device gets a context for it). Unsupported where the backend has none.
+    fn pinned_alloc(&self, device: i32, len: usize) -> Result<u64> {
+        let _ = (device, len);
         Err(Error::Unsupported(format!(
             "{} has no page-locked host memory",
             self.kind().name()
@@ -212,8 +213,9 @@ pub trait Device: Send + Sync {
     /// Frees memory from [`Device::pinned_alloc`].
     ///
     /// # Safety
-    /// `ptr` came from this backend's `pinned_alloc` and is not used afterwards.
-    unsafe fn pinned_free(&self, ptr: u64) -> Result<()> {
+    /// `ptr` came from this backend's `pinned_alloc` for `device` and is not used afterwards.
+    unsafe fn pinned_free(&self, device: i32, ptr: u64) -> Result<()> {
+        let _ = device;
         Err(Error::Unsupported(format!(
             "{ptr:#x}: {} has no page-locked host memory",
             self.kind().name()

@@ -56,9 +56,10 @@ enum Memory {
 }
 
 impl StageBuffer {
-    /// A buffer of at least `len` bytes (at most [`STAGE_BYTES`]) for copies with `dev`'s
-    /// memory: pinned when `dev` can pin.
-    pub fn take(dev: &Arc<dyn Device>, len: usize) -> StageBuffer {
+    /// A buffer of at least `len` bytes (at most [`STAGE_BYTES`]) for copies with memory of
+    /// `dev`'s device `device`: pinned when `dev` can pin (a new one in that device's context;
+    /// any kept one serves every device).
+    pub fn take(dev: &Arc<dyn Device>, device: i32, len: usize) -> StageBuffer {
         // A kept whole buffer, else one as large as asked (a small bounce zeroes no 4 MiB).
         let plain = |kept: Option<Vec<u8>>| StageBuffer {
             memory: Memory::Plain(kept.unwrap_or_else(|| vec![0u8; len.min(STAGE_BYTES)])),
@@ -80,7 +81,7 @@ impl StageBuffer {
         }
         p.pinned += 1;
         drop(p);
-        match dev.pinned_alloc(STAGE_BYTES) {
+        match dev.pinned_alloc(device, STAGE_BYTES) {
             Ok(addr) => StageBuffer {
                 memory: Memory::Pinned {
                     dev: dev.clone(),
@@ -150,7 +151,7 @@ mod tests {
     #[test]
     fn host_backend_stages_through_plain_memory() {
         let host = super::super::registry().host();
-        let mut b = StageBuffer::take(&host, STAGE_BYTES);
+        let mut b = StageBuffer::take(&host, 0, STAGE_BYTES);
         assert!(!b.pinned());
         let s = b.slice_mut(usize::MAX);
         assert_eq!(s.len(), STAGE_BYTES);
@@ -160,16 +161,16 @@ mod tests {
         // A whole plain buffer is kept for the next taker.
         let at = b.addr();
         drop(b);
-        let mut again = StageBuffer::take(&host, STAGE_BYTES);
+        let mut again = StageBuffer::take(&host, 0, STAGE_BYTES);
         assert_eq!(again.addr(), at, "the kept buffer is handed out again");
         assert_eq!(again.slice_mut(STAGE_BYTES)[STAGE_BYTES - 1], 7);
         // Unpinned buffers are as large as asked when none is kept (a small bounce zeroes no
         // 4 MiB), or a kept whole one.
-        let mut small = StageBuffer::take(&host, 4096);
+        let mut small = StageBuffer::take(&host, 0, 4096);
         assert!([4096, STAGE_BYTES].contains(&small.slice_mut(usize::MAX).len()));
         drop(again);
         assert_eq!(
-            StageBuffer::take(&host, usize::MAX)
+            StageBuffer::take(&host, 0, usize::MAX)
                 .slice_mut(usize::MAX)
                 .len(),
             STAGE_BYTES

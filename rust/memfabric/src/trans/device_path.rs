@@ -456,8 +456,7 @@ fn device_for(dst: u64, src: u64) -> Result<Arc<dyn Device>> {
 /// Moves `op` whose local side is device memory over a host-only path, in chunks through two
 /// host buffers: while one chunk is on the network, the device copy of the next one runs.
 fn staged(transport: &dyn Transport, write: bool, op: Op, deadline: Instant) -> Result<()> {
-    let dev = device::memory_of(op.local)
-        .map(|(d, _)| d)
+    let (dev, device) = device::memory_of(op.local)
         .ok_or_else(|| Error::InvalidParam(format!("{:#x} is not device memory", op.local)))?;
     let total = op.len as usize;
     let chunk = STAGE_CHUNK.min(total);
@@ -467,8 +466,8 @@ fn staged(transport: &dyn Transport, write: bool, op: Op, deadline: Instant) -> 
         .collect();
     // Two host buffers (pinned where the device can) for device bytes on their way to or from
     // the network (one suffices for a single chunk); they live until the end of this function.
-    let mut first = StageBuffer::take(&dev, chunk);
-    let mut second = (chunks.len() > 1).then(|| StageBuffer::take(&dev, chunk));
+    let mut first = StageBuffer::take(&dev, device, chunk);
+    let mut second = (chunks.len() > 1).then(|| StageBuffer::take(&dev, device, chunk));
     let a0 = first.addr();
     let a1 = second.as_mut().map_or(a0, |b| b.addr());
     let net = |stage: u64, off: usize, n: usize| -> Result<()> {

@@ -711,9 +711,9 @@ async fn serve_conn(stream: &TcpStream, regions: &RegionTable) -> Result<()> {
                     rs = 0;
                     re = 0;
                     // Pinned where the device can: its copy then runs at full speed.
-                    let dev =
-                        device_backend(h.addr).unwrap_or_else(|_| crate::device::registry().host());
-                    let mut stage = StageBuffer::take(&dev, (len - off).min(STAGE_BYTES));
+                    let (dev, device) = crate::device::memory_of(h.addr)
+                        .unwrap_or_else(|| (crate::device::registry().host(), 0));
+                    let mut stage = StageBuffer::take(&dev, device, (len - off).min(STAGE_BYTES));
                     while off < len {
                         let n = (len - off).min(STAGE_BYTES);
                         let at = stage.addr();
