@@ -72,6 +72,17 @@ def test_target_killed_mid_transfer(store, spawn, path):
     rc2, took, msg = timed(e.transfer_sync_write, target.session, mem.addr, target.addr, 4096)
     assert rc2 in DEAD_PEER | UNKNOWN_PEER, (rc2, msg)
     assert took < 0.5, (took, msg)
+    # An engine that never met it, looking it up while its record may still be in the store
+    # (until the store lets its lease run out), is told at once that it is gone too.
+    late, late_mem = engine(store.url, 4096, timeout=TIMEOUT)
+    try:
+        rc3, took, msg = timed(late.transfer_sync_write, target.session, late_mem.addr,
+                               target.addr, 4096)
+        assert rc3 in DEAD_PEER | UNKNOWN_PEER, (rc3, msg)
+        assert took < 0.5, (took, msg)
+        print(f"\n[row 1 {path}] new engine to the dead target: {rc3} in {took * 1e3:.1f} ms: {msg}")
+    finally:
+        late.destroy()
     # The reads wrote into this process's memory: nothing outside the registration changed.
     assert mem.guards_ok()
     target.proc.join(10)

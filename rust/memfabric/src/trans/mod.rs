@@ -488,6 +488,14 @@ impl TransferEngine {
         }
         let view = match GenerationView::open(info.pid, genfd) {
             Ok(v) => v,
+            // Its record outlived it (the store drops it when the lease runs out): tcp would
+            // only find the data server gone too.
+            Err(Error::PeerGone(why)) => {
+                return Err(Error::PeerGone(format!(
+                    "peer {dest} (pid {}) has stopped: {why}",
+                    info.pid
+                )))
+            }
             Err(e) => {
                 mf_log!(WARN, "peer {dest} is on this host but its registration page cannot be mapped ({e}); using tcp");
                 return Ok(tcp(info, table));
@@ -503,6 +511,9 @@ impl TransferEngine {
                 .find(|&(a, _)| table.regions.device_at(a).is_none());
             if let Some((addr, _)) = host_region {
                 if let Err(e) = cma::probe(info.pid, addr) {
+                    if matches!(e, Error::PeerGone(_)) {
+                        return Err(e);
+                    }
                     mf_log!(
                         WARN,
                         "cma to peer {dest} (pid {}) does not work ({e}); using tcp",
