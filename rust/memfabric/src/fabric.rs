@@ -404,12 +404,19 @@ impl SymmetricMemory {
         self.registered.check(addr, len).is_ok()
     }
 
-    /// Undoes [`register_local`](Self::register_local).
+    /// Undoes [`register_local`](Self::register_local). A region whose unregister timed out
+    /// waiting for a same-host peer's copy (see `TransferEngine::unregister`) is no longer
+    /// registered here, but a second call still waits for that copy.
     pub fn unregister_local(&self, addr: u64) -> Result<()> {
-        self.registered.unregister(addr)?;
-        match &self.engine {
-            Some(e) => e.unregister(addr),
-            None => Ok(()),
+        let here = self.registered.unregister(addr);
+        let Some(engine) = &self.engine else {
+            return here;
+        };
+        match (here, engine.unregister(addr)) {
+            (Ok(()), there) => there,
+            (Err(_), Ok(())) => Ok(()),
+            (Err(here), Err(Error::NotExist(_))) => Err(here),
+            (Err(_), Err(there)) => Err(there),
         }
     }
 
