@@ -289,9 +289,7 @@ impl BigMemory {
         self.run(py, move |b| b.register(addr, size))
     }
 
-    /// Undo ``register``. Returns 0 or a code; ``SMEM_TIMEOUT`` when a same-host rank's copy
-    /// from or into it was still running at the operation timeout (it is unregistered, but
-    /// not yet free to reuse: call this again to wait for that copy once more).
+    /// Undo ``register``. Returns 0 or a code.
     fn unregister(&self, py: Python<'_>, addr: u64) -> i32 {
         self.run(py, move |b| b.unregister(addr))
     }
