@@ -25,5 +25,6 @@ pub mod store;
 pub mod stream;
 pub mod trans;
 pub mod transport;
+pub mod wait;
 
 pub use error::{Error, Result};

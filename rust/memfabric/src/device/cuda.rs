@@ -22,10 +22,11 @@ use std::time::Duration;
 use libloading::Library;
 
 use super::{
-    loader_message, poll_until, tried_list, Device, DeviceInfo, Direction, EventHandle, IpcHandle,
-    IpcPlace, Kind, StreamHandle,
+    loader_message, tried_list, Device, DeviceInfo, Direction, EventHandle, IpcHandle, IpcPlace,
+    Kind, StreamHandle,
 };
 use crate::error::{Error, Result};
+use crate::wait::poll_until;
 
 type CUresult = c_uint;
 type CUdevice = c_int;

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::wait::poll_until;
 
 const PAGE: usize = 4096;
 /// The generation sits alone in the first cache line; the slots follow.
@@ -156,25 +157,21 @@ impl GenerationPage {
         let old = self.page.generation().fetch_add(1, Ordering::SeqCst);
         let parity = (old & 1) as usize;
         for slot in self.page.slots() {
-            let mut pause = Pause::default();
-            loop {
-                let pid = slot.pid.load(Ordering::SeqCst);
-                if pid == 0 || slot.active[parity].load(Ordering::SeqCst) == 0 {
-                    break;
-                }
-                if !process_alive(pid) {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    return Err(Error::Timeout(format!(
-                        "a same-host peer (pid {pid}) still had a copy into this engine's memory \
-                         in flight when the deadline passed; the region is unregistered (no new \
-                         copy reaches it) but that copy may still land: unregister it again to \
-                         wait for it"
-                    )));
-                }
-                pause.wait();
-            }
+            let mut pid = 0;
+            let copying = || {
+                pid = slot.pid.load(Ordering::SeqCst);
+                let done = pid == 0
+                    || slot.active[parity].load(Ordering::SeqCst) == 0
+                    || !process_alive(pid);
+                Ok(done)
+            };
+            poll_until(left(deadline), "retire", copying).map_err(|_| {
+                Error::Timeout(format!(
+                    "a same-host peer (pid {pid}) still had a copy into this engine's memory in \
+                     flight when the deadline passed; the region is unregistered (no new copy \
+                     reaches it) but that copy may still land: unregister it again to wait for it"
+                ))
+            })?;
         }
         Ok(())
     }
@@ -215,23 +212,30 @@ impl GenerationView {
     /// current for the owner's purposes until the pin is dropped: an unregister that bumps it
     /// waits for the pin. Gives up at `deadline` (only reached while the owner keeps bumping).
     pub fn pin(&self, deadline: Instant) -> Result<Pin<'_>> {
-        let slot = &self.page.slots()[self.slot];
-        let mut pause = Pause::default();
-        loop {
-            let generation = self.get();
-            let active = &slot.active[(generation & 1) as usize];
-            active.fetch_add(1, Ordering::SeqCst);
-            if self.get() == generation {
-                return Ok(Pin { active, generation });
-            }
-            active.fetch_sub(1, Ordering::SeqCst);
-            if Instant::now() >= deadline {
-                return Err(Error::Timeout(
-                    "the peer's registration generation kept moving".into(),
-                ));
-            }
-            pause.wait();
+        // The usual case takes no clock reading: a transfer's fast path.
+        if let Some(pin) = self.try_pin() {
+            return Ok(pin);
         }
+        let mut pinned = None;
+        poll_until(left(deadline), "pin", || {
+            pinned = self.try_pin();
+            Ok(pinned.is_some())
+        })
+        .map_err(|_| Error::Timeout("the peer's registration generation kept moving".into()))?;
+        pinned.ok_or_else(|| Error::Failed("pinned without a pin".into()))
+    }
+
+    /// Counts in under the generation read now, unless it moved meanwhile.
+    fn try_pin(&self) -> Option<Pin<'_>> {
+        let slot = &self.page.slots()[self.slot];
+        let generation = self.get();
+        let active = &slot.active[(generation & 1) as usize];
+        active.fetch_add(1, Ordering::SeqCst);
+        if self.get() == generation {
+            return Some(Pin { active, generation });
+        }
+        active.fetch_sub(1, Ordering::SeqCst);
+        None
     }
 }
 
@@ -315,25 +319,8 @@ fn is_zombie(pid: libc::pid_t) -> bool {
         .is_none_or(|state| matches!(state, 'Z' | 'X'))
 }
 
-/// Spins briefly, then sleeps longer and longer (up to 1 ms): copies in flight usually end
-/// within microseconds, and a long one should not burn a core.
-#[derive(Default)]
-struct Pause {
-    rounds: u32,
-}
-
-impl Pause {
-    fn wait(&mut self) {
-        self.rounds += 1;
-        if self.rounds < 64 {
-            std::hint::spin_loop();
-        } else if self.rounds < 128 {
-            std::thread::yield_now();
-        } else {
-            let us = 10u64 << (self.rounds - 128).min(7);
-            std::thread::sleep(Duration::from_micros(us.min(1000)));
-        }
-    }
+fn left(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
 }
 
 #[cfg(test)]
