@@ -24,6 +24,7 @@ from ._native import bm_create as _create
 from ._native import bm_initialize as _initialize
 from ._native import bm_rank_id as _rank_id
 from ._native import bm_uninitialize as _uninitialize
+from ._native import bm_update_store_url as _update_store_url
 
 
 class BmCopyType(enum.IntEnum):
@@ -86,6 +87,18 @@ def bm_rank_id() -> int:
     return _rank_id()
 
 
+def update_store_url(store_url: str) -> int:
+    """Move this process to the config store now at ``store_url`` (``tcp://ip:port``), after the
+    store was restarted at a new address. Within ``init_timeout`` it connects there and publishes
+    this rank's records and those of its objects' engines again, so the new store learns who is
+    alive; later operations (barriers, creates, peer lookups) use it. Every rank calls it.
+    Returns 0, or an error code with nothing moved: SMEM_NOT_INIT before ``initialize``,
+    SMEM_INVALID_PARAM for a malformed URL, SMEM_NOT_CONNECTED when no store answers there
+    (should the store stop answering midway, the message says the rank moved but not all of
+    its objects' engines: calling again finishes the move)."""
+    return _update_store_url(store_url)
+
+
 def create(id: int, local_dram_size: int, local_hbm_size: int = 0,
            data_op_type: BmDataOpType = BmDataOpType.SDMA, flags: int = 0) -> BigMemory:
     """Create Big Memory object ``id`` (0..63); every rank contributes ``local_dram_size``
@@ -106,5 +119,5 @@ def create2(id: int, local_dram_size: int, max_dram_size: int, local_hbm_size: i
     return create(id, local_dram_size, local_hbm_size, data_op_type, flags)
 
 
-__all__ = ["initialize", "uninitialize", "bm_rank_id", "create", "create2", "BmConfig", "BigMemory",
+__all__ = ["initialize", "uninitialize", "bm_rank_id", "update_store_url", "create", "create2", "BmConfig", "BigMemory",
            "BmCopyType", "BmDataOpType", "BmMemType", "BmGroupEvent"]

@@ -200,3 +200,68 @@ def netns_initiator(ip: str, size: int, timeout: float, conn) -> None:
             server.close()
             conn.send("stopped")
             return
+
+
+def bm_mover_rank(url: str, rank: int, size: int, cmds, out) -> None:
+    """One of two BM ranks reaching each other over tcp (so each object has an engine with a
+    store client of its own); moves to another store when told, and proves each step by
+    copies verified on the peer's part."""
+    import ctypes
+    import mmap
+
+    os.environ["MF_TRANSPORT"] = "tcp"
+    import memfabric_hybrid as mf
+    from memfabric_hybrid.bm import BmCopyType as T
+
+    cfg = mf.bm.BmConfig()
+    cfg.rank_id = rank
+    cfg.start_store = False
+    cfg.init_timeout = 2
+    cfg.set_nic("lo")
+    assert mf.bm.initialize(url, 2, 0, cfg) == 0, mf.get_last_err_msg()
+    host = mmap.mmap(-1, size)
+    h = ctypes.addressof(ctypes.c_char.from_buffer(host))
+    objects = {}
+
+    def create(oid: int):
+        big = mf.bm.create(oid, size)
+        assert big.join() == 0, mf.get_last_err_msg()
+        assert big.register(h, size) == 0, mf.get_last_err_msg()
+        objects[oid] = big
+
+    def verified(oid: int, seed: int) -> bool:
+        """Writes this rank's pattern into the peer's part and reads it back from there."""
+        big = objects[oid]
+        data = bytes([(seed * 2 + rank) % 251]) * size
+        host[:] = data
+        if big.copy_data(h, big.peer_rank_ptr(1 - rank), size, T.H2G) != 0:
+            return False
+        host[:] = b"\0" * size
+        if big.copy_data(big.peer_rank_ptr(1 - rank), h, size, T.G2H) != 0:
+            return False
+        return host[:] == data
+
+    create(0)
+    out.put(("ready", rank))
+    while True:
+        cmd = cmds.get(timeout=120)
+        if cmd[0] == "copy":
+            out.put(("copy", rank, verified(0, cmd[1])))
+        elif cmd[0] == "move":
+            t = time.monotonic()
+            rc = mf.bm.update_store_url(cmd[1])
+            out.put(("move", rank, rc, time.monotonic() - t, mf.get_last_err_msg() if rc else ""))
+        elif cmd[0] == "create":
+            try:
+                create(cmd[1])
+                ok = verified(cmd[1], cmd[1] + 40)
+                out.put(("create", rank, 0, ok))
+            except mf.MemFabricError as e:
+                out.put(("create", rank, e.code, str(e)))
+        elif cmd[0] == "stop":
+            for big in objects.values():
+                big.unregister(h)
+                big.destroy()
+            mf.bm.uninitialize()
+            out.put(("stopped", rank))
+            return

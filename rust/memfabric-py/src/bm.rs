@@ -144,6 +144,21 @@ fn bm_rank_id() -> u32 {
     }
 }
 
+/// Move to the config store now at ``store_url`` (a store restarted at a new address). Returns
+/// 0 once this rank's records are published there, otherwise an error code (nothing changed).
+#[pyfunction]
+fn bm_update_store_url(py: Python<'_>, store_url: &str) -> i32 {
+    let r = match runtime() {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let url = store_url.to_string();
+    match py.detach(move || r.update_store_url(&url)) {
+        Ok(()) => 0,
+        Err(e) => fail(e),
+    }
+}
+
 /// Create Big Memory object ``id`` (0..63): every rank contributes ``local_dram_size`` bytes
 /// (``local_hbm_size`` needs a device). Collective: returns when all ranks have created it.
 /// Raises MemFabricError (``.code``) on failure.
@@ -445,6 +460,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bm_uninitialize, m)?)?;
     m.add_function(wrap_pyfunction!(bm_rank_id, m)?)?;
     m.add_function(wrap_pyfunction!(bm_create, m)?)?;
+    m.add_function(wrap_pyfunction!(bm_update_store_url, m)?)?;
     Ok(())
 }
 

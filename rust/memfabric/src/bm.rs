@@ -165,6 +165,14 @@ impl BmRuntime {
         self.device_id
     }
 
+    /// Moves this process to the config store now at `store_url` (upstream's
+    /// `update_store_url`, for a store restarted at a new address): this rank's records and
+    /// those of its objects' engines are published there, and later operations use it. A store
+    /// this process hosts keeps running.
+    pub fn update_store_url(&self, store_url: &str) -> Result<()> {
+        self.core.move_store(store_url)
+    }
+
     /// Creates object `id`: every rank contributes `dram` bytes (and `hbm` bytes of device
     /// memory, which needs a device backend).
     pub fn create(self: &Arc<Self>, id: u32, dram: u64, hbm: u64) -> Result<BigMemory> {

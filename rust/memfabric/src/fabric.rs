@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -451,11 +451,18 @@ pub fn copy_in_process(src: u64, dst: u64, len: u64, deadline: Instant) -> Resul
     me.write(&ops, deadline)
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// What the BM and SHM runtimes share: this process's store connection, the store it may
 /// host, its membership in the product's process group, and the object ids in use.
 pub struct Runtime {
     store: Arc<StoreClient>,
-    store_url: String,
+    /// The store's URL now (objects' engines connect to it); see [`Runtime::move_store`].
+    store_url: Mutex<String>,
+    /// The store clients of the objects' engines, moved with the runtime's own.
+    engine_stores: Mutex<Vec<Weak<StoreClient>>>,
     group: Option<Group>,
     /// Object id -> (alive now, how many times this process created it).
     ids: Mutex<HashMap<u32, (bool, u32)>>,
@@ -507,7 +514,8 @@ impl Runtime {
         };
         Ok(Runtime {
             store,
-            store_url: spec.store_url.to_string(),
+            store_url: Mutex::new(spec.store_url.to_string()),
+            engine_stores: Mutex::new(Vec::new()),
             group,
             ids: Mutex::new(HashMap::new()),
             server,
@@ -568,8 +576,55 @@ impl Runtime {
             local_size,
             dynamic: self.dynamic,
         };
-        SymmetricMemory::create(self.store.clone(), &self.store_url, &spec, ip, timeout)
-            .inspect_err(|_| self.release(id))
+        let store_url = lock(&self.store_url).clone();
+        let object = SymmetricMemory::create(self.store.clone(), &store_url, &spec, ip, timeout)
+            .inspect_err(|_| self.release(id))?;
+        if let Some(e) = object.engine() {
+            {
+                let mut stores = lock(&self.engine_stores);
+                stores.retain(|w| w.strong_count() > 0);
+                stores.push(Arc::downgrade(e.store()));
+            }
+            // The store moved while the object was being created: its engine follows.
+            let now = lock(&self.store_url).clone();
+            if now != store_url {
+                e.store().retarget(&now).inspect_err(|_| self.release(id))?;
+            }
+        }
+        Ok(object)
+    }
+
+    /// Moves this process to the config store at `url` (the store was restarted at another
+    /// address): the runtime's client and those of its objects' engines connect there and
+    /// publish their ephemeral records again, and objects created later use it. When the
+    /// runtime's own client cannot move, nothing moved. When it moved but an engine's client
+    /// could not (the store stopped answering meanwhile), the others still move and the error
+    /// says so: calling again with the same URL finishes the move.
+    pub fn move_store(&self, url: &str) -> Result<()> {
+        let mut store_url = lock(&self.store_url);
+        self.store.retarget(url)?;
+        *store_url = self.store.url();
+        let engines: Vec<Arc<StoreClient>> = {
+            let mut stores = lock(&self.engine_stores);
+            stores.retain(|w| w.strong_count() > 0);
+            stores.iter().filter_map(Weak::upgrade).collect()
+        };
+        let total = engines.len();
+        let mut failed = Vec::new();
+        for client in engines {
+            if client.url() != *store_url {
+                if let Err(e) = client.retarget(url) {
+                    failed.push(e);
+                }
+            }
+        }
+        match failed.into_iter().next() {
+            None => Ok(()),
+            Some(first) => Err(Error::NotConnected(format!(
+                "this rank moved to store {store_url}, but not every one of its {total} object \
+                 engine(s) did (call again to finish): {first}"
+            ))),
+        }
     }
 
     /// Marks object `id` destroyed in this process.

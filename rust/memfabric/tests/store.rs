@@ -198,6 +198,72 @@ fn kept_client_republishes_after_restart_without_calls() {
 }
 
 #[test]
+fn client_moves_to_a_store_at_another_address() {
+    let old = server();
+    let c = Arc::new(StoreClient::connect(&old.url(), opts(600)).unwrap());
+    c.set_ephemeral("alive/mover", b"1").unwrap();
+    c.set("only/old", b"1").unwrap();
+    memfabric::store::keep_alive(&c);
+
+    // Refusals change nothing: the client keeps its store and its key stays there.
+    let e = c.retarget("tcp://nonsense").unwrap_err();
+    assert_eq!(e.code(), -2000, "{e}");
+    let e = c.retarget("etcd://127.0.0.1:2379").unwrap_err();
+    assert_eq!(e.code(), -2000, "{e}");
+    let nobody = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let t = Instant::now();
+    let e = c.retarget(&format!("tcp://{nobody}")).unwrap_err();
+    assert_eq!(e.code(), -2014, "{e}");
+    assert!(e.to_string().contains(&old.url()), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // Something that accepts but is not a store.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let e = c
+        .retarget(&format!("tcp://{}", mute.local_addr().unwrap()))
+        .unwrap_err();
+    assert_eq!(e.code(), -2014, "{e}");
+    assert_eq!(c.url(), old.url());
+    assert_eq!(client(&old).get("alive/mover").unwrap().unwrap(), b"1");
+
+    // The store comes back empty at another address: the client moves there with its
+    // ephemeral key, calls go there, and the old store learns the client left.
+    let new = server();
+    c.retarget(&new.url()).unwrap();
+    assert_eq!(c.url(), new.url());
+    let probe = client(&new);
+    assert_eq!(probe.get("alive/mover").unwrap().unwrap(), b"1");
+    assert_eq!(c.get("only/old").unwrap(), None);
+    c.set("only/new", b"2").unwrap();
+    assert_eq!(probe.get("only/new").unwrap().unwrap(), b"2");
+    let watcher = client(&old);
+    let t = Instant::now();
+    while watcher.get("alive/mover").unwrap().is_some() {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "old store kept the key"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(watcher.get("only/new").unwrap(), None);
+
+    // The keeper revives the connection at the new address, not the old one.
+    let addr = new.local_addr();
+    drop((probe, new));
+    std::thread::sleep(Duration::from_millis(300));
+    let again = StoreServer::start(addr, None).unwrap();
+    let probe = client(&again);
+    let t = Instant::now();
+    while probe.get("alive/mover").unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(3), "key not republished");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(watcher.get("alive/mover").unwrap().is_none());
+}
+
+#[test]
 fn calls_end_by_the_deadline_of_their_scope() {
     let s = server();
     let c = StoreClient::connect(&s.url(), opts(30_000)).unwrap();

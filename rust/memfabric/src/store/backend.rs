@@ -10,13 +10,13 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::client::{ClientOptions, EmbeddedClient};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The operations of a config store. Every call has a deadline; see [`EmbeddedClient`] for
 /// the meaning of each (the etcd backend keeps it).
 pub trait StoreBackend: Send + Sync {
     /// The store's URL, normalized.
-    fn url(&self) -> &str;
+    fn url(&self) -> String;
     /// The per-call deadline.
     fn timeout(&self) -> Duration;
     /// The local address through which the store is reached.
@@ -31,6 +31,14 @@ pub trait StoreBackend: Send + Sync {
     /// Restores a session the store dropped while the client was idle; whether it did.
     fn revive(&self, _limit: Duration) -> Result<bool> {
         Ok(false)
+    }
+    /// Moves the client to the store at `url`; on error nothing changed.
+    fn retarget(&self, url: &str) -> Result<()> {
+        Err(Error::Unsupported(format!(
+            "store {}: moving to {url} is supported for tcp:// stores (an etcd URL lists every \
+             member, so a restarted member is found without it)",
+            self.url()
+        )))
     }
     fn set(&self, key: &str, value: &[u8]) -> Result<()>;
     fn set_ephemeral(&self, key: &str, value: &[u8]) -> Result<()>;
@@ -50,7 +58,7 @@ pub trait StoreBackend: Send + Sync {
 }
 
 impl StoreBackend for EmbeddedClient {
-    fn url(&self) -> &str {
+    fn url(&self) -> String {
         EmbeddedClient::url(self)
     }
     fn timeout(&self) -> Duration {
@@ -67,6 +75,9 @@ impl StoreBackend for EmbeddedClient {
     }
     fn revive(&self, limit: Duration) -> Result<bool> {
         EmbeddedClient::revive(self, limit)
+    }
+    fn retarget(&self, url: &str) -> Result<()> {
+        EmbeddedClient::retarget(self, url)
     }
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
         EmbeddedClient::set(self, key, value)
@@ -140,8 +151,22 @@ impl StoreClient {
     }
 
     /// The store's URL.
-    pub fn url(&self) -> &str {
+    pub fn url(&self) -> String {
         self.backend.url()
+    }
+
+    /// Moves this client to the store at `url`, of the same kind (`tcp://`): a store that was
+    /// restarted at another address. Within the client's timeout it connects there and
+    /// publishes this client's ephemeral keys again, as after a reconnect, so the new store
+    /// learns who is alive. On error nothing changed and the client keeps its store.
+    pub fn retarget(&self, url: &str) -> Result<()> {
+        if super::url::is_etcd_url(url) != super::url::is_etcd_url(&self.url()) {
+            return Err(Error::InvalidParam(format!(
+                "store {} cannot move to {url}: a different kind of store",
+                self.url()
+            )));
+        }
+        self.backend.retarget(url)
     }
 
     /// The per-call deadline.

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 pub use super::backend::StoreClient;
@@ -217,11 +217,27 @@ struct Inner {
     reconnected: Option<Instant>,
 }
 
+/// The address a client dials and the URL it names in messages.
+struct Target {
+    addr: SocketAddr,
+    url: String,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Target> {
+        let addr = super::url::parse_store_url(url, false)?;
+        Ok(Target {
+            addr,
+            url: super::url::format_store_url(addr),
+        })
+    }
+}
+
 /// A connection to an embedded config store server (the `tcp://` backend of
 /// [`StoreClient`]). Cheap to share between threads (`Arc`); calls serialize.
 pub struct EmbeddedClient {
-    addr: SocketAddr,
-    url: String,
+    /// Where the store is; replaced as a whole by [`EmbeddedClient::retarget`].
+    target: RwLock<Arc<Target>>,
     opts: ClientOptions,
     tls: Option<Arc<rustls::ClientConfig>>,
     inner: Mutex<Inner>,
@@ -238,15 +254,14 @@ fn is_idempotent(r: &Request) -> bool {
 impl EmbeddedClient {
     /// Connects to `url` (`tcp://ip:port`), retrying until `opts.timeout` passes.
     pub fn connect(url: &str, opts: ClientOptions) -> Result<EmbeddedClient> {
-        let addr = super::url::parse_store_url(url, false)?;
+        let target = Target::parse(url)?;
         let tls = match (&opts.tls, opts.force_plaintext) {
             (_, true) => None,
             (Some(t), _) => Some(t.clone()),
             (None, false) => super::tls::current()?.map(|m| m.client.clone()),
         };
         let client = EmbeddedClient {
-            addr,
-            url: super::url::format_store_url(addr),
+            target: RwLock::new(Arc::new(target)),
             opts,
             tls,
             inner: Mutex::new(Inner {
@@ -274,8 +289,15 @@ impl EmbeddedClient {
     }
 
     /// The store's URL.
-    pub fn url(&self) -> &str {
-        &self.url
+    pub fn url(&self) -> String {
+        self.target().url.clone()
+    }
+
+    fn target(&self) -> Arc<Target> {
+        self.target
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// When this client last reconnected after losing its connection (a store restart).
@@ -314,7 +336,7 @@ impl EmbeddedClient {
             Stream::Tls(s) => s.get_ref().local_addr().ok().map(|a| a.ip()),
             // Over the local socket the store is on this host, at the address dialled (a
             // TCP connection to it would have had that local address too).
-            Stream::Local(_) => Some(self.addr.ip()).filter(|ip| !ip.is_unspecified()),
+            Stream::Local(_) => Some(self.target().addr.ip()).filter(|ip| !ip.is_unspecified()),
         }
     }
 
@@ -371,7 +393,7 @@ impl EmbeddedClient {
             Response::Value(v) => Ok(v),
             Response::Timeout | Response::NotFound(_) => Err(Error::Timeout(format!(
                 "key {key:?} did not appear in store {} within {timeout:?}",
-                self.url
+                self.url()
             ))),
             r => Err(unexpected(r)),
         }
@@ -454,12 +476,13 @@ impl EmbeddedClient {
             wait,
         )? {
             Response::Values(v) if v.len() == keys.len() => Ok(v),
-            Response::NotFound(k) => {
-                Err(Error::NotExist(format!("key {k:?} in store {}", self.url)))
-            }
+            Response::NotFound(k) => Err(Error::NotExist(format!(
+                "key {k:?} in store {}",
+                self.url()
+            ))),
             Response::Timeout => Err(Error::Timeout(format!(
                 "keys did not all appear in store {} within {:?}",
-                self.url,
+                self.url(),
                 wait.unwrap_or_default()
             ))),
             r => Err(unexpected(r)),
@@ -512,7 +535,7 @@ impl EmbeddedClient {
             Response::Timeout => Err(Error::Timeout(format!(
                 "waiting for {} in store {} for {timeout:?}",
                 describe_keys(keys),
-                self.url
+                self.url()
             ))),
             Response::Aborted(why) => Err(Error::PeerGone(why)),
             r => Err(unexpected(r)),
@@ -577,7 +600,7 @@ impl EmbeddedClient {
             // ephemeral keys.
             return Err(Error::Timeout(format!(
                 "the deadline passed before the call to store {} started",
-                self.url
+                self.url()
             )));
         }
         let mut inner = self.lock();
@@ -591,21 +614,21 @@ impl EmbeddedClient {
             let conn = inner
                 .conn
                 .as_mut()
-                .ok_or_else(|| Error::NotConnected(self.url.clone()))?;
+                .ok_or_else(|| Error::NotConnected(self.url()))?;
             match exchange_any(conn, &inner.outbuf, deadline, channel_ok) {
                 Ok(resp) => {
                     if conn.wants_channel() {
                         // After the answer: a failure here costs this connection (the next
                         // call reconnects), not this call.
                         if let Err(e) = conn.open_channel(deadline) {
-                            mf_log!(WARN, "store {}: no shared-memory channel: {e}", self.url);
+                            mf_log!(WARN, "store {}: no shared-memory channel: {e}", self.url());
                             inner.conn = None;
                         }
                     }
                     if let Response::BadRequest(msg) = resp {
                         return Err(Error::InvalidParam(format!(
                             "store {} refused the request: {msg}",
-                            self.url
+                            self.url()
                         )));
                     }
                     return Ok(resp);
@@ -617,7 +640,7 @@ impl EmbeddedClient {
                         return Err(if timed_out {
                             Error::Timeout(format!(
                                 "no answer from store {} within {:?}: {e}",
-                                self.url,
+                                self.url(),
                                 deadline - started
                             ))
                         } else {
@@ -627,7 +650,7 @@ impl EmbeddedClient {
                     mf_log!(
                         WARN,
                         "connection to store {} lost ({e}); reconnecting",
-                        self.url
+                        self.url()
                     );
                     if !retry_safe {
                         // The request may or may not have been applied; reconnect for the next
@@ -635,7 +658,7 @@ impl EmbeddedClient {
                         let _ = self.ensure_connected(inner, connect_by);
                         return Err(Error::Reconnected(format!(
                             "store {} connection broke during the call ({e})",
-                            self.url
+                            self.url()
                         )));
                     }
                 }
@@ -664,7 +687,7 @@ impl EmbeddedClient {
                         mf_log!(
                             INFO,
                             "reconnected to store {} after {attempt} attempt(s)",
-                            self.url
+                            self.url()
                         );
                     }
                     return Ok(());
@@ -680,7 +703,7 @@ impl EmbeddedClient {
             if now >= deadline {
                 return Err(Error::NotConnected(format!(
                     "cannot reach config store {} after {attempt} attempt(s): {last_err}",
-                    self.url
+                    self.url()
                 )));
             }
             let sleep = jitter(backoff).min(deadline - now);
@@ -735,23 +758,79 @@ impl EmbeddedClient {
         mf_log!(
             INFO,
             "reconnected to store {} and published {} ephemeral key(s) again",
-            self.url,
+            self.url(),
             inner.ephemeral.len()
         );
         Ok(true)
     }
 
+    /// Moves this client to the store at `url` (a store restarted at another address): connects
+    /// there within the client's timeout, checks that it answers, then makes it the client's
+    /// store and publishes the client's ephemeral keys there, as after a reconnect. A call in
+    /// progress on the client ends first. On any error nothing changed: the client stays with
+    /// its current store.
+    pub fn retarget(&self, url: &str) -> Result<()> {
+        let target = Target::parse(url)?;
+        let deadline = Instant::now() + self.opts.timeout;
+        let mut conn = self.open_at(&target, deadline).map_err(|e| {
+            Error::NotConnected(format!(
+                "cannot reach config store {} (still using {}): {e}",
+                target.url,
+                self.url()
+            ))
+        })?;
+        let mut ping = Vec::new();
+        Request::Ping.encode(&mut ping)?;
+        match exchange(&mut conn, &ping, deadline) {
+            Ok(Response::Ok) => {}
+            Ok(other) => {
+                return Err(Error::Protocol(format!(
+                    "{} answered a ping with {other:?}: not a config store (still using {})",
+                    target.url,
+                    self.url()
+                )))
+            }
+            Err(e) => {
+                return Err(Error::NotConnected(format!(
+                    "config store {} does not answer (still using {}): {e}",
+                    target.url,
+                    self.url()
+                )))
+            }
+        }
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        // Published before the switch: a failure leaves the old store in place.
+        self.adopt(inner, conn, deadline)?;
+        let old = std::mem::replace(
+            &mut *self.target.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(target),
+        );
+        mf_log!(
+            INFO,
+            "store client moved from {} to {} ({} ephemeral key(s) published there)",
+            old.url,
+            self.url(),
+            inner.ephemeral.len()
+        );
+        Ok(())
+    }
+
     fn open(&self, deadline: Instant) -> Result<Conn> {
+        self.open_at(&self.target(), deadline)
+    }
+
+    fn open_at(&self, target: &Target, deadline: Instant) -> Result<Conn> {
         let remaining = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         if self.tls.is_none() {
-            if let Some(local) = super::local_socket::connect(self.addr) {
+            if let Some(local) = super::local_socket::connect(target.addr) {
                 return Ok(Conn::new(Stream::Local(local)));
             }
         }
-        let tcp = TcpStream::connect_timeout(&self.addr, remaining.min(Duration::from_secs(5)))
-            .map_err(|e| Error::io(format!("connect to store {}", self.url), e))?;
+        let tcp = TcpStream::connect_timeout(&target.addr, remaining.min(Duration::from_secs(5)))
+            .map_err(|e| Error::io(format!("connect to store {}", target.url), e))?;
         let _ = tcp.set_nodelay(true);
         // The server drops a session whose keepalive probes go unanswered (a network
         // partition) and deletes its ephemeral keys. This end must learn of it as well, or a
@@ -761,15 +840,15 @@ impl EmbeddedClient {
         let stream = match &self.tls {
             None => Stream::Plain(tcp),
             Some(cfg) => {
-                let name = rustls::pki_types::ServerName::IpAddress(self.addr.ip().into());
+                let name = rustls::pki_types::ServerName::IpAddress(target.addr.ip().into());
                 let conn = rustls::ClientConnection::new(cfg.clone(), name)
-                    .map_err(|e| Error::Tls(format!("client setup for {}: {e}", self.url)))?;
+                    .map_err(|e| Error::Tls(format!("client setup for {}: {e}", target.url)))?;
                 let mut s = rustls::StreamOwned::new(conn, tcp);
                 s.sock.set_read_timeout(Some(remaining)).ok();
                 s.sock.set_write_timeout(Some(remaining)).ok();
                 while s.conn.is_handshaking() {
                     s.conn.complete_io(&mut s.sock).map_err(|e| {
-                        Error::Tls(format!("handshake with store {} failed: {e}", self.url))
+                        Error::Tls(format!("handshake with store {} failed: {e}", target.url))
                     })?;
                 }
                 Stream::Tls(Box::new(s))

@@ -740,8 +740,8 @@ async fn keep_lease(session: std::sync::Weak<Session>) {
 }
 
 impl StoreBackend for EtcdClient {
-    fn url(&self) -> &str {
-        &self.url
+    fn url(&self) -> String {
+        self.url.clone()
     }
 
     fn connection(&self) -> &'static str {

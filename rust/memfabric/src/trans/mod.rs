@@ -325,6 +325,11 @@ impl TransferEngine {
         self.transfer_timeout
     }
 
+    /// The config store client through which this engine publishes itself and finds peers.
+    pub fn store(&self) -> &Arc<StoreClient> {
+        &self.store
+    }
+
     /// This engine's registered regions.
     pub fn regions(&self) -> &Arc<RegionTable> {
         &self.regions
