@@ -2,7 +2,7 @@
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from typing import final
+from typing import final, overload
 
 from typing_extensions import disjoint_base
 
@@ -197,33 +197,69 @@ class TransferEngine:
     def register_memory(self, buffer_addr: _Memory, capacity: Optional[int] = None) -> int: ...
     def unregister_memory(self, buffer_addr: _Memory) -> int: ...
     def batch_register_memory(self, buffer_addrs: Sequence[_Memory], capacities: Sequence[int]) -> int: ...
+    @overload
     def transfer_sync_write(
-        self, destflag: str, buffer: _Memory, peer_buffer_address: int, length: Optional[int] = None, flags: int = 0
+        self, destflag: str, buffer: _Memory, peer_buffer_address: int, length: Optional[int] = None, flags: int = 0,
     ) -> int: ...
+    @overload
+    def transfer_sync_write(
+        self, *, dest_session: str, buffer: _Memory, peer_buffer: int, length: Optional[int] = None, flags: int = 0,
+    ) -> int: ...
+    @overload
     def transfer_sync_read(
-        self, destflag: str, buffer: _Memory, peer_buffer_address: int, length: Optional[int] = None, flags: int = 0
+        self, destflag: str, buffer: _Memory, peer_buffer_address: int, length: Optional[int] = None, flags: int = 0,
     ) -> int: ...
+    @overload
+    def transfer_sync_read(
+        self, *, dest_session: str, buffer: _Memory, peer_buffer: int, length: Optional[int] = None, flags: int = 0,
+    ) -> int: ...
+    @overload
     def batch_transfer_sync_write(
-        self, destflag: str, buffers: Sequence[_Memory], peer_buffer_addresses: Sequence[int], lengths: Sequence[int], flags: int = 0
+        self, destflag: str, buffers: Sequence[_Memory], peer_buffer_addresses: Sequence[int], lengths: Sequence[int], flags: int = 0,
     ) -> int: ...
+    @overload
+    def batch_transfer_sync_write(
+        self, *, dest_session: str, buffers: Sequence[_Memory], peer_buffers: Sequence[int], lengths: Sequence[int], flags: int = 0,
+    ) -> int: ...
+    @overload
     def batch_transfer_sync_read(
-        self, destflag: str, buffers: Sequence[_Memory], peer_buffer_addresses: Sequence[int], lengths: Sequence[int], flags: int = 0
+        self, destflag: str, buffers: Sequence[_Memory], peer_buffer_addresses: Sequence[int], lengths: Sequence[int], flags: int = 0,
     ) -> int: ...
+    @overload
+    def batch_transfer_sync_read(
+        self, *, dest_session: str, buffers: Sequence[_Memory], peer_buffers: Sequence[int], lengths: Sequence[int], flags: int = 0,
+    ) -> int: ...
+    @overload
     def transfer_async_write_submit(
-        self, destflag: str, buffer: _Memory, peer_buffer_address: int, length: Optional[int] = None,
-        stream: _StreamArg = None, flags: int = 0,
+        self, destflag: str, buffer: _Memory, peer_buffer_address: int, length: Optional[int] = None, stream: _StreamArg = None, flags: int = 0,
     ) -> int: ...
+    @overload
+    def transfer_async_write_submit(
+        self, *, dest_session: str, buffer: _Memory, peer_buffer: int, length: Optional[int] = None, stream: _StreamArg = None, flags: int = 0,
+    ) -> int: ...
+    @overload
     def transfer_async_read_submit(
-        self, destflag: str, buffer: _Memory, peer_buffer_address: int, length: Optional[int] = None,
-        stream: _StreamArg = None, flags: int = 0,
+        self, destflag: str, buffer: _Memory, peer_buffer_address: int, length: Optional[int] = None, stream: _StreamArg = None, flags: int = 0,
     ) -> int: ...
+    @overload
+    def transfer_async_read_submit(
+        self, *, dest_session: str, buffer: _Memory, peer_buffer: int, length: Optional[int] = None, stream: _StreamArg = None, flags: int = 0,
+    ) -> int: ...
+    @overload
     def batch_transfer_async_write_submit(
-        self, dest_session: str, buffers: Sequence[_Memory], peer_buffers: Sequence[int], lengths: Sequence[int],
-        stream: _StreamArg = None, flags: int = 0,
+        self, destflag: str, buffers: Sequence[_Memory], peer_buffer_addresses: Sequence[int], lengths: Sequence[int], stream: _StreamArg = None, flags: int = 0,
     ) -> int: ...
+    @overload
+    def batch_transfer_async_write_submit(
+        self, *, dest_session: str, buffers: Sequence[_Memory], peer_buffers: Sequence[int], lengths: Sequence[int], stream: _StreamArg = None, flags: int = 0,
+    ) -> int: ...
+    @overload
     def batch_transfer_async_read_submit(
-        self, dest_session: str, buffers: Sequence[_Memory], peer_buffers: Sequence[int], lengths: Sequence[int],
-        stream: _StreamArg = None, flags: int = 0,
+        self, destflag: str, buffers: Sequence[_Memory], peer_buffer_addresses: Sequence[int], lengths: Sequence[int], stream: _StreamArg = None, flags: int = 0,
+    ) -> int: ...
+    @overload
+    def batch_transfer_async_read_submit(
+        self, *, dest_session: str, buffers: Sequence[_Memory], peer_buffers: Sequence[int], lengths: Sequence[int], stream: _StreamArg = None, flags: int = 0,
     ) -> int: ...
     def transfer_blocks(
         self,

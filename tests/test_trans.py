@@ -147,6 +147,57 @@ def test_argument_errors(pair):
     assert e.initialize("tcp://127.0.0.1:1", "127.0.0.1:0", "Prefill", 0) == mf.SMEM_REPEAT_INVOKE
 
 
+def test_seed_and_upstream_keyword_names(pair):
+    """Callers may name arguments as the seed does (destflag, peer_buffer_address[es]) or as
+    1.3 does (dest_session, peer_buffer[s]); each form moves the bytes it names."""
+    e, s, n = pair.engine, pair.session, 4096
+    calls = [
+        lambda off: e.transfer_sync_write(destflag=s, buffer=pair.local_addr + off,
+                                          peer_buffer_address=pair.peer_addr + off, length=n),
+        lambda off: e.transfer_sync_write(dest_session=s, buffer=pair.local_addr + off,
+                                          peer_buffer=pair.peer_addr + off, length=n, flags=0),
+        lambda off: e.transfer_sync_write(s, pair.local_addr + off, peer_buffer=pair.peer_addr + off, length=n),
+        lambda off: e.batch_transfer_sync_write(dest_session=s, buffers=[pair.local_addr + off],
+                                                peer_buffers=[pair.peer_addr + off], lengths=[n]),
+        lambda off: e.batch_transfer_sync_write(destflag=s, buffers=[pair.local_addr + off],
+                                                peer_buffer_addresses=[pair.peer_addr + off], lengths=[n]),
+        lambda off: e.transfer_async_write_submit(dest_session=s, buffer=pair.local_addr + off,
+                                                  peer_buffer=pair.peer_addr + off, length=n, stream=0),
+        lambda off: e.batch_transfer_async_write_submit(destflag=s, buffers=[pair.local_addr + off],
+                                                        peer_buffer_addresses=[pair.peer_addr + off],
+                                                        lengths=[n], stream=None),
+        lambda off: e.batch_transfer_async_write_submit(dest_session=s, buffers=[pair.local_addr + off],
+                                                        peer_buffers=[pair.peer_addr + off], lengths=[n], stream=0),
+    ]
+    data = pattern(n * len(calls), 11)
+    pair.local[: len(data)] = data
+    for i, call in enumerate(calls):
+        assert call(i * n) == 0, (i, mf.get_last_err_msg())
+    assert pair.ask("hash", 0, len(data)) == hashlib.sha256(data).hexdigest()
+    pair.local[: len(data)] = b"\0" * len(data)
+    assert e.transfer_sync_read(dest_session=s, buffer=pair.local_addr, peer_buffer=pair.peer_addr, length=n) == 0
+    assert e.batch_transfer_sync_read(dest_session=s, buffers=[pair.local_addr + n],
+                                      peer_buffers=[pair.peer_addr + n], lengths=[n]) == 0
+    st = mf.Stream()
+    assert e.transfer_async_read_submit(dest_session=s, buffer=pair.local_addr + 2 * n,
+                                        peer_buffer=pair.peer_addr + 2 * n, length=n, stream=st) == 0
+    assert e.batch_transfer_async_read_submit(dest_session=s, buffers=[pair.local_addr + 3 * n],
+                                              peer_buffers=[pair.peer_addr + 3 * n], lengths=[n], stream=st) == 0
+    assert st.synchronize() == 0
+    assert pair.local[: 4 * n] == data[: 4 * n]
+    # Missing or doubly named arguments are TypeErrors that name them.
+    with pytest.raises(TypeError, match="destflag.*dest_session"):
+        e.transfer_sync_write(buffer=pair.local_addr, peer_buffer=pair.peer_addr, length=n)
+    with pytest.raises(TypeError, match="name the same argument"):
+        e.transfer_sync_write(s, pair.local_addr, pair.peer_addr, n, dest_session=s)
+    with pytest.raises(TypeError, match="'buffer'"):
+        e.transfer_sync_read(dest_session=s, peer_buffer=pair.peer_addr, length=n)
+    with pytest.raises(TypeError, match="peer_buffer_addresses.*peer_buffers"):
+        e.batch_transfer_sync_write(s, [pair.local_addr], lengths=[n])
+    with pytest.raises(TypeError, match="'lengths'"):
+        e.batch_transfer_async_write_submit(s, [pair.local_addr], [pair.peer_addr])
+
+
 def test_unregistered_region_is_refused_at_once(pair):
     n = 4096
     assert pair.engine.transfer_sync_write(pair.session, pair.local_addr, pair.peer_addr, n) == 0

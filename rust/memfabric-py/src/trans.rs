@@ -7,6 +7,7 @@ use memfabric::blocks::{self, Segment};
 use memfabric::trans::{self, Direction, EngineConfig, Role};
 use memfabric::transport::Op;
 use memfabric::Error;
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 
 use crate::buffers;
@@ -133,6 +134,27 @@ impl TransferEngine {
             Err(e) => Ok(fail(e)),
         }
     }
+}
+
+/// An argument the seed and 1.3 name differently (``destflag`` / ``dest_session``...): exactly
+/// one of the two names must be given.
+fn one_of<T>(seed: (&str, Option<T>), upstream: (&str, Option<T>)) -> PyResult<T> {
+    match (seed.1, upstream.1) {
+        (Some(v), None) | (None, Some(v)) => Ok(v),
+        (None, None) => Err(PyTypeError::new_err(format!(
+            "missing required argument '{}' (or '{}')",
+            seed.0, upstream.0
+        ))),
+        (Some(_), Some(_)) => Err(PyTypeError::new_err(format!(
+            "'{}' and '{}' name the same argument: give one",
+            seed.0, upstream.0
+        ))),
+    }
+}
+
+/// A required argument that follows one with two names (so it has a default in the signature).
+fn given<T>(name: &str, v: Option<T>) -> PyResult<T> {
+    v.ok_or_else(|| PyTypeError::new_err(format!("missing required argument '{name}'")))
 }
 
 fn batch_ops(buffers: Vec<u64>, peers: Vec<u64>, lengths: Vec<u64>) -> Result<Vec<Op>, Error> {
@@ -409,198 +431,214 @@ impl TransferEngine {
     /// Write ``length`` bytes from local ``buffer`` (an int address, or a tensor/array/buffer
     /// inside registered memory; ``length`` then defaults to its size) to
     /// ``peer_buffer_address`` in ``destflag``.
-    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length = None, flags = 0))]
+    /// 1.3's keyword names ``dest_session`` and ``peer_buffer`` are accepted too.
+    #[pyo3(signature = (destflag = None, buffer = None, peer_buffer_address = None, length = None, flags = 0, *, dest_session = None, peer_buffer = None))]
+    #[allow(clippy::too_many_arguments)]
     fn transfer_sync_write(
         &self,
         py: Python<'_>,
-        destflag: String,
-        buffer: &Bound<'_, PyAny>,
-        peer_buffer_address: u64,
+        destflag: Option<String>,
+        buffer: Option<&Bound<'_, PyAny>>,
+        peer_buffer_address: Option<u64>,
         length: Option<u64>,
         flags: i64,
+        dest_session: Option<String>,
+        peer_buffer: Option<u64>,
     ) -> PyResult<i32> {
         let _ = flags;
-        self.single(
-            py,
-            destflag,
-            Direction::Write,
-            buffer,
-            peer_buffer_address,
-            length,
-            None,
-        )
+        let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
+        let buffer = given("buffer", buffer)?;
+        let peer = one_of(
+            ("peer_buffer_address", peer_buffer_address),
+            ("peer_buffer", peer_buffer),
+        )?;
+        self.single(py, dest, Direction::Write, buffer, peer, length, None)
     }
 
     /// Read ``length`` bytes from ``peer_buffer_address`` in ``destflag`` into local ``buffer``
     /// (an int address or a writable tensor/array/buffer inside registered memory).
-    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length = None, flags = 0))]
+    /// 1.3's keyword names ``dest_session`` and ``peer_buffer`` are accepted too.
+    #[pyo3(signature = (destflag = None, buffer = None, peer_buffer_address = None, length = None, flags = 0, *, dest_session = None, peer_buffer = None))]
+    #[allow(clippy::too_many_arguments)]
     fn transfer_sync_read(
         &self,
         py: Python<'_>,
-        destflag: String,
-        buffer: &Bound<'_, PyAny>,
-        peer_buffer_address: u64,
+        destflag: Option<String>,
+        buffer: Option<&Bound<'_, PyAny>>,
+        peer_buffer_address: Option<u64>,
         length: Option<u64>,
         flags: i64,
+        dest_session: Option<String>,
+        peer_buffer: Option<u64>,
     ) -> PyResult<i32> {
         let _ = flags;
-        self.single(
-            py,
-            destflag,
-            Direction::Read,
-            buffer,
-            peer_buffer_address,
-            length,
-            None,
-        )
+        let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
+        let buffer = given("buffer", buffer)?;
+        let peer = one_of(
+            ("peer_buffer_address", peer_buffer_address),
+            ("peer_buffer", peer_buffer),
+        )?;
+        self.single(py, dest, Direction::Read, buffer, peer, length, None)
     }
 
     /// Write many blocks in one call (lists of equal length; adjacent blocks are coalesced).
-    #[pyo3(signature = (destflag, buffers, peer_buffer_addresses, lengths, flags = 0))]
+    /// 1.3's keyword names ``dest_session`` and ``peer_buffers`` are accepted too.
+    #[pyo3(signature = (destflag = None, buffers = None, peer_buffer_addresses = None, lengths = None, flags = 0, *, dest_session = None, peer_buffers = None))]
+    #[allow(clippy::too_many_arguments)]
     fn batch_transfer_sync_write(
         &self,
         py: Python<'_>,
-        destflag: String,
-        buffers: &Bound<'_, PyAny>,
-        peer_buffer_addresses: Vec<u64>,
-        lengths: Vec<u64>,
+        destflag: Option<String>,
+        buffers: Option<&Bound<'_, PyAny>>,
+        peer_buffer_addresses: Option<Vec<u64>>,
+        lengths: Option<Vec<u64>>,
         flags: i64,
+        dest_session: Option<String>,
+        peer_buffers: Option<Vec<u64>>,
     ) -> PyResult<i32> {
         let _ = flags;
-        self.batch(
-            py,
-            destflag,
-            Direction::Write,
-            buffers,
-            peer_buffer_addresses,
-            lengths,
-            None,
-        )
+        let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
+        let buffers = given("buffers", buffers)?;
+        let peers = one_of(
+            ("peer_buffer_addresses", peer_buffer_addresses),
+            ("peer_buffers", peer_buffers),
+        )?;
+        let lengths = given("lengths", lengths)?;
+        self.batch(py, dest, Direction::Write, buffers, peers, lengths, None)
     }
 
     /// Read many blocks in one call (lists of equal length).
-    #[pyo3(signature = (destflag, buffers, peer_buffer_addresses, lengths, flags = 0))]
+    /// 1.3's keyword names ``dest_session`` and ``peer_buffers`` are accepted too.
+    #[pyo3(signature = (destflag = None, buffers = None, peer_buffer_addresses = None, lengths = None, flags = 0, *, dest_session = None, peer_buffers = None))]
+    #[allow(clippy::too_many_arguments)]
     fn batch_transfer_sync_read(
         &self,
         py: Python<'_>,
-        destflag: String,
-        buffers: &Bound<'_, PyAny>,
-        peer_buffer_addresses: Vec<u64>,
-        lengths: Vec<u64>,
+        destflag: Option<String>,
+        buffers: Option<&Bound<'_, PyAny>>,
+        peer_buffer_addresses: Option<Vec<u64>>,
+        lengths: Option<Vec<u64>>,
         flags: i64,
+        dest_session: Option<String>,
+        peer_buffers: Option<Vec<u64>>,
     ) -> PyResult<i32> {
         let _ = flags;
-        self.batch(
-            py,
-            destflag,
-            Direction::Read,
-            buffers,
-            peer_buffer_addresses,
-            lengths,
-            None,
-        )
+        let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
+        let buffers = given("buffers", buffers)?;
+        let peers = one_of(
+            ("peer_buffer_addresses", peer_buffer_addresses),
+            ("peer_buffers", peer_buffers),
+        )?;
+        let lengths = given("lengths", lengths)?;
+        self.batch(py, dest, Direction::Read, buffers, peers, lengths, None)
     }
 
     /// Queue a write on ``stream`` (None/0: run now; a ``Stream``: queued, errors reported by
     /// its ``synchronize()``; a device stream handle: needs a device backend). A memory object
     /// as ``buffer`` is kept alive until the transfer has run.
-    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length = None, stream = None, flags = 0))]
+    /// 1.3's keyword names ``dest_session`` and ``peer_buffer`` are accepted too.
+    #[pyo3(signature = (destflag = None, buffer = None, peer_buffer_address = None, length = None, stream = None, flags = 0, *, dest_session = None, peer_buffer = None))]
     #[allow(clippy::too_many_arguments)]
     fn transfer_async_write_submit(
         &self,
         py: Python<'_>,
-        destflag: String,
-        buffer: &Bound<'_, PyAny>,
-        peer_buffer_address: u64,
+        destflag: Option<String>,
+        buffer: Option<&Bound<'_, PyAny>>,
+        peer_buffer_address: Option<u64>,
         length: Option<u64>,
         stream: Option<&Bound<'_, PyAny>>,
         flags: i64,
+        dest_session: Option<String>,
+        peer_buffer: Option<u64>,
     ) -> PyResult<i32> {
         let _ = flags;
-        self.single(
-            py,
-            destflag,
-            Direction::Write,
-            buffer,
-            peer_buffer_address,
-            length,
-            stream,
-        )
+        let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
+        let buffer = given("buffer", buffer)?;
+        let peer = one_of(
+            ("peer_buffer_address", peer_buffer_address),
+            ("peer_buffer", peer_buffer),
+        )?;
+        self.single(py, dest, Direction::Write, buffer, peer, length, stream)
     }
 
     /// Queue a read on ``stream`` (see ``transfer_async_write_submit``).
-    #[pyo3(signature = (destflag, buffer, peer_buffer_address, length = None, stream = None, flags = 0))]
+    /// 1.3's keyword names ``dest_session`` and ``peer_buffer`` are accepted too.
+    #[pyo3(signature = (destflag = None, buffer = None, peer_buffer_address = None, length = None, stream = None, flags = 0, *, dest_session = None, peer_buffer = None))]
     #[allow(clippy::too_many_arguments)]
     fn transfer_async_read_submit(
         &self,
         py: Python<'_>,
-        destflag: String,
-        buffer: &Bound<'_, PyAny>,
-        peer_buffer_address: u64,
+        destflag: Option<String>,
+        buffer: Option<&Bound<'_, PyAny>>,
+        peer_buffer_address: Option<u64>,
         length: Option<u64>,
         stream: Option<&Bound<'_, PyAny>>,
         flags: i64,
+        dest_session: Option<String>,
+        peer_buffer: Option<u64>,
     ) -> PyResult<i32> {
         let _ = flags;
-        self.single(
-            py,
-            destflag,
-            Direction::Read,
-            buffer,
-            peer_buffer_address,
-            length,
-            stream,
-        )
+        let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
+        let buffer = given("buffer", buffer)?;
+        let peer = one_of(
+            ("peer_buffer_address", peer_buffer_address),
+            ("peer_buffer", peer_buffer),
+        )?;
+        self.single(py, dest, Direction::Read, buffer, peer, length, stream)
     }
 
     /// Queue a batch of writes on ``stream``.
-    #[pyo3(signature = (dest_session, buffers, peer_buffers, lengths, stream = None, flags = 0))]
+    /// 1.3's keyword names ``dest_session`` and ``peer_buffers`` are accepted too.
+    #[pyo3(signature = (destflag = None, buffers = None, peer_buffer_addresses = None, lengths = None, stream = None, flags = 0, *, dest_session = None, peer_buffers = None))]
     #[allow(clippy::too_many_arguments)]
     fn batch_transfer_async_write_submit(
         &self,
         py: Python<'_>,
-        dest_session: String,
-        buffers: &Bound<'_, PyAny>,
-        peer_buffers: Vec<u64>,
-        lengths: Vec<u64>,
+        destflag: Option<String>,
+        buffers: Option<&Bound<'_, PyAny>>,
+        peer_buffer_addresses: Option<Vec<u64>>,
+        lengths: Option<Vec<u64>>,
         stream: Option<&Bound<'_, PyAny>>,
         flags: i64,
+        dest_session: Option<String>,
+        peer_buffers: Option<Vec<u64>>,
     ) -> PyResult<i32> {
         let _ = flags;
-        self.batch(
-            py,
-            dest_session,
-            Direction::Write,
-            buffers,
-            peer_buffers,
-            lengths,
-            stream,
-        )
+        let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
+        let buffers = given("buffers", buffers)?;
+        let peers = one_of(
+            ("peer_buffer_addresses", peer_buffer_addresses),
+            ("peer_buffers", peer_buffers),
+        )?;
+        let lengths = given("lengths", lengths)?;
+        self.batch(py, dest, Direction::Write, buffers, peers, lengths, stream)
     }
 
     /// Queue a batch of reads on ``stream``.
-    #[pyo3(signature = (dest_session, buffers, peer_buffers, lengths, stream = None, flags = 0))]
+    /// 1.3's keyword names ``dest_session`` and ``peer_buffers`` are accepted too.
+    #[pyo3(signature = (destflag = None, buffers = None, peer_buffer_addresses = None, lengths = None, stream = None, flags = 0, *, dest_session = None, peer_buffers = None))]
     #[allow(clippy::too_many_arguments)]
     fn batch_transfer_async_read_submit(
         &self,
         py: Python<'_>,
-        dest_session: String,
-        buffers: &Bound<'_, PyAny>,
-        peer_buffers: Vec<u64>,
-        lengths: Vec<u64>,
+        destflag: Option<String>,
+        buffers: Option<&Bound<'_, PyAny>>,
+        peer_buffer_addresses: Option<Vec<u64>>,
+        lengths: Option<Vec<u64>>,
         stream: Option<&Bound<'_, PyAny>>,
         flags: i64,
+        dest_session: Option<String>,
+        peer_buffers: Option<Vec<u64>>,
     ) -> PyResult<i32> {
         let _ = flags;
-        self.batch(
-            py,
-            dest_session,
-            Direction::Read,
-            buffers,
-            peer_buffers,
-            lengths,
-            stream,
-        )
+        let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
+        let buffers = given("buffers", buffers)?;
+        let peers = one_of(
+            ("peer_buffer_addresses", peer_buffer_addresses),
+            ("peer_buffers", peer_buffers),
+        )?;
+        let lengths = given("lengths", lengths)?;
+        self.batch(py, dest, Direction::Read, buffers, peers, lengths, stream)
     }
 
     /// Move paged KV-cache blocks: for every segment, block ``src_block_ids[i]`` of
