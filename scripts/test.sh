@@ -12,7 +12,7 @@ cargo clippy --workspace --all-targets -q -- -D warnings
 
 echo "== cargo test"
 # With the etcd feature, so that the core's etcd store tests run too (on a local etcd member).
-cargo test -p memfabric -p memfabric-cli -p ascend-sys --features memfabric/etcd -q 2>&1 | tail -n 40
+cargo test -p memfabric -p memfabric-capi -p memfabric-cli -p ascend-sys --features memfabric/etcd -q 2>&1 | tail -n 40
 
 echo "== stubs (mypy.stubtest against the built module)"
 python -m mypy.stubtest memfabric_hybrid._native --allowlist .stubtest-allowlist

@@ -1,0 +1,209 @@
+//! `smem.h`: the runtime, config stores, logging, TLS settings and the last error.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, CString};
+use std::sync::{Arc, Mutex};
+
+use memfabric::store::tls;
+use memfabric::store::url::parse_store_url;
+use memfabric::store::StoreServer;
+use memfabric::Error;
+
+use crate::{c_str, c_str_len, guarded};
+
+/// Config stores started by `smem_create_config_store`, stopped by `smem_uninit`.
+static CREATED: Mutex<Vec<StoreServer>> = Mutex::new(Vec::new());
+
+/// The external logger: `func(level, message)`, level 0 debug .. 3 error.
+pub type ExternLogger = Option<unsafe extern "C" fn(level: c_int, msg: *const c_char)>;
+
+/// Decrypts the private key's pass phrase: `plain_len` holds the room at `plain` on entry and
+/// the pass phrase's length on return (a C++ `size_t &`, which is a pointer in the ABI).
+pub type DecryptHandler = Option<
+    unsafe extern "C" fn(
+        cipher: *const c_char,
+        cipher_len: usize,
+        plain: *mut c_char,
+        plain_len: *mut usize,
+    ) -> c_int,
+>;
+
+/// Room given to a decrypt handler for the pass phrase.
+const PASSPHRASE_ROOM: usize = 4096;
+
+/// Initializes the runtime; `flags` is reserved (0).
+#[no_mangle]
+pub extern "C" fn smem_init(flags: u32) -> i32 {
+    guarded("smem_init", || {
+        if flags != 0 {
+            return Err(Error::InvalidParam(format!(
+                "flags {flags} is reserved and must be 0"
+            )));
+        }
+        memfabric::runtime::runtime().map(|_| ())
+    })
+}
+
+/// Stops the config stores this library started with `smem_create_config_store`.
+#[no_mangle]
+pub extern "C" fn smem_uninit() {
+    guarded("smem_uninit", || {
+        let stores = std::mem::take(&mut *CREATED.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(stores);
+        Ok(())
+    });
+}
+
+/// Starts a config store in this process at `storeUrl` (`tcp://ip:port`, port not 0).
+///
+/// # Safety
+/// `store_url` is null or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn smem_create_config_store(store_url: *const c_char) -> i32 {
+    guarded("smem_create_config_store", || {
+        // SAFETY: the caller's contract on `store_url`.
+        let url = unsafe { c_str(store_url, "storeUrl") }?;
+        let addr = parse_store_url(url, false)?;
+        let tls = tls::current()?.map(|m| m.server.clone());
+        let server = StoreServer::start(addr, tls)?;
+        CREATED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(server);
+        Ok(())
+    })
+}
+
+/// Sends every log message at or above the log level to `func` (NULL: back to stderr).
+#[no_mangle]
+pub extern "C" fn smem_set_extern_logger(func: ExternLogger) -> i32 {
+    guarded("smem_set_extern_logger", || {
+        let sink = func.map(|f| -> memfabric::log::Sink {
+            Arc::new(move |level, msg| {
+                let text = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+                // SAFETY: `f` is the caller's logger; the message lives for the call.
+                unsafe { f(c_int::from(level), text.as_ptr()) }
+            })
+        });
+        memfabric::log::set_sink(sink);
+        Ok(())
+    })
+}
+
+/// Sets the log level: 0 debug, 1 info, 2 warn (default), 3 error; others are refused.
+#[no_mangle]
+pub extern "C" fn smem_set_log_level(level: c_int) -> i32 {
+    guarded("smem_set_log_level", || {
+        memfabric::log::set_level(i64::from(level))
+    })
+}
+
+/// Turns config store TLS on (`tls_info`: `ca=PATH;cert=PATH;key=PATH`) or off, for stores
+/// and clients created afterwards.
+///
+/// # Safety
+/// With `enable`, `tls_info` points to `tls_info_len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn smem_set_conf_store_tls(
+    enable: bool,
+    tls_info: *const c_char,
+    tls_info_len: u32,
+) -> i32 {
+    guarded("smem_set_conf_store_tls", || {
+        let info = if enable {
+            // SAFETY: the caller's contract on `tls_info`.
+            unsafe { c_str_len(tls_info, tls_info_len, "tls_info") }?
+        } else {
+            ""
+        };
+        tls::set_tls(enable, info)
+    })
+}
+
+/// Sets the private key for config store TLS (PEM text or a path) and its pass phrase, which
+/// `handler` decrypts when given (else it is used as it is).
+///
+/// # Safety
+/// `tls_pk` points to `tls_pk_len` readable bytes, `tls_pk_pw` to `tls_pk_pw_len` (or is null
+/// with length 0); `handler` is null or a function of the documented signature.
+#[no_mangle]
+pub unsafe extern "C" fn smem_set_config_store_tls_key(
+    tls_pk: *const c_char,
+    tls_pk_len: u32,
+    tls_pk_pw: *const c_char,
+    tls_pk_pw_len: u32,
+    handler: DecryptHandler,
+) -> i32 {
+    guarded("smem_set_config_store_tls_key", || {
+        // SAFETY: the caller's contract on `tls_pk`.
+        let key = unsafe { c_str_len(tls_pk, tls_pk_len, "tls_pk") }?.to_string();
+        let password = if tls_pk_pw_len == 0 {
+            None
+        } else {
+            // SAFETY: the caller's contract on `tls_pk_pw`.
+            let cipher = unsafe { c_str_len(tls_pk_pw, tls_pk_pw_len, "tls_pk_pw") }?;
+            Some(match handler {
+                None => cipher.to_string(),
+                Some(h) => decrypt(h, cipher)?,
+            })
+        };
+        tls::set_tls_key(tls::KeyOverride { key, password })
+    })
+}
+
+fn decrypt(
+    h: unsafe extern "C" fn(*const c_char, usize, *mut c_char, *mut usize) -> c_int,
+    cipher: &str,
+) -> memfabric::Result<String> {
+    let mut plain = vec![0u8; PASSPHRASE_ROOM];
+    let mut len = PASSPHRASE_ROOM - 1;
+    // SAFETY: `cipher` is valid for its length, `plain` has PASSPHRASE_ROOM writable bytes of
+    // which the handler is told it may use one less (room for a terminating NUL).
+    let rc = unsafe {
+        h(
+            cipher.as_ptr().cast(),
+            cipher.len(),
+            plain.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let result = if rc != 0 {
+        Err(Error::Tls(format!("the decrypt handler failed ({rc})")))
+    } else if len >= PASSPHRASE_ROOM {
+        Err(Error::Tls(format!(
+            "the decrypt handler reported {len} bytes, more than the {} it was given",
+            PASSPHRASE_ROOM - 1
+        )))
+    } else {
+        String::from_utf8(plain[..len].to_vec())
+            .map_err(|_| Error::Tls("the decrypted pass phrase is not UTF-8".into()))
+    };
+    plain.fill(0);
+    result
+}
+
+thread_local! {
+    /// The text behind the pointer the last-error calls return on this thread.
+    static RETURNED: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn hand_out(msg: String) -> *const c_char {
+    RETURNED.with(|r| {
+        let mut r = r.borrow_mut();
+        *r = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+        r.as_ptr()
+    })
+}
+
+/// This thread's last error message ("" when none). Valid until this thread's next call of
+/// `smem_get_last_err_msg` or `smem_get_and_clear_last_err_msg`.
+#[no_mangle]
+pub extern "C" fn smem_get_last_err_msg() -> *const c_char {
+    hand_out(memfabric::error::last_error())
+}
+
+/// As `smem_get_last_err_msg`, and clears it.
+#[no_mangle]
+pub extern "C" fn smem_get_and_clear_last_err_msg() -> *const c_char {
+    hand_out(memfabric::error::take_last_error())
+}

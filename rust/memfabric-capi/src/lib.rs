@@ -1,0 +1,77 @@
+//! The C API (`libmf_smem.so`): the common calls of `smem.h` and the Transfer Engine of
+//! `smem_trans.h`, with the upstream 1.3 names and signatures, so C and C++ programs written
+//! against those headers build and run on this library. The headers are in
+//! `include/smem/host`.
+//!
+//! The same rules as everywhere else hold at this edge: every pointer, handle, size and string
+//! a caller passes is checked before use, a failure is an error code with a message for
+//! `smem_get_last_err_msg`, and no panic crosses into C (one would be a bug: it is reported as
+//! `SMEM_ERROR`). Handles are numbers looked up in a table, never dereferenced, so a stale or
+//! made-up handle is refused rather than followed.
+
+use std::ffi::{c_char, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use memfabric::{Error, Result};
+
+pub mod common;
+pub mod trans;
+
+/// `SMEM_ERROR`: a panic inside the library (a bug) or an unclassified failure.
+const SMEM_ERROR: i32 = -1;
+
+/// Runs `f` and converts its result to the C convention: 0, or a negative code with the
+/// message recorded for `smem_get_last_err_msg`.
+fn guarded(what: &str, f: impl FnOnce() -> Result<()>) -> i32 {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => memfabric::error::to_code(r),
+        Err(_) => {
+            memfabric::error::set_last_error(&format!("{what}: internal error (panic)"));
+            SMEM_ERROR
+        }
+    }
+}
+
+/// Like [`guarded`] for calls that return a value; `failed` on error.
+fn guarded_value<T>(what: &str, failed: T, f: impl FnOnce() -> Result<T>) -> T {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            memfabric::error::record(&e);
+            failed
+        }
+        Err(_) => {
+            memfabric::error::set_last_error(&format!("{what}: internal error (panic)"));
+            failed
+        }
+    }
+}
+
+/// The string at `p`, which must not be null and must be UTF-8.
+///
+/// # Safety
+/// `p` is null or points to a NUL-terminated string that stays valid for the call.
+unsafe fn c_str<'a>(p: *const c_char, name: &str) -> Result<&'a str> {
+    if p.is_null() {
+        return Err(Error::InvalidParam(format!("{name} is NULL")));
+    }
+    // SAFETY: not null, and NUL-terminated by the caller's contract.
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .map_err(|_| Error::InvalidParam(format!("{name} is not UTF-8")))
+}
+
+/// `len` bytes at `p` as a string (for calls that pass a length beside the pointer).
+///
+/// # Safety
+/// `p` is null or points to at least `len` readable bytes.
+unsafe fn c_str_len<'a>(p: *const c_char, len: u32, name: &str) -> Result<&'a str> {
+    if p.is_null() {
+        return Err(Error::InvalidParam(format!("{name} is NULL")));
+    }
+    // SAFETY: the caller's contract: `len` readable bytes at `p`.
+    let bytes = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len as usize) };
+    // A C caller may count the terminating NUL in `len`.
+    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+    std::str::from_utf8(bytes).map_err(|_| Error::InvalidParam(format!("{name} is not UTF-8")))
+}
