@@ -110,6 +110,8 @@ driver_api! {
     cuDeviceTotalMem_v2(*mut usize, CUdevice);
     cuDevicePrimaryCtxRetain(*mut CUcontext, CUdevice);
     cuDevicePrimaryCtxRelease_v2(CUdevice);
+    cuDevicePrimaryCtxGetState(CUdevice, *mut c_uint, *mut c_int);
+    cuCtxGetCurrent(*mut CUcontext);
     cuCtxPushCurrent_v2(CUcontext);
     cuCtxPopCurrent_v2(*mut CUcontext);
     cuMemAlloc_v2(*mut CUdeviceptr, usize);
@@ -203,6 +205,8 @@ struct Opened {
     base: u64,
     len: usize,
     device: i32,
+    /// Opens not closed yet (the driver counts opens of one handle in one context).
+    opens: usize,
 }
 
 #[derive(Default)]
@@ -397,13 +401,70 @@ impl Cuda {
         Ok(ctx)
     }
 
-    /// A context this backend already holds (the first device's it retained), else device
-    /// 0's.
+    /// A context this process already has, so that using it creates none: one this backend
+    /// retained, else the calling thread's current one, else the primary context of a device
+    /// someone else in the process (torch) made active; device 0's only when there is none.
     fn some_context(&self) -> Result<CUcontext> {
-        let held = lock(&self.contexts).iter().copied().find(|&c| c != 0);
-        match held {
-            Some(c) => Ok(c as CUcontext),
+        if let Some(c) = lock(&self.contexts).iter().copied().find(|&c| c != 0) {
+            return Ok(c as CUcontext);
+        }
+        if let Some(c) = self.current_context() {
+            return Ok(c);
+        }
+        match (0..self.count).find(|&d| self.primary_active(d)) {
+            Some(d) => self.context(d),
             None => self.context(0),
+        }
+    }
+
+    /// The calling thread's current context, if it has one.
+    fn current_context(&self) -> Option<CUcontext> {
+        let mut ctx: CUcontext = std::ptr::null_mut();
+        // SAFETY: writes one context handle (null when none is current).
+        let r = unsafe { (self.api.cuCtxGetCurrent)(&mut ctx) };
+        (r == CUDA_SUCCESS && !ctx.is_null()).then_some(ctx)
+    }
+
+    /// Whether `device`'s primary context is active in this process (retained by this
+    /// backend or by anyone else, such as torch).
+    fn primary_active(&self, device: i32) -> bool {
+        let Ok(i) = self.ordinal(device) else {
+            return false;
+        };
+        if lock(&self.contexts).get(i).is_some_and(|&c| c != 0) {
+            return true;
+        }
+        let mut dev: CUdevice = 0;
+        let (mut flags, mut active): (c_uint, c_int) = (0, 0);
+        // SAFETY: a valid ordinal; the calls write one device handle, then flags and state.
+        unsafe {
+            (self.api.cuDeviceGet)(&mut dev, device) == CUDA_SUCCESS
+                && (self.api.cuDevicePrimaryCtxGetState)(dev, &mut flags, &mut active)
+                    == CUDA_SUCCESS
+                && active != 0
+        }
+    }
+
+    /// The device to map a peer's allocation in: `hint` (the peer's ordinal, which names the
+    /// same GPU only where both processes see the same devices) when this process uses it
+    /// already, else a device it uses (the mapping is reachable from there with peer access,
+    /// which the open enables), else `hint` if it exists here, else 0. Never a new context
+    /// where one in use will do.
+    fn mapping_device(&self, hint: i32) -> i32 {
+        if self.primary_active(hint) {
+            return hint;
+        }
+        (0..self.count)
+            .find(|&d| self.primary_active(d))
+            .unwrap_or(if self.ordinal(hint).is_ok() { hint } else { 0 })
+    }
+
+    /// The context whose legacy default stream (handle 0) a caller means: the calling thread's
+    /// current one (where its own work on "the default stream" goes), else `device`'s.
+    fn legacy_stream_context(&self, device: i32) -> Result<CUcontext> {
+        match self.current_context() {
+            Some(c) => Ok(c),
+            None => self.context(device),
         }
     }
 
@@ -431,11 +492,11 @@ impl Cuda {
     }
 
     /// Enters the context a call on `stream` needs: the stream's own, or for the legacy
-    /// default stream (0) that of `device`.
+    /// default stream (0) the caller's current context, else that of `device`.
     fn enter_stream(&self, stream: StreamHandle, device: i32) -> Result<Current<'_>> {
         self.check_stream_handle(stream)?;
         if stream.0 == 0 {
-            self.enter_device(device)
+            self.enter(self.legacy_stream_context(device)?)
         } else {
             self.enter(self.stream_context(stream)?)
         }
@@ -452,10 +513,13 @@ impl Cuda {
         let mut ty: c_uint = 0;
         let out = &mut ty as *mut c_uint as *mut c_void;
         let mut r = self.attribute(CU_POINTER_ATTRIBUTE_MEMORY_TYPE, addr, out);
+        // Held for both queries below: a driver that wants a current context for one wants
+        // it for the other.
+        let mut _fallback = None;
         if r == CUDA_ERROR_INVALID_CONTEXT {
             // Some drivers want a current context even for this query: one this process has
             // already, so that asking about an address creates none on another device.
-            let _g = self.enter(self.some_context().ok()?).ok()?;
+            _fallback = Some(self.enter(self.some_context().ok()?).ok()?);
             r = self.attribute(CU_POINTER_ATTRIBUTE_MEMORY_TYPE, addr, out);
         }
         if r != CUDA_SUCCESS || ty != CU_MEMORYTYPE_DEVICE {
@@ -822,7 +886,7 @@ impl Device for Cuda {
     fn event_record(&self, stream: StreamHandle) -> Result<EventHandle> {
         self.check_stream_handle(stream)?;
         let ctx = if stream.0 == 0 {
-            self.context(0)?
+            self.legacy_stream_context(0)?
         } else {
             self.stream_context(stream)?
         };
@@ -893,9 +957,16 @@ impl Device for Cuda {
     }
 
     fn prepare_ordered_work(&self, device: i32) -> Result<()> {
-        // The work may copy on any device, whichever stream it is ordered on.
-        let _ = device;
-        for d in 0..self.count {
+        // The work may copy on any device this process uses, whichever stream it is ordered
+        // on; a device nobody here uses holds no memory the work could touch, and preparing
+        // it would give the process a context there (hundreds of MiB on every GPU of a host).
+        let in_use: Vec<i32> = (0..self.count)
+            .filter(|&d| self.primary_active(d))
+            .collect();
+        if in_use.is_empty() {
+            return self.prepare_device(device);
+        }
+        for d in in_use {
             self.prepare_device(d)?;
         }
         Ok(())
@@ -988,6 +1059,7 @@ impl Device for Cuda {
                 "IPC handle offset {offset} is outside its {len}-byte allocation"
             )));
         }
+        let device = self.mapping_device(device);
         let _g = self.enter_device(device)?;
         let mut base: CUdeviceptr = 0;
         // SAFETY: writes one device pointer; the handle is passed by value as cuda.h declares.
@@ -997,35 +1069,61 @@ impl Device for Cuda {
             },
             "cuIpcOpenMemHandle",
         )?;
-        lock(&self.tables).opened.insert(
-            base,
-            Opened {
+        // The length came from the peer with the handle: the mapping the driver made says
+        // how large the allocation really is.
+        let mut start: CUdeviceptr = 0;
+        let mut size: usize = 0;
+        // SAFETY: writes the mapping's base and size; `base` was just mapped.
+        let r = unsafe { (self.api.cuMemGetAddressRange_v2)(&mut start, &mut size, base) };
+        if r != CUDA_SUCCESS || (size as u64) < len {
+            // SAFETY: `base` was opened above and is not in the table: closed once, here.
+            unsafe { (self.api.cuIpcCloseMemHandle)(base) };
+            return Err(if r != CUDA_SUCCESS {
+                self.api.error(r, "cuMemGetAddressRange of an IPC mapping")
+            } else {
+                Error::Protocol(format!(
+                    "IPC handle claims a {len}-byte allocation; the driver mapped {size} bytes"
+                ))
+            });
+        }
+        // Opening a handle this context has open already returns the same base and counts
+        // the open: each open is closed once.
+        lock(&self.tables)
+            .opened
+            .entry(base)
+            .and_modify(|o| o.opens += 1)
+            .or_insert(Opened {
                 base,
                 len: len as usize,
                 device,
-            },
-        );
+                opens: 1,
+            });
         Ok(base + offset)
     }
 
     fn ipc_close(&self, ptr: u64) -> Result<()> {
-        let o = {
+        let (base, device) = {
             let mut t = lock(&self.tables);
             let start = containing(&t.opened, ptr, |o| o.len).ok_or_else(|| {
                 Error::InvalidParam(format!("{ptr:#x} was not returned by ipc_open"))
             })?;
-            t.opened.remove(&start)
+            let Some(o) = t.opened.get_mut(&start) else {
+                return Err(Error::InvalidParam(format!(
+                    "{ptr:#x} was not returned by ipc_open"
+                )));
+            };
+            o.opens -= 1;
+            let found = (o.base, o.device);
+            if o.opens == 0 {
+                t.opened.remove(&start);
+            }
+            found
         };
-        let Some(o) = o else {
-            return Err(Error::InvalidParam(format!(
-                "{ptr:#x} was not returned by ipc_open"
-            )));
-        };
-        let _g = self.enter_device(o.device)?;
-        // SAFETY: a base returned by cuIpcOpenMemHandle here, removed from the table so
-        // closed once.
+        let _g = self.enter_device(device)?;
+        // SAFETY: a base returned by cuIpcOpenMemHandle here; the table counted this open, so
+        // each open is closed once.
         self.api.check(
-            unsafe { (self.api.cuIpcCloseMemHandle)(o.base) },
+            unsafe { (self.api.cuIpcCloseMemHandle)(base) },
             "cuIpcCloseMemHandle",
         )
     }
@@ -1081,8 +1179,10 @@ impl Drop for Cuda {
         }
         for o in t.opened.values() {
             if let Ok(_g) = self.enter_device(o.device) {
-                // SAFETY: opened here and not closed yet.
-                unsafe { (self.api.cuIpcCloseMemHandle)(o.base) };
+                for _ in 0..o.opens {
+                    // SAFETY: opened here `opens` times and not closed yet.
+                    unsafe { (self.api.cuIpcCloseMemHandle)(o.base) };
+                }
             }
         }
         let ctxs = std::mem::take(&mut *lock(&self.contexts));
