@@ -447,12 +447,19 @@ impl TransferEngine {
     ) -> PyResult<i32> {
         let _ = flags;
         let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
-        let buffer = given("buffer", buffer)?;
         let peer = one_of(
             ("peer_buffer_address", peer_buffer_address),
             ("peer_buffer", peer_buffer),
         )?;
-        self.single(py, dest, Direction::Write, buffer, peer, length, None)
+        self.single(
+            py,
+            dest,
+            Direction::Write,
+            given("buffer", buffer)?,
+            peer,
+            length,
+            None,
+        )
     }
 
     /// Read ``length`` bytes from ``peer_buffer_address`` in ``destflag`` into local ``buffer``
@@ -473,12 +480,19 @@ impl TransferEngine {
     ) -> PyResult<i32> {
         let _ = flags;
         let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
-        let buffer = given("buffer", buffer)?;
         let peer = one_of(
             ("peer_buffer_address", peer_buffer_address),
             ("peer_buffer", peer_buffer),
         )?;
-        self.single(py, dest, Direction::Read, buffer, peer, length, None)
+        self.single(
+            py,
+            dest,
+            Direction::Read,
+            given("buffer", buffer)?,
+            peer,
+            length,
+            None,
+        )
     }
 
     /// Write many blocks in one call (lists of equal length; adjacent blocks are coalesced).
@@ -498,12 +512,11 @@ impl TransferEngine {
     ) -> PyResult<i32> {
         let _ = flags;
         let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
-        let buffers = given("buffers", buffers)?;
         let peers = one_of(
             ("peer_buffer_addresses", peer_buffer_addresses),
             ("peer_buffers", peer_buffers),
         )?;
-        let lengths = given("lengths", lengths)?;
+        let (buffers, lengths) = (given("buffers", buffers)?, given("lengths", lengths)?);
         self.batch(py, dest, Direction::Write, buffers, peers, lengths, None)
     }
 
@@ -524,12 +537,11 @@ impl TransferEngine {
     ) -> PyResult<i32> {
         let _ = flags;
         let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
-        let buffers = given("buffers", buffers)?;
         let peers = one_of(
             ("peer_buffer_addresses", peer_buffer_addresses),
             ("peer_buffers", peer_buffers),
         )?;
-        let lengths = given("lengths", lengths)?;
+        let (buffers, lengths) = (given("buffers", buffers)?, given("lengths", lengths)?);
         self.batch(py, dest, Direction::Read, buffers, peers, lengths, None)
     }
 
@@ -553,12 +565,19 @@ impl TransferEngine {
     ) -> PyResult<i32> {
         let _ = flags;
         let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
-        let buffer = given("buffer", buffer)?;
         let peer = one_of(
             ("peer_buffer_address", peer_buffer_address),
             ("peer_buffer", peer_buffer),
         )?;
-        self.single(py, dest, Direction::Write, buffer, peer, length, stream)
+        self.single(
+            py,
+            dest,
+            Direction::Write,
+            given("buffer", buffer)?,
+            peer,
+            length,
+            stream,
+        )
     }
 
     /// Queue a read on ``stream`` (see ``transfer_async_write_submit``).
@@ -579,12 +598,19 @@ impl TransferEngine {
     ) -> PyResult<i32> {
         let _ = flags;
         let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
-        let buffer = given("buffer", buffer)?;
         let peer = one_of(
             ("peer_buffer_address", peer_buffer_address),
             ("peer_buffer", peer_buffer),
         )?;
-        self.single(py, dest, Direction::Read, buffer, peer, length, stream)
+        self.single(
+            py,
+            dest,
+            Direction::Read,
+            given("buffer", buffer)?,
+            peer,
+            length,
+            stream,
+        )
     }
 
     /// Queue a batch of writes on ``stream``.
@@ -605,12 +631,11 @@ impl TransferEngine {
     ) -> PyResult<i32> {
         let _ = flags;
         let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
-        let buffers = given("buffers", buffers)?;
         let peers = one_of(
             ("peer_buffer_addresses", peer_buffer_addresses),
             ("peer_buffers", peer_buffers),
         )?;
-        let lengths = given("lengths", lengths)?;
+        let (buffers, lengths) = (given("buffers", buffers)?, given("lengths", lengths)?);
         self.batch(py, dest, Direction::Write, buffers, peers, lengths, stream)
     }
 
@@ -632,12 +657,11 @@ impl TransferEngine {
     ) -> PyResult<i32> {
         let _ = flags;
         let dest = one_of(("destflag", destflag), ("dest_session", dest_session))?;
-        let buffers = given("buffers", buffers)?;
         let peers = one_of(
             ("peer_buffer_addresses", peer_buffer_addresses),
             ("peer_buffers", peer_buffers),
         )?;
-        let lengths = given("lengths", lengths)?;
+        let (buffers, lengths) = (given("buffers", buffers)?, given("lengths", lengths)?);
         self.batch(py, dest, Direction::Read, buffers, peers, lengths, stream)
     }
 
