@@ -14,7 +14,7 @@ from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 INCLUDE = ROOT / "rust" / "memfabric-capi" / "include"
-HEADERS = ["smem/host/smem.h", "smem/host/smem_trans.h"]
+HEADERS = ["smem/host/smem.h", "smem/host/smem_trans.h", "smem/host/smem_bm.h"]
 
 
 def library_dir() -> Path:
@@ -46,15 +46,35 @@ def test_headers_compile_as_c_and_cxx(cc, tmp_path):
                         "-fsyntax-only", str(src)], check=True)
 
 
-def test_c_program_transfers_between_two_processes(cc, tmp_path):
+def build(cc: str, name: str, tmp_path: Path) -> Path:
+    """Compiles tests/capi/<name>.c against the headers and links it to libmf_smem.so."""
     lib = library_dir()
-    exe = tmp_path / "te_two_processes"
+    exe = tmp_path / name
     subprocess.run([cc, "-std=c11", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Wextra", "-Werror", "-O1",
-                    "-I", str(INCLUDE), str(ROOT / "tests" / "capi" / "te_two_processes.c"),
+                    "-I", str(INCLUDE), str(ROOT / "tests" / "capi" / f"{name}.c"),
                     "-L", str(lib), "-lmf_smem", f"-Wl,-rpath,{lib}", "-o", str(exe)], check=True)
+    return exe
+
+
+def test_c_program_transfers_between_two_processes(cc, tmp_path):
+    exe = build(cc, "te_two_processes", tmp_path)
     out = subprocess.run([str(exe), f"tcp://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "receiver: 256 blocks landed where addressed" in out.stdout
     assert "all verified" in out.stdout
     assert "refusals: as expected" in out.stdout
+
+
+@pytest.mark.parametrize("path", ["same-host", "tcp"])
+def test_c_program_big_memory_two_ranks(cc, tmp_path, path):
+    exe = build(cc, "bm_two_ranks", tmp_path)
+    env = dict(os.environ)
+    env.pop("MF_TRANSPORT", None)
+    if path == "tcp":
+        env["MF_TRANSPORT"] = "tcp"
+    out = subprocess.run([str(exe), f"tcp://127.0.0.1:{free_port()}"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}: parts, batch and refusals verified" in out.stdout, out.stdout

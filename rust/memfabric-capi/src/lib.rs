@@ -14,6 +14,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use memfabric::{Error, Result};
 
+pub mod bm;
 pub mod common;
 pub mod trans;
 

@@ -276,7 +276,7 @@ pub extern "C" fn smem_trans_deregister_mem(handle: SmemTrans, address: *mut c_v
 ///
 /// # Safety
 /// `p` is null or points to at least `count` readable entries.
-unsafe fn array<'a, T>(p: *const T, count: u32, name: &str) -> Result<&'a [T]> {
+pub(crate) unsafe fn array<'a, T>(p: *const T, count: u32, name: &str) -> Result<&'a [T]> {
     if p.is_null() {
         return Err(Error::InvalidParam(format!("{name} is NULL")));
     }

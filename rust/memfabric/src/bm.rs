@@ -161,6 +161,11 @@ impl BmRuntime {
         self.core.group().map(|g| g.rank())
     }
 
+    /// The number of ranks (`None` with start_store_only).
+    pub fn world(&self) -> Option<u32> {
+        self.core.group().map(|g| g.world())
+    }
+
     pub fn device_id(&self) -> i32 {
         self.device_id
     }
