@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use memfabric::bm::{self as core, BigMemory, BmRuntime, CopyType};
 use memfabric::{Error, Result};
@@ -43,6 +44,8 @@ pub struct SmemBatchCopyParams {
 }
 
 static RUNTIME: Mutex<Option<Arc<BmRuntime>>> = Mutex::new(None);
+/// Longest a destroy waits for copies that still use the object on other threads.
+const RELEASE_WAIT: Duration = Duration::from_secs(130);
 static NEXT_HANDLE: AtomicUsize = AtomicUsize::new(1);
 static OBJECTS: Mutex<Option<HashMap<usize, Arc<BigMemory>>>> = Mutex::new(None);
 
@@ -78,11 +81,11 @@ fn object(handle: SmemBm) -> Result<Arc<BigMemory>> {
 #[no_mangle]
 pub unsafe extern "C" fn smem_bm_config_init(config: *mut SmemBmConfig) -> i32 {
     guarded("smem_bm_config_init", || {
-        // SAFETY: null is refused; otherwise writable by the caller's contract.
-        let c = unsafe { config.as_mut() }
-            .ok_or_else(|| Error::InvalidParam("config is NULL".into()))?;
+        if config.is_null() {
+            return Err(Error::InvalidParam("config is NULL".into()));
+        }
         let d = core::BmConfig::default();
-        *c = SmemBmConfig {
+        let defaults = SmemBmConfig {
             init_timeout: d.init_timeout,
             create_timeout: d.create_timeout,
             control_operation_timeout: d.operation_timeout,
@@ -95,6 +98,9 @@ pub unsafe extern "C" fn smem_bm_config_init(config: *mut SmemBmConfig) -> i32 {
             flags: d.flags,
             hcom_url: [0; 64],
         };
+        // SAFETY: not null and writable by the caller's contract; `write` because the struct
+        // is usually uninitialized (its bools may hold any byte), so no reference is made.
+        unsafe { config.write(defaults) };
         Ok(())
     })
 }
@@ -149,11 +155,17 @@ pub unsafe extern "C" fn smem_bm_init(
 pub extern "C" fn smem_bm_uninit(flags: u32) {
     let _ = flags;
     guarded("smem_bm_uninit", || {
-        let objects = lock(&OBJECTS).take();
-        drop(objects);
+        let objects = lock(&OBJECTS).take().unwrap_or_default();
+        let mut first_error = Ok(());
+        for (_, o) in objects {
+            let r = crate::release(o, RELEASE_WAIT, "a Big Memory object");
+            if first_error.is_ok() {
+                first_error = r;
+            }
+        }
         let rt = lock(&RUNTIME).take();
         drop(rt);
-        Ok(())
+        first_error
     });
 }
 
@@ -221,10 +233,7 @@ pub extern "C" fn smem_bm_destroy(handle: SmemBm) {
             .as_mut()
             .and_then(|m| m.remove(&(handle as usize)));
         match removed {
-            Some(o) => {
-                drop(o);
-                Ok(())
-            }
+            Some(o) => crate::release(o, RELEASE_WAIT, "smem_bm_destroy"),
             None => object(handle).map(|_| ()),
         }
     });

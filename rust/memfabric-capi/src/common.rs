@@ -2,6 +2,7 @@
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
 use memfabric::store::tls;
@@ -187,23 +188,29 @@ thread_local! {
     static RETURNED: RefCell<CString> = RefCell::new(CString::default());
 }
 
-fn hand_out(msg: String) -> *const c_char {
-    RETURNED.with(|r| {
-        let mut r = r.borrow_mut();
-        *r = CString::new(msg.replace('\0', " ")).unwrap_or_default();
-        r.as_ptr()
-    })
+/// `msg()` behind a pointer that stays valid until this thread asks again; "" when the
+/// thread's storage is gone (a call during thread teardown).
+fn hand_out(msg: impl FnOnce() -> String) -> *const c_char {
+    catch_unwind(AssertUnwindSafe(|| {
+        let text = msg();
+        RETURNED.with(|r| {
+            let mut r = r.borrow_mut();
+            *r = CString::new(text.replace('\0', " ")).unwrap_or_default();
+            r.as_ptr()
+        })
+    }))
+    .unwrap_or(c"".as_ptr())
 }
 
 /// This thread's last error message ("" when none). Valid until this thread's next call of
 /// `smem_get_last_err_msg` or `smem_get_and_clear_last_err_msg`.
 #[no_mangle]
 pub extern "C" fn smem_get_last_err_msg() -> *const c_char {
-    hand_out(memfabric::error::last_error())
+    hand_out(memfabric::error::last_error)
 }
 
 /// As `smem_get_last_err_msg`, and clears it.
 #[no_mangle]
 pub extern "C" fn smem_get_and_clear_last_err_msg() -> *const c_char {
-    hand_out(memfabric::error::take_last_error())
+    hand_out(memfabric::error::take_last_error)
 }

@@ -11,6 +11,8 @@
 
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use memfabric::{Error, Result};
 
@@ -24,10 +26,12 @@ const SMEM_ERROR: i32 = -1;
 /// Runs `f` and converts its result to the C convention: 0, or a negative code with the
 /// message recorded for `smem_get_last_err_msg`.
 fn guarded(what: &str, f: impl FnOnce() -> Result<()>) -> i32 {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => memfabric::error::to_code(r),
+    // Recording the error is inside too: it uses thread-local storage, which panics when
+    // called during thread teardown (a C++ destructor calling in).
+    match catch_unwind(AssertUnwindSafe(|| memfabric::error::to_code(f()))) {
+        Ok(code) => code,
         Err(_) => {
-            memfabric::error::set_last_error(&format!("{what}: internal error (panic)"));
+            note_panic(what);
             SMEM_ERROR
         }
     }
@@ -35,15 +39,52 @@ fn guarded(what: &str, f: impl FnOnce() -> Result<()>) -> i32 {
 
 /// Like [`guarded`] for calls that return a value; `failed` on error.
 fn guarded_value<T>(what: &str, failed: T, f: impl FnOnce() -> Result<T>) -> T {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
+    let run = || {
+        f().map_err(|e| {
             memfabric::error::record(&e);
+        })
+    };
+    match catch_unwind(AssertUnwindSafe(run)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(())) => failed,
+        Err(_) => {
+            note_panic(what);
             failed
         }
-        Err(_) => {
-            memfabric::error::set_last_error(&format!("{what}: internal error (panic)"));
-            failed
+    }
+}
+
+fn note_panic(what: &str) {
+    let _ = catch_unwind(|| {
+        memfabric::error::set_last_error(&format!("{what}: internal error (panic)"))
+    });
+}
+
+/// Drops the table's reference to an object once no call holds another (a transfer or copy
+/// running on another thread, a job queued on a stream), so that when this returns the object
+/// is gone: no peer reaches the memory it served any more. After `limit` it lets go anyway and
+/// says so; the last call to finish then releases the object.
+fn release<T>(obj: Arc<T>, limit: Duration, what: &str) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut obj = obj;
+    loop {
+        match Arc::try_unwrap(obj) {
+            Ok(last) => {
+                drop(last);
+                return Ok(());
+            }
+            Err(shared) if Instant::now() >= deadline => {
+                let users = Arc::strong_count(&shared) - 1;
+                drop(shared);
+                return Err(Error::Timeout(format!(
+                    "{what}: {users} call(s) still used it after {limit:?}; it is released when \
+                     they end"
+                )));
+            }
+            Err(shared) => {
+                obj = shared;
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     }
 }
@@ -75,4 +116,46 @@ unsafe fn c_str_len<'a>(p: *const c_char, len: u32, name: &str) -> Result<&'a st
     // A C caller may count the terminating NUL in `len`.
     let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
     std::str::from_utf8(bytes).map_err(|_| Error::InvalidParam(format!("{name} is not UTF-8")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    struct Flag(Arc<AtomicBool>);
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn release_waits_for_the_other_holders_then_drops() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let obj = Arc::new(Flag(dropped.clone()));
+        let held = obj.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+        });
+        let start = Instant::now();
+        release(obj, Duration::from_secs(5), "test").unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(90));
+        assert!(dropped.load(Ordering::SeqCst), "released before returning");
+        t.join().unwrap();
+
+        let dropped = Arc::new(AtomicBool::new(false));
+        let obj = Arc::new(Flag(dropped.clone()));
+        let held = obj.clone();
+        let e = release(obj, Duration::from_millis(50), "test").unwrap_err();
+        assert_eq!(e.code(), -2004);
+        assert!(e.to_string().contains("1 call(s)"), "{e}");
+        assert!(!dropped.load(Ordering::SeqCst));
+        drop(held);
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the last holder releases it"
+        );
+    }
 }

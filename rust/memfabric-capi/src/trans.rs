@@ -82,16 +82,20 @@ fn config<'a>(config: *const SmemTransConfig) -> Result<&'a SmemTransConfig> {
 #[no_mangle]
 pub unsafe extern "C" fn smem_trans_config_init(config: *mut SmemTransConfig) -> i32 {
     guarded("smem_trans_config_init", || {
-        // SAFETY: null is refused; otherwise writable by the caller's contract.
-        let c = unsafe { config.as_mut() }
-            .ok_or_else(|| Error::InvalidParam("config is NULL".into()))?;
-        *c = SmemTransConfig {
-            role: SMEM_TRANS_NONE,
-            init_timeout: 120,
-            device_id: u32::MAX,
-            flags: 0,
-            data_op_type: 1,
-            start_config_server: false,
+        if config.is_null() {
+            return Err(Error::InvalidParam("config is NULL".into()));
+        }
+        // SAFETY: not null and writable by the caller's contract; `write` because the struct
+        // is usually uninitialized (its bool may hold any byte), so no reference to it is made.
+        unsafe {
+            config.write(SmemTransConfig {
+                role: SMEM_TRANS_NONE,
+                init_timeout: 120,
+                device_id: u32::MAX,
+                flags: 0,
+                data_op_type: 1,
+                start_config_server: false,
+            })
         };
         Ok(())
     })
@@ -112,15 +116,27 @@ pub unsafe extern "C" fn smem_trans_init(config_ptr: *const SmemTransConfig) -> 
     })
 }
 
+/// Longest a destroy waits for calls that still use the object on other threads.
+const RELEASE_WAIT: Duration = Duration::from_secs(DEFAULT_TRANSFER_TIMEOUT.as_secs() + 5);
+
 /// Destroys every transfer object still alive and ends the initialization.
 #[no_mangle]
 pub extern "C" fn smem_trans_uninit(flags: u32) {
     let _ = flags;
     guarded("smem_trans_uninit", || {
-        INITIALIZED.store(false, Ordering::Release);
-        let all = engines().take();
-        drop(all);
-        Ok(())
+        let all = {
+            let mut table = engines();
+            INITIALIZED.store(false, Ordering::Release);
+            table.take().unwrap_or_default()
+        };
+        let mut first_error = Ok(());
+        for (_, e) in all {
+            let r = crate::release(e, RELEASE_WAIT, "a transfer object");
+            if first_error.is_ok() {
+                first_error = r;
+            }
+        }
+        first_error
     });
 }
 
@@ -191,15 +207,25 @@ pub unsafe extern "C" fn smem_trans_create(
         let cfg = engine_config(config(config_ptr)?, url, session)?;
         let engine = Arc::new(TransferEngine::start(cfg)?);
         let id = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
-        engines()
-            .get_or_insert_with(HashMap::new)
-            .insert(id, engine);
+        let mut table = engines();
+        // Checked again under the table's lock: an uninit that ran while the engine started
+        // would otherwise leave it alive behind a valid handle.
+        if !INITIALIZED.load(Ordering::Acquire) {
+            drop(table);
+            drop(engine);
+            return Err(Error::NotInit(
+                "smem_trans_uninit ran while this object was being created".into(),
+            ));
+        }
+        table.get_or_insert_with(HashMap::new).insert(id, engine);
         Ok(id as SmemTrans)
     })
 }
 
-/// Destroys a transfer object; its records leave the store. An unknown handle is reported
-/// through the last error.
+/// Destroys a transfer object: when it returns, its data server is stopped and its records
+/// have left the store, so the memory it registered may be freed. It waits for calls still
+/// using the object on other threads (up to the transfer timeout). An unknown handle is
+/// reported through the last error.
 #[no_mangle]
 pub extern "C" fn smem_trans_destroy(handle: SmemTrans, flags: u32) {
     let _ = flags;
@@ -208,10 +234,7 @@ pub extern "C" fn smem_trans_destroy(handle: SmemTrans, flags: u32) {
             .as_mut()
             .and_then(|m| m.remove(&(handle as usize)));
         match removed {
-            Some(e) => {
-                drop(e);
-                Ok(())
-            }
+            Some(e) => crate::release(e, RELEASE_WAIT, "smem_trans_destroy"),
             None => engine(handle).map(|_| ()),
         }
     });

@@ -320,6 +320,9 @@ fn two_engines_move_verified_bytes_and_refuse_bad_input() {
         assert!(smem_trans_create(url.as_ptr(), s1.as_ptr(), &cfg).is_null());
         assert!(last_err().contains("smem_trans_init"));
         smem_uninit();
+        // The store's address is free again when smem_uninit returns.
+        assert_eq!(smem_create_config_store(url.as_ptr()), 0, "{}", last_err());
+        smem_uninit();
     }
 }
 

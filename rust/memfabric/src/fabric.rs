@@ -601,9 +601,11 @@ impl Runtime {
     /// could not (the store stopped answering meanwhile), the others still move and the error
     /// says so: calling again with the same URL finishes the move.
     pub fn move_store(&self, url: &str) -> Result<()> {
-        let mut store_url = lock(&self.store_url);
+        // No lock is held across the network: creating an object meanwhile is not held up
+        // (create_object moves an engine it made while the URL changed).
         self.store.retarget(url)?;
-        *store_url = self.store.url();
+        let store_url = self.store.url();
+        *lock(&self.store_url) = store_url.clone();
         let engines: Vec<Arc<StoreClient>> = {
             let mut stores = lock(&self.engine_stores);
             stores.retain(|w| w.strong_count() > 0);
@@ -612,7 +614,7 @@ impl Runtime {
         let total = engines.len();
         let mut failed = Vec::new();
         for client in engines {
-            if client.url() != *store_url {
+            if client.url() != store_url {
                 if let Err(e) = client.retarget(url) {
                     failed.push(e);
                 }

@@ -361,9 +361,7 @@ impl EmbeddedClient {
             key: key.into(),
             value: value.into(),
             ephemeral: true,
-        })?;
-        self.lock().ephemeral.insert(key.into(), value.into());
-        Ok(())
+        })
     }
 
     /// The value of `key`, or `None` if it does not exist.
@@ -494,14 +492,7 @@ impl EmbeddedClient {
         self.expect_ok(Request::MultiSet {
             entries: entries.to_vec(),
             ephemeral,
-        })?;
-        if ephemeral {
-            let mut inner = self.lock();
-            for (k, v) in entries {
-                inner.ephemeral.insert(k.clone(), v.clone());
-            }
-        }
-        Ok(())
+        })
     }
 
     /// Keys starting with `prefix`, sorted.
@@ -603,6 +594,20 @@ impl EmbeddedClient {
                 self.url()
             )));
         }
+        // Ephemeral keys are recorded (for publishing again after a reconnect or a move) under
+        // the same lock as the call that set them: a move in between would miss them.
+        let ephemeral: Vec<(String, Vec<u8>)> = match &req {
+            Request::Set {
+                key,
+                value,
+                ephemeral: true,
+            } => vec![(key.clone(), value.clone())],
+            Request::MultiSet {
+                entries,
+                ephemeral: true,
+            } => entries.clone(),
+            _ => Vec::new(),
+        };
         let mut inner = self.lock();
         let inner = &mut *inner;
         inner.outbuf.clear();
@@ -630,6 +635,9 @@ impl EmbeddedClient {
                             "store {} refused the request: {msg}",
                             self.url()
                         )));
+                    }
+                    if matches!(resp, Response::Ok) {
+                        inner.ephemeral.extend(ephemeral);
                     }
                     return Ok(resp);
                 }
@@ -727,7 +735,15 @@ impl EmbeddedClient {
                 ephemeral: true,
             }
             .encode(&mut buf)?;
-            exchange(&mut conn, &buf, deadline)?;
+            match exchange(&mut conn, &buf, deadline)? {
+                Response::Ok => {}
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "store {} did not take this client's ephemeral keys back: {other:?}",
+                        self.url()
+                    )))
+                }
+            }
         }
         if inner.ever_connected {
             inner.reconnected = Some(Instant::now());
@@ -800,6 +816,8 @@ impl EmbeddedClient {
         }
         let mut guard = self.lock();
         let inner = &mut *guard;
+        // A call in progress held the lock until now: publishing gets a deadline of its own.
+        let deadline = Instant::now() + self.opts.timeout;
         // Published before the switch: a failure leaves the old store in place.
         self.adopt(inner, conn, deadline)?;
         let old = std::mem::replace(

@@ -285,7 +285,13 @@ pub struct StoreServer {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     shared: Arc<Shared>,
+    /// Disconnected once every accept loop has ended, its listener closed with it.
+    listeners_closed: Mutex<std::sync::mpsc::Receiver<()>>,
 }
+
+/// How long dropping a server waits for its listeners to close, so that the address can be
+/// served again at once.
+const LISTENER_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 impl StoreServer {
     /// Binds `addr` (port 0 picks one) and starts serving on the shared runtime.
@@ -300,6 +306,8 @@ impl StoreServer {
         let listener =
             TcpListener::from_std(std_listener).map_err(|e| Error::io("store listener", e))?;
         let (tx, rx) = watch::channel(false);
+        // Each accept loop holds a sender until it returns, dropping its listener.
+        let (open_tx, listeners_closed) = std::sync::mpsc::channel::<()>();
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             sessions_changed: Notify::new(),
@@ -311,19 +319,29 @@ impl StoreServer {
             if let Some(local) = super::local_socket::bind(addr) {
                 match tokio::net::UnixListener::from_std(local) {
                     Ok(l) => {
-                        rt.spawn(accept_local_loop(l, shared.clone(), rx.clone()));
+                        let open = open_tx.clone();
+                        let loop_ = accept_local_loop(l, shared.clone(), rx.clone());
+                        rt.spawn(async move {
+                            loop_.await;
+                            drop(open);
+                        });
                     }
                     Err(e) => mf_log!(DEBUG, "config store {addr}: no local socket ({e})"),
                 }
             }
         }
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-        rt.spawn(accept_loop(listener, shared.clone(), acceptor, rx));
+        let loop_ = accept_loop(listener, shared.clone(), acceptor, rx);
+        rt.spawn(async move {
+            loop_.await;
+            drop(open_tx);
+        });
         mf_log!(INFO, "config store listening on {addr}");
         Ok(StoreServer {
             addr,
             shutdown: tx,
             shared,
+            listeners_closed: Mutex::new(listeners_closed),
         })
     }
 
@@ -373,6 +391,13 @@ impl Drop for StoreServer {
         if let Channels::Running(hub) = channels {
             hub.stop();
         }
+        // Until the listeners are closed the address is still taken: a store started again at
+        // it right after this returns would fail to bind.
+        let closed = self
+            .listeners_closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let _ = closed.recv_timeout(LISTENER_CLOSE_WAIT);
         mf_log!(INFO, "config store on {} stopped", self.addr);
     }
 }
