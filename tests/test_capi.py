@@ -14,7 +14,7 @@ from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 INCLUDE = ROOT / "rust" / "memfabric-capi" / "include"
-HEADERS = ["smem/host/smem.h", "smem/host/smem_trans.h", "smem/host/smem_bm.h"]
+HEADERS = ["smem/host/smem.h", "smem/host/smem_trans.h", "smem/host/smem_bm.h", "smem/host/smem_shm.h"]
 
 
 def library_dir() -> Path:
@@ -78,3 +78,11 @@ def test_c_program_big_memory_two_ranks(cc, tmp_path, path):
     assert out.returncode == 0, out.stdout + out.stderr
     for rank in (0, 1):
         assert f"rank {rank}: parts, batch and refusals verified" in out.stdout, out.stdout
+
+
+def test_c_program_share_memory_three_ranks(cc, tmp_path):
+    exe = build(cc, "shm_three_ranks", tmp_path)
+    out = subprocess.run([str(exe), f"tcp://127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for rank in range(3):
+        assert f"rank {rank}: parts, gather, reach and refusals verified" in out.stdout, out.stdout

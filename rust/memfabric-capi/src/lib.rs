@@ -18,6 +18,7 @@ use memfabric::{Error, Result};
 
 pub mod bm;
 pub mod common;
+pub mod shm;
 pub mod trans;
 
 /// `SMEM_ERROR`: a panic inside the library (a bug) or an unclassified failure.
