@@ -10,24 +10,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "smem/host/smem.h"
 #include "smem/host/smem_bm.h"
 
 #define PART (4u << 20)
 #define BLOCKS 64u
-
-static int failures = 0;
-
-#define CHECK(cond, ...)                                                            \
-    do {                                                                            \
-        if (!(cond)) {                                                              \
-            fprintf(stderr, "[rank %d] FAILED %s:%d: %s -- ", rank, __FILE__,       \
-                    __LINE__, #cond);                                               \
-            fprintf(stderr, __VA_ARGS__);                                           \
-            fprintf(stderr, " (last error: %s)\n", smem_get_last_err_msg());      \
-            failures++;                                                             \
-        }                                                                           \
-    } while (0)
 
 static unsigned char pattern(int writer, size_t i) { return (unsigned char)((i / 4096 + 31 * writer + i) % 253); }
 
@@ -48,6 +36,7 @@ static size_t reversed(size_t i) {
 }
 
 static int run(const char *url, int rank) {
+    snprintf(who, sizeof who, "rank %d", rank);
     smem_bm_config_t cfg;
     CHECK(smem_bm_config_init(&cfg) == 0, "config_init");
     cfg.rankId = (uint16_t)rank;

@@ -11,27 +11,17 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "smem/host/smem.h"
 #include "smem/host/smem_shm.h"
 
 #define WORLD 3u
 #define SIZE (2u << 20)
 
-static int failures = 0;
 static int rank = -1;
 
-#define CHECK(cond, ...)                                                            \
-    do {                                                                            \
-        if (!(cond)) {                                                              \
-            fprintf(stderr, "[rank %d] FAILED %s:%d: %s -- ", rank, __FILE__,       \
-                    __LINE__, #cond);                                               \
-            fprintf(stderr, __VA_ARGS__);                                           \
-            fprintf(stderr, " (last error: %s)\n", smem_get_last_err_msg());      \
-            failures++;                                                             \
-        }                                                                           \
-    } while (0)
-
 static int run(const char *url) {
+    snprintf(who, sizeof who, "rank %d", rank);
     smem_shm_config_t cfg;
     CHECK(smem_shm_config_init(&cfg) == 0, "config_init");
     cfg.startConfigStore = rank == 0;

@@ -10,24 +10,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "smem/host/smem.h"
 #include "smem/host/smem_trans.h"
 
 #define SIZE (8u << 20)
 #define BLOCKS 256u
-
-static int failures = 0;
-
-#define CHECK(cond, ...)                                                            \
-    do {                                                                            \
-        if (!(cond)) {                                                              \
-            fprintf(stderr, "[%d] FAILED %s:%d: %s -- ", (int)getpid(), __FILE__,   \
-                    __LINE__, #cond);                                               \
-            fprintf(stderr, __VA_ARGS__);                                           \
-            fprintf(stderr, " (last error: %s)\n", smem_get_last_err_msg());      \
-            failures++;                                                             \
-        }                                                                           \
-    } while (0)
 
 static unsigned char pattern(size_t i) { return (unsigned char)((i * 7 + i / 4096) % 251); }
 
@@ -54,6 +42,7 @@ static smem_trans_t make(const char *url, const char *session, smem_trans_role_t
 }
 
 static int receiver(const char *url, const char *session, int to_sender, int from_sender) {
+    snprintf(who, sizeof who, "receiver");
     unsigned char *buf = NULL;
     CHECK(posix_memalign((void **)&buf, 2u << 20, SIZE) == 0, "alloc");
     memset(buf, 0, SIZE);
@@ -82,6 +71,7 @@ static int receiver(const char *url, const char *session, int to_sender, int fro
 }
 
 static int sender(const char *url, const char *peer, int from_receiver, int to_receiver) {
+    snprintf(who, sizeof who, "sender");
     CHECK(smem_init(0) == 0, "smem_init");
     CHECK(smem_create_config_store(url) == 0, "create_config_store");
     unsigned long long raddr = 0;

@@ -1,15 +1,14 @@
 //! `smem_bm.h`: Big Memory. As for transfer objects, a handle is a number in a table, so a
 //! destroyed or made-up handle is refused rather than followed.
 
-use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use memfabric::bm::{self as core, BigMemory, BmRuntime, CopyType};
 use memfabric::{Error, Result};
 
+use crate::handles::Table;
 use crate::{c_str, guarded, guarded_value};
 
 /// A Big Memory object handle as C sees it.
@@ -46,8 +45,7 @@ pub struct SmemBatchCopyParams {
 static RUNTIME: Mutex<Option<Arc<BmRuntime>>> = Mutex::new(None);
 /// Longest a destroy waits for copies that still use the object on other threads.
 const RELEASE_WAIT: Duration = Duration::from_secs(130);
-static NEXT_HANDLE: AtomicUsize = AtomicUsize::new(1);
-static OBJECTS: Mutex<Option<HashMap<usize, Arc<BigMemory>>>> = Mutex::new(None);
+static OBJECTS: Table<BigMemory> = Table::new("Big Memory");
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -60,18 +58,7 @@ fn runtime() -> Result<Arc<BmRuntime>> {
 }
 
 fn object(handle: SmemBm) -> Result<Arc<BigMemory>> {
-    if handle.is_null() {
-        return Err(Error::InvalidParam("Big Memory handle is NULL".into()));
-    }
-    lock(&OBJECTS)
-        .as_ref()
-        .and_then(|m| m.get(&(handle as usize)).cloned())
-        .ok_or_else(|| {
-            Error::InvalidParam(format!(
-                "{handle:p} is not a live Big Memory handle (never created, destroyed, or \
-                 smem_bm_uninit was called)"
-            ))
-        })
+    OBJECTS.get(handle)
 }
 
 /// Fills `config` with the defaults (those of the Python `BmConfig()`).
@@ -155,14 +142,7 @@ pub unsafe extern "C" fn smem_bm_init(
 pub extern "C" fn smem_bm_uninit(flags: u32) {
     let _ = flags;
     guarded("smem_bm_uninit", || {
-        let objects = lock(&OBJECTS).take().unwrap_or_default();
-        let mut first_error = Ok(());
-        for (_, o) in objects {
-            let r = crate::release(o, RELEASE_WAIT, "a Big Memory object");
-            if first_error.is_ok() {
-                first_error = r;
-            }
-        }
+        let first_error = OBJECTS.destroy_all(RELEASE_WAIT, || {});
         let rt = lock(&RUNTIME).take();
         drop(rt);
         first_error
@@ -217,26 +197,14 @@ pub extern "C" fn smem_bm_create(
             )));
         }
         let obj = rt.create(id, local_dram_size, local_hbm_size)?;
-        let handle = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
-        lock(&OBJECTS)
-            .get_or_insert_with(HashMap::new)
-            .insert(handle, Arc::new(obj));
-        Ok(handle as SmemBm)
+        OBJECTS.insert(obj, || Ok(()))
     })
 }
 
 /// Releases an object (an unknown handle is reported through the last error).
 #[no_mangle]
 pub extern "C" fn smem_bm_destroy(handle: SmemBm) {
-    guarded("smem_bm_destroy", || {
-        let removed = lock(&OBJECTS)
-            .as_mut()
-            .and_then(|m| m.remove(&(handle as usize)));
-        match removed {
-            Some(o) => crate::release(o, RELEASE_WAIT, "smem_bm_destroy"),
-            None => object(handle).map(|_| ()),
-        }
-    });
+    guarded("smem_bm_destroy", || OBJECTS.destroy(handle, RELEASE_WAIT));
 }
 
 /// Makes the object usable and gives this rank's part: `*localGvaAddress` (when not NULL).

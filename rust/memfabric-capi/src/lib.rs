@@ -11,13 +11,12 @@
 
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use memfabric::{Error, Result};
 
 pub mod bm;
 pub mod common;
+mod handles;
 pub mod shm;
 pub mod trans;
 
@@ -61,35 +60,6 @@ fn note_panic(what: &str) {
     });
 }
 
-/// Drops the table's reference to an object once no call holds another (a transfer or copy
-/// running on another thread, a job queued on a stream), so that when this returns the object
-/// is gone: no peer reaches the memory it served any more. After `limit` it lets go anyway and
-/// says so; the last call to finish then releases the object.
-fn release<T>(obj: Arc<T>, limit: Duration, what: &str) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    let mut obj = obj;
-    loop {
-        match Arc::try_unwrap(obj) {
-            Ok(last) => {
-                drop(last);
-                return Ok(());
-            }
-            Err(shared) if Instant::now() >= deadline => {
-                let users = Arc::strong_count(&shared) - 1;
-                drop(shared);
-                return Err(Error::Timeout(format!(
-                    "{what}: {users} call(s) still used it after {limit:?}; it is released when \
-                     they end"
-                )));
-            }
-            Err(shared) => {
-                obj = shared;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    }
-}
-
 /// The string at `p`, which must not be null and must be UTF-8.
 ///
 /// # Safety
@@ -117,46 +87,4 @@ unsafe fn c_str_len<'a>(p: *const c_char, len: u32, name: &str) -> Result<&'a st
     // A C caller may count the terminating NUL in `len`.
     let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
     std::str::from_utf8(bytes).map_err(|_| Error::InvalidParam(format!("{name} is not UTF-8")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    struct Flag(Arc<AtomicBool>);
-    impl Drop for Flag {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
-
-    #[test]
-    fn release_waits_for_the_other_holders_then_drops() {
-        let dropped = Arc::new(AtomicBool::new(false));
-        let obj = Arc::new(Flag(dropped.clone()));
-        let held = obj.clone();
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
-            drop(held);
-        });
-        let start = Instant::now();
-        release(obj, Duration::from_secs(5), "test").unwrap();
-        assert!(start.elapsed() >= Duration::from_millis(90));
-        assert!(dropped.load(Ordering::SeqCst), "released before returning");
-        t.join().unwrap();
-
-        let dropped = Arc::new(AtomicBool::new(false));
-        let obj = Arc::new(Flag(dropped.clone()));
-        let held = obj.clone();
-        let e = release(obj, Duration::from_millis(50), "test").unwrap_err();
-        assert_eq!(e.code(), -2004);
-        assert!(e.to_string().contains("1 call(s)"), "{e}");
-        assert!(!dropped.load(Ordering::SeqCst));
-        drop(held);
-        assert!(
-            dropped.load(Ordering::SeqCst),
-            "the last holder releases it"
-        );
-    }
 }

@@ -1,15 +1,14 @@
 //! `smem_shm.h`: Share Memory. An object's global team is named by the object's own handle
 //! (both are numbers in one table, so a destroyed or made-up one is refused).
 
-use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use memfabric::shm::{self as core, ShareMemory, ShmRuntime};
 use memfabric::{Error, Result};
 
+use crate::handles::Table;
 use crate::{c_str, guarded, guarded_value};
 
 /// A Share Memory object (or its global team) as C sees it.
@@ -30,8 +29,7 @@ pub struct SmemShmConfig {
 pub const MAX_CONTEXT: u32 = 64 << 10;
 
 static RUNTIME: Mutex<Option<Arc<ShmRuntime>>> = Mutex::new(None);
-static NEXT_HANDLE: AtomicUsize = AtomicUsize::new(1);
-static OBJECTS: Mutex<Option<HashMap<usize, Arc<ShareMemory>>>> = Mutex::new(None);
+static OBJECTS: Table<ShareMemory> = Table::new("Share Memory");
 /// Longest a destroy waits for barriers and gathers that still use the object elsewhere.
 const RELEASE_WAIT: Duration = Duration::from_secs(130);
 
@@ -46,18 +44,7 @@ fn runtime() -> Result<Arc<ShmRuntime>> {
 }
 
 fn object(handle: SmemShm) -> Result<Arc<ShareMemory>> {
-    if handle.is_null() {
-        return Err(Error::InvalidParam("Share Memory handle is NULL".into()));
-    }
-    lock(&OBJECTS)
-        .as_ref()
-        .and_then(|m| m.get(&(handle as usize)).cloned())
-        .ok_or_else(|| {
-            Error::InvalidParam(format!(
-                "{handle:p} is not a live Share Memory handle or team (never created, \
-                 destroyed, or smem_shm_uninit was called)"
-            ))
-        })
+    OBJECTS.get(handle)
 }
 
 /// Fills `config` with the defaults.
@@ -136,14 +123,7 @@ pub unsafe extern "C" fn smem_shm_init(
 pub extern "C" fn smem_shm_uninit(flags: u32) {
     let _ = flags;
     guarded("smem_shm_uninit", || {
-        let objects = lock(&OBJECTS).take().unwrap_or_default();
-        let mut first_error = Ok(());
-        for (_, o) in objects {
-            let r = crate::release(o, RELEASE_WAIT, "a Share Memory object");
-            if first_error.is_ok() {
-                first_error = r;
-            }
-        }
+        let first_error = OBJECTS.destroy_all(RELEASE_WAIT, || {});
         let rt = lock(&RUNTIME).take();
         drop(rt);
         first_error
@@ -178,11 +158,7 @@ pub unsafe extern "C" fn smem_shm_create(
         if let Some(out) = unsafe { gva.as_mut() } {
             *out = obj.gva() as *mut c_void;
         }
-        let handle = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
-        lock(&OBJECTS)
-            .get_or_insert_with(HashMap::new)
-            .insert(handle, Arc::new(obj));
-        Ok(handle as SmemShm)
+        OBJECTS.insert(obj, || Ok(()))
     })
 }
 
@@ -190,15 +166,7 @@ pub unsafe extern "C" fn smem_shm_create(
 #[no_mangle]
 pub extern "C" fn smem_shm_destroy(handle: SmemShm, flags: u32) -> i32 {
     let _ = flags;
-    guarded("smem_shm_destroy", || {
-        let removed = lock(&OBJECTS)
-            .as_mut()
-            .and_then(|m| m.remove(&(handle as usize)));
-        match removed {
-            Some(o) => crate::release(o, RELEASE_WAIT, "smem_shm_destroy"),
-            None => object(handle).map(|_| ()),
-        }
-    })
+    guarded("smem_shm_destroy", || OBJECTS.destroy(handle, RELEASE_WAIT))
 }
 
 /// Attaches `size` bytes of user context (at most 64 KiB) that every rank can read.

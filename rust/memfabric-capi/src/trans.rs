@@ -1,10 +1,9 @@
 //! `smem_trans.h`: the Transfer Engine. A handle is a number in [`ENGINES`], so a handle the
 //! library never gave out, or one already destroyed, is refused instead of dereferenced.
 
-use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use memfabric::device::{stream_order, StreamHandle};
@@ -14,6 +13,7 @@ use memfabric::trans::{
 use memfabric::transport::Op;
 use memfabric::{Error, Result};
 
+use crate::handles::Table;
 use crate::{c_str, guarded, guarded_value};
 
 /// An engine handle as C sees it.
@@ -48,25 +48,10 @@ pub struct SmemTransConfig {
 const MAX_BATCH: u32 = 1 << 24;
 
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
-static NEXT_HANDLE: AtomicUsize = AtomicUsize::new(1);
-static ENGINES: Mutex<Option<HashMap<usize, Arc<TransferEngine>>>> = Mutex::new(None);
-
-fn engines() -> MutexGuard<'static, Option<HashMap<usize, Arc<TransferEngine>>>> {
-    ENGINES.lock().unwrap_or_else(|p| p.into_inner())
-}
+static ENGINES: Table<TransferEngine> = Table::new("transfer");
 
 fn engine(handle: SmemTrans) -> Result<Arc<TransferEngine>> {
-    if handle.is_null() {
-        return Err(Error::InvalidParam("transfer handle is NULL".into()));
-    }
-    engines()
-        .as_ref()
-        .and_then(|m| m.get(&(handle as usize)).cloned())
-        .ok_or_else(|| {
-            Error::InvalidParam(format!(
-                "{handle:p} is not a live transfer handle (never created, or destroyed)"
-            ))
-        })
+    ENGINES.get(handle)
 }
 
 fn config<'a>(config: *const SmemTransConfig) -> Result<&'a SmemTransConfig> {
@@ -124,19 +109,7 @@ const RELEASE_WAIT: Duration = Duration::from_secs(DEFAULT_TRANSFER_TIMEOUT.as_s
 pub extern "C" fn smem_trans_uninit(flags: u32) {
     let _ = flags;
     guarded("smem_trans_uninit", || {
-        let all = {
-            let mut table = engines();
-            INITIALIZED.store(false, Ordering::Release);
-            table.take().unwrap_or_default()
-        };
-        let mut first_error = Ok(());
-        for (_, e) in all {
-            let r = crate::release(e, RELEASE_WAIT, "a transfer object");
-            if first_error.is_ok() {
-                first_error = r;
-            }
-        }
-        first_error
+        ENGINES.destroy_all(RELEASE_WAIT, || INITIALIZED.store(false, Ordering::Release))
     });
 }
 
@@ -205,20 +178,18 @@ pub unsafe extern "C" fn smem_trans_create(
         // SAFETY: as above.
         let session = unsafe { c_str(unique_id, "uniqueId") }?;
         let cfg = engine_config(config(config_ptr)?, url, session)?;
-        let engine = Arc::new(TransferEngine::start(cfg)?);
-        let id = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
-        let mut table = engines();
-        // Checked again under the table's lock: an uninit that ran while the engine started
-        // would otherwise leave it alive behind a valid handle.
-        if !INITIALIZED.load(Ordering::Acquire) {
-            drop(table);
-            drop(engine);
-            return Err(Error::NotInit(
-                "smem_trans_uninit ran while this object was being created".into(),
-            ));
-        }
-        table.get_or_insert_with(HashMap::new).insert(id, engine);
-        Ok(id as SmemTrans)
+        let engine = TransferEngine::start(cfg)?;
+        // Checked under the table's lock: an uninit that ran while the engine started would
+        // otherwise leave it alive behind a valid handle.
+        ENGINES.insert(engine, || {
+            if INITIALIZED.load(Ordering::Acquire) {
+                Ok(())
+            } else {
+                Err(Error::NotInit(
+                    "smem_trans_uninit ran while this object was being created".into(),
+                ))
+            }
+        })
     })
 }
 
@@ -230,13 +201,7 @@ pub unsafe extern "C" fn smem_trans_create(
 pub extern "C" fn smem_trans_destroy(handle: SmemTrans, flags: u32) {
     let _ = flags;
     guarded("smem_trans_destroy", || {
-        let removed = engines()
-            .as_mut()
-            .and_then(|m| m.remove(&(handle as usize)));
-        match removed {
-            Some(e) => crate::release(e, RELEASE_WAIT, "smem_trans_destroy"),
-            None => engine(handle).map(|_| ()),
-        }
+        ENGINES.destroy(handle, RELEASE_WAIT)
     });
 }
 
