@@ -13,7 +13,8 @@ def buffer_address(buf: mmap.mmap) -> int:
 
 
 def serve(store_url: str, session: str, size: int, conn, env: dict | None = None) -> None:
-    """Commands on `conn`: ("hash", off, n), ("fill", byte), ("unregister",), ("stop",)."""
+    """Commands on `conn`: ("hash", off, n), ("fill", byte), ("move", store_url), ("unregister",),
+    ("stop",)."""
     os.environ.update(env or {})
     import memfabric_hybrid as mf
 
@@ -44,6 +45,9 @@ def serve(store_url: str, session: str, size: int, conn, env: dict | None = None
             _, off, data = cmd
             buf[guard + off: guard + off + len(data)] = data
             conn.send("ok")
+        elif cmd[0] == "move":
+            rc = engine.update_store_url(cmd[1])
+            conn.send((rc, mf.get_last_err_msg() if rc else ""))
         elif cmd[0] == "unregister":
             conn.send(engine.unregister_memory(base + guard))
         elif cmd[0] == "stop":

@@ -11,7 +11,7 @@ import time
 
 import memfabric_hybrid as mf
 from conftest import free_port
-from _faults import SLACK, kill_store, start_store, wait_for
+from _faults import SLACK, Target, engine, kill_store, start_store, verified_write, wait_for
 import _fault_workers
 
 SIZE = 2 << 20
@@ -81,3 +81,39 @@ def test_store_restarted_at_another_address(spawn):
             if s is not None:
                 kill_store(s)
     assert [p.exitcode for p in ranks] == [0, 0]
+
+
+def test_engines_move_to_a_store_at_another_address(spawn):
+    """Transfer Engines (an extension beside BM's 1.3 call): the target and the initiator move;
+    an engine that starts on the new store finds the target there."""
+    old_url = f"tcp://127.0.0.1:{free_port()}"
+    old = start_store(old_url)
+    new = None
+    target = e = None
+    try:
+        target = Target(spawn, old_url, SIZE)
+        e, mem = engine(old_url, SIZE)
+        verified_write(e, mem, target, SIZE, seed=1)
+        assert e.update_store_url("tcp://no-such-store") == mf.SMEM_INVALID_PARAM
+        kill_store(old)
+        old = None
+        new_url = f"tcp://127.0.0.1:{free_port()}"
+        new = start_store(new_url)
+        assert target.ask("move", new_url) == (0, "")
+        assert e.update_store_url(new_url) == 0, mf.get_last_err_msg()
+        verified_write(e, mem, target, SIZE, seed=2)
+        # An engine that never knew the old store finds the target through the new one.
+        late, late_mem = engine(new_url, SIZE)
+        try:
+            verified_write(late, late_mem, target, SIZE, seed=3)
+        finally:
+            late.destroy()
+    finally:
+        if e is not None:
+            e.destroy()
+        if target is not None:
+            target.stop()
+        for s in (old, new):
+            if s is not None:
+                kill_store(s)
+    assert target.proc.exitcode == 0

@@ -285,6 +285,15 @@ impl TransferEngine {
         }
     }
 
+    /// Move to the config store now at ``store_url`` (it came back at another address): this
+    /// engine's records and region table are published there, and peers are looked up there
+    /// from now on; peers already known stay reachable. Every engine of the job calls it.
+    /// Returns 0, or an error code with nothing moved (SMEM_NOT_CONNECTED when no store
+    /// answers there, SMEM_INVALID_PARAM for a malformed URL).
+    fn update_store_url(&self, py: Python<'_>, store_url: String) -> i32 {
+        self.run(py, move |e| e.update_store_url(&store_url))
+    }
+
     /// The engine's data port. Before ``initialize`` it reserves a free port in
     /// [15000, 25000] for the caller to put in its session id (that port is then used);
     /// after, the port actually listened on. 0 on failure.

@@ -330,6 +330,14 @@ impl TransferEngine {
         &self.store
     }
 
+    /// Moves this engine to the config store now at `store_url` (the store came back at
+    /// another address): its records and region table are published there, and peers are
+    /// looked up there from now on. Peers already known stay reachable meanwhile. On error
+    /// nothing moved.
+    pub fn update_store_url(&self, store_url: &str) -> Result<()> {
+        self.store.retarget(store_url)
+    }
+
     /// This engine's registered regions.
     pub fn regions(&self) -> &Arc<RegionTable> {
         &self.regions
