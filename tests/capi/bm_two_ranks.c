@@ -35,7 +35,7 @@ static size_t reversed(size_t i) {
     return (BLOCKS - 1 - i / block) * block + i % block;
 }
 
-static int run(const char *url, int rank) {
+static int run(int rank, const char *url) {
     snprintf(who, sizeof who, "rank %d", rank);
     smem_bm_config_t cfg;
     CHECK(smem_bm_config_init(&cfg) == 0, "config_init");
@@ -116,16 +116,5 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s STORE_URL\n", argv[0]);
         return 2;
     }
-    fflush(stdout);
-    pid_t pid = fork();
-    if (pid < 0) return 2;
-    if (pid == 0) return run(argv[1], 1);
-    int rc = run(argv[1], 0);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-        fprintf(stderr, "rank 1 exit status %d\n", status);
-        rc = 1;
-    }
-    return rc;
+    return run_ranks(2, run, argv[1]);
 }

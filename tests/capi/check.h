@@ -4,6 +4,10 @@
 #define MF_TEST_CHECK_H
 
 #include <stdio.h>
+#include <stdlib.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "smem/host/smem.h"
 
@@ -19,5 +23,28 @@ static char who[32] = "main";
             failures++;                                                                    \
         }                                                                                  \
     } while (0)
+
+/* Runs run(rank, arg) as n ranks (at most 64): rank 0 in this process, the others in children
+ * forked before anything touches the library. 0 when every rank returned 0. */
+static inline int run_ranks(int n, int (*run)(int rank, const char *arg), const char *arg) {
+    pid_t kids[64];
+    if (n < 1 || n > 64) return 2;
+    fflush(stdout);
+    for (int r = 1; r < n; r++) {
+        kids[r] = fork();
+        if (kids[r] < 0) return 2;
+        if (kids[r] == 0) exit(run(r, arg)); /* exit, not _exit: stdout is flushed */
+    }
+    int rc = run(0, arg);
+    for (int r = 1; r < n; r++) {
+        int status = 0;
+        waitpid(kids[r], &status, 0);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+            fprintf(stderr, "rank %d exit status %d\n", r, status);
+            rc = 1;
+        }
+    }
+    return rc;
+}
 
 #endif /* MF_TEST_CHECK_H */

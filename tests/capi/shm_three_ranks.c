@@ -20,7 +20,8 @@
 
 static int rank = -1;
 
-static int run(const char *url) {
+static int run(int r, const char *url) {
+    rank = r;
     snprintf(who, sizeof who, "rank %d", rank);
     smem_shm_config_t cfg;
     CHECK(smem_shm_config_init(&cfg) == 0, "config_init");
@@ -77,25 +78,5 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s STORE_URL\n", argv[0]);
         return 2;
     }
-    fflush(stdout);
-    pid_t kids[WORLD];
-    for (unsigned r = 1; r < WORLD; r++) {
-        kids[r] = fork();
-        if (kids[r] < 0) return 2;
-        if (kids[r] == 0) {
-            rank = (int)r;
-            return run(argv[1]);
-        }
-    }
-    rank = 0;
-    int rc = run(argv[1]);
-    for (unsigned r = 1; r < WORLD; r++) {
-        int status = 0;
-        waitpid(kids[r], &status, 0);
-        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-            fprintf(stderr, "rank %u exit status %d\n", r, status);
-            rc = 1;
-        }
-    }
-    return rc;
+    return run_ranks((int)WORLD, run, argv[1]);
 }

@@ -2,13 +2,13 @@
 //! destroyed or made-up handle is refused rather than followed.
 
 use std::ffi::{c_char, c_void};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use memfabric::bm::{self as core, BigMemory, BmRuntime, CopyType};
 use memfabric::{Error, Result};
 
-use crate::handles::Table;
+use crate::handles::{Slot, Table};
 use crate::{c_str, guarded, guarded_value};
 
 /// A Big Memory object handle as C sees it.
@@ -42,19 +42,13 @@ pub struct SmemBatchCopyParams {
     pub batch_size: u32,
 }
 
-static RUNTIME: Mutex<Option<Arc<BmRuntime>>> = Mutex::new(None);
+static RUNTIME: Slot<BmRuntime> = Slot::new("Big Memory", "smem_bm_init");
 /// Longest a destroy waits for copies that still use the object on other threads.
 const RELEASE_WAIT: Duration = Duration::from_secs(130);
 static OBJECTS: Table<BigMemory> = Table::new("Big Memory");
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn runtime() -> Result<Arc<BmRuntime>> {
-    lock(&RUNTIME).clone().ok_or_else(|| {
-        Error::NotInit("Big Memory is not initialized: call smem_bm_init first".into())
-    })
+    RUNTIME.get()
 }
 
 fn object(handle: SmemBm) -> Result<Arc<BigMemory>> {
@@ -109,12 +103,6 @@ pub unsafe extern "C" fn smem_bm_init(
         // SAFETY: null refused; otherwise a config valid for the call.
         let c = unsafe { config.as_ref() }
             .ok_or_else(|| Error::InvalidParam("config is NULL".into()))?;
-        let mut rt = lock(&RUNTIME);
-        if rt.is_some() {
-            return Err(Error::RepeatInvoke(
-                "Big Memory is already initialized in this process".into(),
-            ));
-        }
         let cfg = core::BmConfig {
             init_timeout: c.init_timeout,
             create_timeout: c.create_timeout,
@@ -127,13 +115,7 @@ pub unsafe extern "C" fn smem_bm_init(
             rank_id: u32::from(c.rank_id),
             flags: c.flags,
         };
-        *rt = Some(Arc::new(BmRuntime::initialize(
-            url,
-            world_size,
-            i32::from(device_id),
-            cfg,
-        )?));
-        Ok(())
+        RUNTIME.fill(|| BmRuntime::initialize(url, world_size, i32::from(device_id), cfg))
     })
 }
 
@@ -143,8 +125,7 @@ pub extern "C" fn smem_bm_uninit(flags: u32) {
     let _ = flags;
     guarded("smem_bm_uninit", || {
         let first_error = OBJECTS.destroy_all(RELEASE_WAIT, || {});
-        let rt = lock(&RUNTIME).take();
-        drop(rt);
+        drop(RUNTIME.take());
         first_error
     });
 }

@@ -95,6 +95,55 @@ impl<T> Table<T> {
     }
 }
 
+/// A process-wide runtime (Big Memory's, Share Memory's): set by its init, taken by its uninit.
+pub struct Slot<T> {
+    /// The product and its init call, as messages name them.
+    what: &'static str,
+    init: &'static str,
+    inner: Mutex<Option<Arc<T>>>,
+}
+
+impl<T> Slot<T> {
+    pub const fn new(what: &'static str, init: &'static str) -> Self {
+        Slot {
+            what,
+            init,
+            inner: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Arc<T>>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self) -> Result<Arc<T>> {
+        self.lock().clone().ok_or_else(|| {
+            Error::NotInit(format!(
+                "{} is not initialized: call {} first",
+                self.what, self.init
+            ))
+        })
+    }
+
+    /// Sets the runtime `start` makes (run under the slot's lock, so two inits cannot race);
+    /// a second init is refused.
+    pub fn fill(&self, start: impl FnOnce() -> Result<T>) -> Result<()> {
+        let mut slot = self.lock();
+        if slot.is_some() {
+            return Err(Error::RepeatInvoke(format!(
+                "{} is already initialized in this process",
+                self.what
+            )));
+        }
+        *slot = Some(Arc::new(start()?));
+        Ok(())
+    }
+
+    pub fn take(&self) -> Option<Arc<T>> {
+        self.lock().take()
+    }
+}
+
 /// Drops the table's reference to an object once no call holds another (a transfer or copy
 /// running on another thread, a job queued on a stream), so that when this returns the object
 /// is gone: no peer reaches the memory it served any more. After `limit` it lets go anyway and

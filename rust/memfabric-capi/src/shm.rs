@@ -2,13 +2,13 @@
 //! (both are numbers in one table, so a destroyed or made-up one is refused).
 
 use std::ffi::{c_char, c_void};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use memfabric::shm::{self as core, ShareMemory, ShmRuntime};
 use memfabric::{Error, Result};
 
-use crate::handles::Table;
+use crate::handles::{Slot, Table};
 use crate::{c_str, guarded, guarded_value};
 
 /// A Share Memory object (or its global team) as C sees it.
@@ -28,19 +28,13 @@ pub struct SmemShmConfig {
 /// Most bytes of user context an object carries (`smem_shm_set_extra_context`).
 pub const MAX_CONTEXT: u32 = 64 << 10;
 
-static RUNTIME: Mutex<Option<Arc<ShmRuntime>>> = Mutex::new(None);
+static RUNTIME: Slot<ShmRuntime> = Slot::new("Share Memory", "smem_shm_init");
 static OBJECTS: Table<ShareMemory> = Table::new("Share Memory");
 /// Longest a destroy waits for barriers and gathers that still use the object elsewhere.
 const RELEASE_WAIT: Duration = Duration::from_secs(130);
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn runtime() -> Result<Arc<ShmRuntime>> {
-    lock(&RUNTIME).clone().ok_or_else(|| {
-        Error::NotInit("Share Memory is not initialized: call smem_shm_init first".into())
-    })
+    RUNTIME.get()
 }
 
 fn object(handle: SmemShm) -> Result<Arc<ShareMemory>> {
@@ -94,12 +88,6 @@ pub unsafe extern "C" fn smem_shm_init(
         // SAFETY: null refused; otherwise a config valid for the call.
         let c = unsafe { config.as_ref() }
             .ok_or_else(|| Error::InvalidParam("config is NULL".into()))?;
-        let mut rt = lock(&RUNTIME);
-        if rt.is_some() {
-            return Err(Error::RepeatInvoke(
-                "Share Memory is already initialized in this process".into(),
-            ));
-        }
         let cfg = core::ShmConfig {
             init_timeout: c.shm_init_timeout,
             create_timeout: c.shm_create_timeout,
@@ -107,14 +95,7 @@ pub unsafe extern "C" fn smem_shm_init(
             start_store: c.start_config_store,
             flags: c.flags,
         };
-        *rt = Some(Arc::new(ShmRuntime::initialize(
-            url,
-            world_size,
-            rank_id,
-            i32::from(device_id),
-            cfg,
-        )?));
-        Ok(())
+        RUNTIME.fill(|| ShmRuntime::initialize(url, world_size, rank_id, i32::from(device_id), cfg))
     })
 }
 
@@ -124,8 +105,7 @@ pub extern "C" fn smem_shm_uninit(flags: u32) {
     let _ = flags;
     guarded("smem_shm_uninit", || {
         let first_error = OBJECTS.destroy_all(RELEASE_WAIT, || {});
-        let rt = lock(&RUNTIME).take();
-        drop(rt);
+        drop(RUNTIME.take());
         first_error
     });
 }
