@@ -440,6 +440,7 @@ impl TransferEngine {
     /// Write ``length`` bytes from local ``buffer`` (an int address, or a tensor/array/buffer
     /// inside registered memory; ``length`` then defaults to its size) to
     /// ``peer_buffer_address`` in ``destflag``.
+    ///
     /// 1.3's keyword names ``dest_session`` and ``peer_buffer`` are accepted too.
     #[pyo3(signature = (destflag = None, buffer = None, peer_buffer_address = None, length = None, flags = 0, *, dest_session = None, peer_buffer = None))]
     #[allow(clippy::too_many_arguments)]
@@ -473,6 +474,7 @@ impl TransferEngine {
 
     /// Read ``length`` bytes from ``peer_buffer_address`` in ``destflag`` into local ``buffer``
     /// (an int address or a writable tensor/array/buffer inside registered memory).
+    ///
     /// 1.3's keyword names ``dest_session`` and ``peer_buffer`` are accepted too.
     #[pyo3(signature = (destflag = None, buffer = None, peer_buffer_address = None, length = None, flags = 0, *, dest_session = None, peer_buffer = None))]
     #[allow(clippy::too_many_arguments)]
@@ -505,6 +507,7 @@ impl TransferEngine {
     }
 
     /// Write many blocks in one call (lists of equal length; adjacent blocks are coalesced).
+    ///
     /// 1.3's keyword names ``dest_session`` and ``peer_buffers`` are accepted too.
     #[pyo3(signature = (destflag = None, buffers = None, peer_buffer_addresses = None, lengths = None, flags = 0, *, dest_session = None, peer_buffers = None))]
     #[allow(clippy::too_many_arguments)]
@@ -530,6 +533,7 @@ impl TransferEngine {
     }
 
     /// Read many blocks in one call (lists of equal length).
+    ///
     /// 1.3's keyword names ``dest_session`` and ``peer_buffers`` are accepted too.
     #[pyo3(signature = (destflag = None, buffers = None, peer_buffer_addresses = None, lengths = None, flags = 0, *, dest_session = None, peer_buffers = None))]
     #[allow(clippy::too_many_arguments)]
@@ -557,6 +561,7 @@ impl TransferEngine {
     /// Queue a write on ``stream`` (None/0: run now; a ``Stream``: queued, errors reported by
     /// its ``synchronize()``; a device stream handle: needs a device backend). A memory object
     /// as ``buffer`` is kept alive until the transfer has run.
+    ///
     /// 1.3's keyword names ``dest_session`` and ``peer_buffer`` are accepted too.
     #[pyo3(signature = (destflag = None, buffer = None, peer_buffer_address = None, length = None, stream = None, flags = 0, *, dest_session = None, peer_buffer = None))]
     #[allow(clippy::too_many_arguments)]
@@ -590,6 +595,7 @@ impl TransferEngine {
     }
 
     /// Queue a read on ``stream`` (see ``transfer_async_write_submit``).
+    ///
     /// 1.3's keyword names ``dest_session`` and ``peer_buffer`` are accepted too.
     #[pyo3(signature = (destflag = None, buffer = None, peer_buffer_address = None, length = None, stream = None, flags = 0, *, dest_session = None, peer_buffer = None))]
     #[allow(clippy::too_many_arguments)]
@@ -623,6 +629,7 @@ impl TransferEngine {
     }
 
     /// Queue a batch of writes on ``stream``.
+    ///
     /// 1.3's keyword names ``dest_session`` and ``peer_buffers`` are accepted too.
     #[pyo3(signature = (destflag = None, buffers = None, peer_buffer_addresses = None, lengths = None, stream = None, flags = 0, *, dest_session = None, peer_buffers = None))]
     #[allow(clippy::too_many_arguments)]
@@ -649,6 +656,7 @@ impl TransferEngine {
     }
 
     /// Queue a batch of reads on ``stream``.
+    ///
     /// 1.3's keyword names ``dest_session`` and ``peer_buffers`` are accepted too.
     #[pyo3(signature = (destflag = None, buffers = None, peer_buffer_addresses = None, lengths = None, stream = None, flags = 0, *, dest_session = None, peer_buffers = None))]
     #[allow(clippy::too_many_arguments)]
