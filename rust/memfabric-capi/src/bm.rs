@@ -101,8 +101,7 @@ pub unsafe extern "C" fn smem_bm_init(
         // SAFETY: the caller's contract on `store_url`.
         let url = unsafe { c_str(store_url, "storeURL") }?;
         // SAFETY: null refused; otherwise a config valid for the call.
-        let c = unsafe { config.as_ref() }
-            .ok_or_else(|| Error::InvalidParam("config is NULL".into()))?;
+        let c = unsafe { crate::non_null(config, "config") }?;
         let cfg = core::BmConfig {
             init_timeout: c.init_timeout,
             create_timeout: c.create_timeout,
@@ -290,8 +289,7 @@ pub unsafe extern "C" fn smem_bm_copy_batch(
         let obj = object(handle)?;
         let ty = CopyType::from_value(i64::from(t))?;
         // SAFETY: null refused; otherwise valid for the call by the caller's contract.
-        let p = unsafe { params.as_ref() }
-            .ok_or_else(|| Error::InvalidParam("params is NULL".into()))?;
+        let p = unsafe { crate::non_null(params, "params") }?;
         let n = p.batch_size;
         // SAFETY: the caller's contract: each array holds `batchSize` entries.
         let (src, dst, sizes) = unsafe {

@@ -60,6 +60,15 @@ fn note_panic(what: &str) {
     });
 }
 
+/// The value at `p`, which must not be null.
+///
+/// # Safety
+/// `p` is null or points to a valid `T` that stays valid for the call.
+unsafe fn non_null<'a, T>(p: *const T, name: &str) -> Result<&'a T> {
+    // SAFETY: null is refused; otherwise valid by the caller's contract.
+    unsafe { p.as_ref() }.ok_or_else(|| Error::InvalidParam(format!("{name} is NULL")))
+}
+
 /// The string at `p`, which must not be null and must be UTF-8.
 ///
 /// # Safety

@@ -86,8 +86,7 @@ pub unsafe extern "C" fn smem_shm_init(
         // SAFETY: the caller's contract on `store_url`.
         let url = unsafe { c_str(store_url, "configStoreIpPort") }?;
         // SAFETY: null refused; otherwise a config valid for the call.
-        let c = unsafe { config.as_ref() }
-            .ok_or_else(|| Error::InvalidParam("config is NULL".into()))?;
+        let c = unsafe { crate::non_null(config, "config") }?;
         let cfg = core::ShmConfig {
             init_timeout: c.shm_init_timeout,
             create_timeout: c.shm_create_timeout,

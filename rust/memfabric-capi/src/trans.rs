@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use memfabric::device::{stream_order, StreamHandle};
-use memfabric::trans::{
-    Direction, EngineConfig, Role, TransferEngine, DEFAULT_TRANSFER_TIMEOUT, MAX_BATCH_REGISTER,
-};
+use memfabric::trans::{Direction, EngineConfig, Role, TransferEngine, DEFAULT_TRANSFER_TIMEOUT};
 use memfabric::transport::Op;
 use memfabric::{Error, Result};
 
@@ -54,12 +52,6 @@ fn engine(handle: SmemTrans) -> Result<Arc<TransferEngine>> {
     ENGINES.get(handle)
 }
 
-fn config<'a>(config: *const SmemTransConfig) -> Result<&'a SmemTransConfig> {
-    // SAFETY: null is refused; otherwise the caller passes a config it initialized, valid
-    // for the call.
-    unsafe { config.as_ref() }.ok_or_else(|| Error::InvalidParam("config is NULL".into()))
-}
-
 /// Fills `config` with the defaults: no role (set one), 120 s, no device, SDMA, no store.
 ///
 /// # Safety
@@ -94,7 +86,7 @@ pub unsafe extern "C" fn smem_trans_config_init(config: *mut SmemTransConfig) ->
 pub unsafe extern "C" fn smem_trans_init(config_ptr: *const SmemTransConfig) -> i32 {
     guarded("smem_trans_init", || {
         // The rest of the config is checked by smem_trans_create, which takes it again.
-        config(config_ptr)?;
+        crate::non_null(config_ptr, "config")?;
         memfabric::runtime::runtime()?;
         INITIALIZED.store(true, Ordering::Release);
         Ok(())
@@ -177,7 +169,7 @@ pub unsafe extern "C" fn smem_trans_create(
         let url = unsafe { c_str(store_url, "storeUrl") }?;
         // SAFETY: as above.
         let session = unsafe { c_str(unique_id, "uniqueId") }?;
-        let cfg = engine_config(config(config_ptr)?, url, session)?;
+        let cfg = engine_config(crate::non_null(config_ptr, "config")?, url, session)?;
         let engine = TransferEngine::start(cfg)?;
         // Checked under the table's lock: an uninit that ran while the engine started would
         // otherwise leave it alive behind a valid handle.
@@ -234,11 +226,6 @@ pub unsafe extern "C" fn smem_trans_batch_register_mem(
     let _ = flags;
     guarded("smem_trans_batch_register_mem", || {
         let e = engine(handle)?;
-        if count as usize > MAX_BATCH_REGISTER {
-            return Err(Error::InvalidParam(format!(
-                "{count} regions in one batch; at most {MAX_BATCH_REGISTER}"
-            )));
-        }
         // SAFETY: the caller's contract: `count` entries in each array.
         let addrs = unsafe { array(addresses, count, "addresses") }?;
         // SAFETY: as above.
@@ -350,17 +337,18 @@ pub unsafe extern "C" fn smem_trans_write(
     data_size: usize,
     flags: u32,
 ) -> i32 {
-    let _ = flags;
-    guarded("smem_trans_write", || {
-        let ops = single(local_addr, remote_addr, data_size);
-        transfer(
+    // SAFETY: the same contract; a NULL stream runs the transfer now.
+    unsafe {
+        smem_trans_write_submit(
             handle,
+            local_addr,
             remote_unique_id,
-            Direction::Write,
-            ops,
+            remote_addr,
+            data_size,
             std::ptr::null_mut(),
+            flags,
         )
-    })
+    }
 }
 
 /// Reads `dataSize` bytes at `remoteAddr` of `remoteUniqueId` into `localAddr`.
@@ -376,17 +364,18 @@ pub unsafe extern "C" fn smem_trans_read(
     data_size: usize,
     flags: u32,
 ) -> i32 {
-    let _ = flags;
-    guarded("smem_trans_read", || {
-        let ops = single(local_addr, remote_addr, data_size);
-        transfer(
+    // SAFETY: the same contract; a NULL stream runs the transfer now.
+    unsafe {
+        smem_trans_read_submit(
             handle,
+            local_addr,
             remote_unique_id,
-            Direction::Read,
-            ops,
+            remote_addr,
+            data_size,
             std::ptr::null_mut(),
+            flags,
         )
-    })
+    }
 }
 
 /// Writes `batchSize` blocks in one call.
@@ -403,18 +392,19 @@ pub unsafe extern "C" fn smem_trans_batch_write(
     batch_size: u32,
     flags: u32,
 ) -> i32 {
-    let _ = flags;
-    guarded("smem_trans_batch_write", || {
-        // SAFETY: the caller's contract on the arrays.
-        let ops = unsafe { ops_of(local_addrs, remote_addrs.cast(), data_sizes, batch_size) }?;
-        transfer(
+    // SAFETY: the same contract; a NULL stream runs the transfer now.
+    unsafe {
+        smem_trans_batch_write_submit(
             handle,
+            local_addrs,
             remote_unique_id,
-            Direction::Write,
-            ops,
+            remote_addrs,
+            data_sizes,
+            batch_size,
             std::ptr::null_mut(),
+            flags,
         )
-    })
+    }
 }
 
 /// Reads `batchSize` blocks in one call.
@@ -431,18 +421,19 @@ pub unsafe extern "C" fn smem_trans_batch_read(
     batch_size: u32,
     flags: u32,
 ) -> i32 {
-    let _ = flags;
-    guarded("smem_trans_batch_read", || {
-        // SAFETY: the caller's contract on the arrays.
-        let ops = unsafe { ops_of(local_addrs.cast(), remote_addrs, data_sizes, batch_size) }?;
-        transfer(
+    // SAFETY: the same contract; a NULL stream runs the transfer now.
+    unsafe {
+        smem_trans_batch_read_submit(
             handle,
+            local_addrs,
             remote_unique_id,
-            Direction::Read,
-            ops,
+            remote_addrs,
+            data_sizes,
+            batch_size,
             std::ptr::null_mut(),
+            flags,
         )
-    })
+    }
 }
 
 /// `smem_trans_write` in order with the work on device `stream` (NULL: now). A stream needs
