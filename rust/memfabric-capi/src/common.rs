@@ -29,6 +29,38 @@ pub type DecryptHandler = Option<
     ) -> c_int,
 >;
 
+/// Length of each path in [`SmemTlsConfig`] (`SMEM_TLS_PATH_SIZE`).
+pub const SMEM_TLS_PATH_SIZE: usize = 256;
+
+/// `smem_tls_config` of `smem_bm_def.h`: TLS files of a network link, embedded in the Big
+/// Memory and Transfer Engine configs. Paths are NUL-terminated within their arrays.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SmemTlsConfig {
+    pub tls_enable: bool,
+    pub ca_path: [c_char; SMEM_TLS_PATH_SIZE],
+    pub crl_path: [c_char; SMEM_TLS_PATH_SIZE],
+    pub cert_path: [c_char; SMEM_TLS_PATH_SIZE],
+    pub key_path: [c_char; SMEM_TLS_PATH_SIZE],
+    pub key_pass_path: [c_char; SMEM_TLS_PATH_SIZE],
+    pub package_path: [c_char; SMEM_TLS_PATH_SIZE],
+    pub decrypter_lib_path: [c_char; SMEM_TLS_PATH_SIZE],
+}
+
+impl SmemTlsConfig {
+    /// TLS off, every path empty (what the `*_config_init` calls write).
+    pub const DISABLED: SmemTlsConfig = SmemTlsConfig {
+        tls_enable: false,
+        ca_path: [0; SMEM_TLS_PATH_SIZE],
+        crl_path: [0; SMEM_TLS_PATH_SIZE],
+        cert_path: [0; SMEM_TLS_PATH_SIZE],
+        key_path: [0; SMEM_TLS_PATH_SIZE],
+        key_pass_path: [0; SMEM_TLS_PATH_SIZE],
+        package_path: [0; SMEM_TLS_PATH_SIZE],
+        decrypter_lib_path: [0; SMEM_TLS_PATH_SIZE],
+    };
+}
+
 /// Room given to a decrypt handler for the pass phrase.
 const PASSPHRASE_ROOM: usize = 4096;
 
