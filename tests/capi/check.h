@@ -11,6 +11,17 @@
 
 #include "smem/host/smem.h"
 
+/* This library's own codes (smem.h), for programs compiled against headers that lack them. */
+#ifndef MF_PEER_GONE
+#define MF_PEER_GONE (-3001)
+#define MF_OUT_OF_BOUNDS (-3002)
+#define MF_REFUSED (-3003)
+#define MF_TLS (-3004)
+#define MF_PROTOCOL (-3005)
+#define MF_UNSUPPORTED (-3006)
+#define MF_IO (-3007)
+#endif
+
 static int failures = 0;
 static char who[32] = "main";
 

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -27,6 +28,16 @@ static int full_read(int fd, void *buf, size_t n) {
         got += (size_t)r;
     }
     return 0;
+}
+
+/* What the peer-down callback saw. */
+static volatile int downs = 0;
+static char down_peer[64] = "";
+
+static void on_peer_down(const char *peer, void *user) {
+    snprintf(down_peer, sizeof down_peer, "%s", peer);
+    *(int *)user += 1;
+    downs++;
 }
 
 static smem_trans_t make(const char *url, const char *session, smem_trans_role_t role) {
@@ -73,7 +84,10 @@ static int receiver(const char *url, const char *session, int to_sender, int fro
 static int sender(const char *url, const char *peer, int from_receiver, int to_receiver) {
     snprintf(who, sizeof who, "sender");
     CHECK(smem_init(0) == 0, "smem_init");
-    CHECK(smem_create_config_store(url) == 0, "create_config_store");
+    CHECK(smem_get_abi_version() == ((1u << 16) | 3u), "ABI version %#x", smem_get_abi_version());
+    CHECK(smem_create_config_store(url, 2) == SMEM_INVALID_PARAM, "unknown store flag");
+    CHECK(smem_get_last_err_code() == SMEM_INVALID_PARAM, "last error code");
+    CHECK(smem_create_config_store(url, SMEM_STORE_SKIP_RECOVER) == 0, "create_config_store");
     unsigned long long raddr = 0;
     if (full_read(from_receiver, &raddr, sizeof raddr) != 0) {
         fprintf(stderr, "receiver did not start\n");
@@ -130,13 +144,31 @@ static int sender(const char *url, const char *peer, int from_receiver, int to_r
     CHECK(smem_trans_write((smem_trans_t)0x5eed, buf, peer, remote, 8, 0) == SMEM_INVALID_PARAM, "made-up handle");
     CHECK(smem_trans_write_submit(h, buf, peer, remote, 8, (void *)0x1000, 0) == MF_UNSUPPORTED, "stream");
     CHECK(smem_trans_batch_write(h, NULL, peer, dst, sizes, BLOCKS, 0) == SMEM_INVALID_PARAM, "NULL array");
+    smem_trans_quant_copy_param_t quant;
+    memset(&quant, 0, sizeof quant);
+    quant.remoteUniqueId = peer;
+    CHECK(smem_trans_batch_quant_write(h, &quant) == MF_UNSUPPORTED, "quantizing write");
+    CHECK(smem_get_last_err_code() == MF_UNSUPPORTED, "its code");
     printf("sender: refusals: %s\n", failures == 0 ? "as expected" : "WRONG");
 
+    /* The receiver stops: the peer-down callback names it, once. */
+    int seen = 0;
+    CHECK(smem_trans_set_peer_down_callback(h, on_peer_down, &seen) == 0, "peer-down callback");
     if (write(to_receiver, &go, 1) != 1) return 1;
-    smem_trans_destroy(h, 0);
-    smem_trans_uninit(0);
     int status = 0;
     wait(&status);
+    for (int i = 0; i < 100 && downs == 0; i++) {
+        struct timespec tick = {0, 50 * 1000 * 1000};
+        nanosleep(&tick, NULL);
+    }
+    CHECK(downs == 1 && seen == 1 && strcmp(down_peer, peer) == 0, "peer down: %d call(s), peer \"%s\"", downs,
+          down_peer);
+    if (downs == 1) printf("sender: peer-down callback named %s\n", down_peer);
+    smem_trans_destroy(h, 0);
+    smem_trans_uninit(0);
+    (void)smem_get_and_clear_last_err_msg();
+    smem_destroy_config_store(url);
+    CHECK(smem_get_last_err_code() == 0, "destroy_config_store");
     smem_uninit();
     free(buf);
     CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "receiver exit status %d", status);

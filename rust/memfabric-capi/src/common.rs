@@ -1,7 +1,7 @@
 //! `smem.h`: the runtime, config stores, logging, TLS settings and the last error.
 
 use std::cell::RefCell;
-use std::ffi::{c_char, c_int, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
@@ -87,22 +87,152 @@ pub extern "C" fn smem_uninit() {
     });
 }
 
-/// Starts a config store in this process at `storeUrl` (`tcp://ip:port`, port not 0).
+/// `SMEM_STORE_SKIP_RECOVER`: a store here always starts empty, so the flag changes nothing.
+pub const SMEM_STORE_SKIP_RECOVER: u64 = 1;
+
+/// The ABI version this library implements (1.3): major in the high 16 bits.
+pub const ABI_VERSION: u32 = (1 << 16) | 3;
+
+/// `major << 16 | minor` of the ABI this library implements.
+#[no_mangle]
+pub extern "C" fn smem_get_abi_version() -> u32 {
+    ABI_VERSION
+}
+
+/// Starts a config store in this process at `storeUrl` (`tcp://ip:port`, port not 0);
+/// `flags` 0 or `SMEM_STORE_SKIP_RECOVER`.
 ///
 /// # Safety
 /// `store_url` is null or a NUL-terminated string.
 #[no_mangle]
-pub unsafe extern "C" fn smem_create_config_store(store_url: *const c_char) -> i32 {
+pub unsafe extern "C" fn smem_create_config_store(store_url: *const c_char, flags: u64) -> i32 {
     guarded("smem_create_config_store", || {
         // SAFETY: the caller's contract on `store_url`.
         let url = unsafe { c_str(store_url, "storeUrl") }?;
-        let addr = parse_store_url(url, false)?;
-        let tls = tls::current()?.map(|m| m.server.clone());
-        let server = StoreServer::start(addr, tls)?;
+        if flags & !SMEM_STORE_SKIP_RECOVER != 0 {
+            return Err(Error::InvalidParam(format!(
+                "flags {flags:#x}: only SMEM_STORE_SKIP_RECOVER (1) is defined"
+            )));
+        }
+        let server = start_store(url)?;
         CREATED
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(server);
+        Ok(())
+    })
+}
+
+/// A store server at `url` with the process-wide TLS setting; etcd:// and reg:// URLs are
+/// refused, saying why.
+pub(crate) fn start_store(url: &str) -> memfabric::Result<StoreServer> {
+    if memfabric::store::url::is_etcd_url(url) {
+        return Err(Error::InvalidParam(format!(
+            "{url}: an etcd store is served by etcd itself; start etcd, not a store here"
+        )));
+    }
+    if url.starts_with("reg://") {
+        return Err(unsupported_backend());
+    }
+    let addr = parse_store_url(url, false)?;
+    let tls = tls::current()?.map(|m| m.server.clone());
+    StoreServer::start(addr, tls)
+}
+
+fn unsupported_backend() -> Error {
+    Error::Unsupported(
+        "reg:// stores (an external key-value backend) are not supported by this library; \
+         use a tcp:// store (smem_create_config_store) or etcd://"
+            .into(),
+    )
+}
+
+/// Stops the store `smem_create_config_store` started at `storeUrl` (an unknown URL is
+/// reported through the last error).
+///
+/// # Safety
+/// `store_url` is null or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn smem_destroy_config_store(store_url: *const c_char) {
+    guarded("smem_destroy_config_store", || {
+        // SAFETY: the caller's contract on `store_url`.
+        let url = unsafe { c_str(store_url, "storeUrl") }?;
+        let addr = parse_store_url(url, false)?;
+        let server = {
+            let mut created = CREATED.lock().unwrap_or_else(|p| p.into_inner());
+            let at = created.iter().position(|s| s.local_addr() == addr);
+            at.map(|i| created.remove(i))
+        };
+        match server {
+            // Dropped outside the lock: it waits for its listeners to close.
+            Some(server) => {
+                drop(server);
+                Ok(())
+            }
+            None => Err(Error::NotExist(format!(
+                "no config store started by smem_create_config_store at {url}"
+            ))),
+        }
+    });
+}
+
+/// Connections and keys of each store `smem_create_config_store` started, with its URL.
+pub(crate) fn created_stores() -> Vec<(String, memfabric::store::server::ServerStats)> {
+    CREATED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|s| (s.url(), s.stats()))
+        .collect()
+}
+
+/// Registers an external key-value backend for reg:// URLs: not supported here.
+#[no_mangle]
+pub extern "C" fn smem_config_store_set_backend_op(backend_op: *const c_void) -> i32 {
+    guarded("smem_config_store_set_backend_op", || {
+        if backend_op.is_null() {
+            return Err(Error::InvalidParam("backendOp is NULL".into()));
+        }
+        Err(unsupported_backend())
+    })
+}
+
+/// `alarm(code, msg)` of `smem_set_extern_alarm`.
+pub type AlarmFn = Option<unsafe extern "C" fn(code: u16, msg: *const c_char)>;
+/// `resume(code)` of `smem_set_extern_alarm`.
+pub type ResumeFn = Option<unsafe extern "C" fn(code: u16)>;
+
+/// The alarm code for "the config store connection is lost".
+pub const ALARM_STORE_CONNECTION: u16 = 1;
+
+/// Calls `alarm(1, reason)` when a config store connection the library keeps (engines, Big
+/// Memory and Share Memory ranks) is lost and `resume(1)` when it is back. NULL for both
+/// removes them.
+#[no_mangle]
+pub extern "C" fn smem_set_extern_alarm(alarm: AlarmFn, resume: ResumeFn) -> i32 {
+    guarded("smem_set_extern_alarm", || {
+        if alarm.is_none() && resume.is_none() {
+            memfabric::store::client::set_connection_listener(None);
+            return Ok(());
+        }
+        memfabric::store::client::set_connection_listener(Some(Arc::new(
+            move |url: &str, lost: Option<&str>| match lost {
+                Some(reason) => {
+                    if let Some(f) = alarm {
+                        let text = format!("config store {url} unreachable: {reason}");
+                        let text = CString::new(text.replace('\0', " ")).unwrap_or_default();
+                        // SAFETY: the caller's alarm function; the message lives for the call.
+                        unsafe { f(ALARM_STORE_CONNECTION, text.as_ptr()) }
+                    }
+                }
+                None => {
+                    if let Some(f) = resume {
+                        // SAFETY: the caller's resume function.
+                        unsafe { f(ALARM_STORE_CONNECTION) }
+                    }
+                }
+            },
+        )));
         Ok(())
     })
 }
@@ -239,6 +369,12 @@ fn hand_out(msg: impl FnOnce() -> String) -> *const c_char {
 #[no_mangle]
 pub extern "C" fn smem_get_last_err_msg() -> *const c_char {
     hand_out(memfabric::error::last_error)
+}
+
+/// The code of this thread's last error (0 when none; cleared with the message).
+#[no_mangle]
+pub extern "C" fn smem_get_last_err_code() -> i32 {
+    memfabric::error::last_error_code()
 }
 
 /// As `smem_get_last_err_msg`, and clears it.

@@ -47,6 +47,17 @@ impl<T> Table<T> {
         Ok(handle as *mut c_void)
     }
 
+    /// Every live object, in handle order.
+    pub fn snapshot(&self) -> Vec<Arc<T>> {
+        let live = self.lock();
+        let mut all: Vec<(usize, Arc<T>)> = live
+            .iter()
+            .flat_map(|m| m.iter().map(|(h, o)| (*h, o.clone())))
+            .collect();
+        all.sort_by_key(|(h, _)| *h);
+        all.into_iter().map(|(_, o)| o).collect()
+    }
+
     /// The object behind `handle`.
     pub fn get(&self, handle: *mut c_void) -> Result<Arc<T>> {
         if handle.is_null() {

@@ -11,6 +11,7 @@ use memfabric::trans::{Direction, EngineConfig, Role, TransferEngine, DEFAULT_TR
 use memfabric::transport::Op;
 use memfabric::{Error, Result};
 
+use crate::common::SmemTlsConfig;
 use crate::handles::Table;
 use crate::{c_str, guarded, guarded_value};
 
@@ -37,8 +38,11 @@ pub struct SmemTransConfig {
     pub flags: u32,
     /// `smem_bm_data_op_type` bits; 0 is taken as SDMA.
     pub data_op_type: u32,
-    /// Start the config store at the store URL when nobody serves it yet.
-    pub start_config_server: bool,
+    /// Accepted, unused: the interface is the one of the uniqueId's IP.
+    pub nic: [c_char; 64],
+    /// Must be off: data connections prove the job's secret instead of using TLS (README,
+    /// "Data-plane authentication").
+    pub hcom_tls_config: SmemTlsConfig,
 }
 
 /// Most descriptors in one transfer call: beyond it a count is taken for a caller's mistake
@@ -52,7 +56,8 @@ fn engine(handle: SmemTrans) -> Result<Arc<TransferEngine>> {
     ENGINES.get(handle)
 }
 
-/// Fills `config` with the defaults: no role (set one), 120 s, no device, SDMA, no store.
+/// Fills `config` with the defaults: no role (set one), 120 s, no device, SDMA, no NIC, TLS
+/// off.
 ///
 /// # Safety
 /// `config` is null or points to a writable `smem_trans_config_t`.
@@ -71,7 +76,8 @@ pub unsafe extern "C" fn smem_trans_config_init(config: *mut SmemTransConfig) ->
                 device_id: u32::MAX,
                 flags: 0,
                 data_op_type: 1,
-                start_config_server: false,
+                nic: [0; 64],
+                hcom_tls_config: SmemTlsConfig::DISABLED,
             })
         };
         Ok(())
@@ -129,6 +135,14 @@ fn engine_config(c: &SmemTransConfig, store_url: &str, session: &str) -> Result<
         d => i32::try_from(d)
             .map_err(|_| Error::InvalidParam(format!("config.deviceId {d} is out of range")))?,
     };
+    if c.hcom_tls_config.tls_enable {
+        return Err(Error::Unsupported(
+            "config.hcomTlsConfig.tlsEnable: TLS on the data path is not supported; its \
+             connections prove the job's secret from the config store instead (README, \
+             \"Data-plane authentication\")"
+                .into(),
+        ));
+    }
     if c.data_op_type != 0 && ![1, 2, 4, 8, 16, 32, 64, 128].contains(&c.data_op_type) {
         return Err(Error::InvalidParam(format!(
             "config.dataOpType {} is not one smem_bm_data_op_type",
@@ -140,7 +154,8 @@ fn engine_config(c: &SmemTransConfig, store_url: &str, session: &str) -> Result<
         session_id: session.to_string(),
         role,
         device_id,
-        store_server_role: c.start_config_server.then_some(role),
+        // C callers start a store with smem_create_config_store.
+        store_server_role: None,
         transfer_timeout: DEFAULT_TRANSFER_TIMEOUT,
         store_timeout: Duration::from_secs(u64::from(c.init_timeout)),
         reserved_listener: None,
@@ -522,5 +537,149 @@ pub unsafe extern "C" fn smem_trans_batch_read_submit(
         // SAFETY: the caller's contract on the arrays.
         let ops = unsafe { ops_of(local_addrs.cast(), remote_addrs, data_sizes, batch_size) }?;
         transfer(handle, remote_unique_id, Direction::Read, ops, stream)
+    })
+}
+
+/// `smem_trans_peer_down_callback_t`.
+pub type PeerDownCallback =
+    Option<unsafe extern "C" fn(peer_unique_id: *const c_char, user_data: *mut c_void)>;
+
+/// How often a watcher asks the store whether the peers it watches are still there.
+const PEER_WATCH_EVERY: Duration = Duration::from_millis(300);
+
+/// A callback and its user data. The pointer is the caller's, only handed back to it.
+#[derive(Clone, Copy)]
+struct PeerDown {
+    callback: unsafe extern "C" fn(*const c_char, *mut c_void),
+    user_data: *mut c_void,
+}
+// SAFETY: the library only passes `user_data` back to the caller's callback.
+unsafe impl Send for PeerDown {}
+
+/// The callback of one engine, read by its watcher thread every tick (so a replacement takes
+/// effect at once).
+type PeerDownSlot = Arc<std::sync::Mutex<Option<PeerDown>>>;
+
+/// The slot of each engine handle that has had a callback.
+static PEER_DOWN: std::sync::Mutex<Vec<(usize, PeerDownSlot)>> = std::sync::Mutex::new(Vec::new());
+
+/// Calls `callback(peerUniqueId, userData)` once for each peer this object has reached (by a
+/// transfer) that stops or dies: its record leaves the config store when its process ends or
+/// its store session closes, and a watcher thread checks every 300 ms. A new callback replaces
+/// the old; NULL removes it. The callback runs on that thread.
+#[no_mangle]
+pub extern "C" fn smem_trans_set_peer_down_callback(
+    handle: SmemTrans,
+    callback: PeerDownCallback,
+    user_data: *mut c_void,
+) -> i32 {
+    guarded("smem_trans_set_peer_down_callback", || {
+        let e = engine(handle)?;
+        let wanted = callback.map(|callback| PeerDown {
+            callback,
+            user_data,
+        });
+        let mut all = PEER_DOWN.lock().unwrap_or_else(|p| p.into_inner());
+        // Entries of destroyed engines go when their watcher ends; drop them here as well.
+        all.retain(|(_, slot)| Arc::strong_count(slot) > 1);
+        if let Some((_, slot)) = all.iter().find(|(h, _)| *h == handle as usize) {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
+            return Ok(());
+        }
+        if wanted.is_none() {
+            return Ok(());
+        }
+        let slot = Arc::new(std::sync::Mutex::new(wanted));
+        let weak = Arc::downgrade(&e);
+        drop(e);
+        let watched = slot.clone();
+        std::thread::Builder::new()
+            .name("mf-peer-watch".into())
+            .spawn(move || watch_peers(weak, watched))
+            .map_err(|e| Error::io("peer watcher thread", e))?;
+        all.push((handle as usize, slot));
+        Ok(())
+    })
+}
+
+/// Until the engine is gone: every tick, the peers it knows join the watched set, and each
+/// watched peer no longer published is reported once (and watched again if it comes back).
+fn watch_peers(engine: std::sync::Weak<TransferEngine>, slot: PeerDownSlot) {
+    let mut watched: std::collections::BTreeSet<String> = Default::default();
+    loop {
+        std::thread::sleep(PEER_WATCH_EVERY);
+        // Held only for this tick: a destroy waits for every holder.
+        let Some(e) = engine.upgrade() else {
+            return;
+        };
+        let current = *slot.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(current) = current else {
+            continue;
+        };
+        watched.extend(e.known_peers());
+        if watched.is_empty() {
+            continue;
+        }
+        let sessions: Vec<String> = watched.iter().cloned().collect();
+        let published = match e.published(&sessions) {
+            Ok(p) => p,
+            // The store itself is unreachable: that says nothing about the peers.
+            Err(err) => {
+                memfabric::log::debug(&format!("peer watch: store unreachable: {err}"));
+                continue;
+            }
+        };
+        drop(e);
+        for (session, alive) in sessions.iter().zip(published) {
+            if alive {
+                continue;
+            }
+            watched.remove(session);
+            let Ok(id) = std::ffi::CString::new(session.as_str()) else {
+                continue;
+            };
+            // SAFETY: the caller's callback with its user data; the id lives for the call.
+            unsafe { (current.callback)(id.as_ptr(), current.user_data) };
+        }
+    }
+}
+
+/// `smem_trans_quant_copy_param_t`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct SmemTransQuantCopyParam {
+    pub remote_unique_id: *const c_char,
+    pub local_addrs: *mut *mut c_void,
+    pub remote_addrs: *mut *mut c_void,
+    pub data_sizes: *mut usize,
+    pub scale: *mut *mut f32,
+    pub offset: *mut *mut f32,
+    pub batch_size: u32,
+    pub unit_num: u32,
+    pub stream: *mut c_void,
+    pub input_type: u32,
+    pub flags: u32,
+}
+
+/// Writes float16/bfloat16 blocks as int8 with scales: the quantizing copy runs as a kernel
+/// of an Ascend device, so here it is `MF_UNSUPPORTED` (after the arguments are checked).
+///
+/// # Safety
+/// `params` is null or points to a `smem_trans_quant_copy_param_t`.
+#[no_mangle]
+pub unsafe extern "C" fn smem_trans_batch_quant_write(
+    handle: SmemTrans,
+    params: *const SmemTransQuantCopyParam,
+) -> i32 {
+    guarded("smem_trans_batch_quant_write", || {
+        engine(handle)?;
+        let p = crate::non_null(params, "params")?;
+        // SAFETY: the caller's contract on the id.
+        unsafe { c_str(p.remote_unique_id, "params->remoteUniqueId") }?;
+        Err(Error::Unsupported(
+            "quantizing writes (float16/bfloat16 to int8) run as an Ascend device kernel, which \
+             this library does not have; quantize before a plain batch write"
+                .into(),
+        ))
     })
 }

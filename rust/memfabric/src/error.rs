@@ -207,15 +207,27 @@ pub const CODES: &[(i32, &str)] = &[
 
 thread_local! {
     static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+    static LAST_CODE: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
 }
 
-/// Records `msg` as this thread's last error message.
+/// Records `msg` as this thread's last error message, with the generic code -1 (0 when `msg`
+/// is empty); [`record`] sets the error's own code.
 pub fn set_last_error(msg: &str) {
+    set_last(msg, if msg.is_empty() { 0 } else { -1 });
+}
+
+fn set_last(msg: &str, code: i32) {
     LAST_ERROR.with(|m| {
         let mut m = m.borrow_mut();
         m.clear();
         m.push_str(msg);
     });
+    LAST_CODE.with(|c| c.set(code));
+}
+
+/// The code of this thread's last error (0 when none, or once cleared).
+pub fn last_error_code() -> i32 {
+    LAST_CODE.with(|c| c.get())
 }
 
 /// This thread's last error message ("" when none).
@@ -223,8 +235,9 @@ pub fn last_error() -> String {
     LAST_ERROR.with(|m| m.borrow().clone())
 }
 
-/// This thread's last error message, cleared afterwards.
+/// This thread's last error message, cleared afterwards (with its code).
 pub fn take_last_error() -> String {
+    LAST_CODE.with(|c| c.set(0));
     LAST_ERROR.with(|m| std::mem::take(&mut *m.borrow_mut()))
 }
 
@@ -240,7 +253,7 @@ pub fn to_code<T>(r: Result<T>) -> i32 {
 pub fn record(e: &Error) -> i32 {
     let msg = e.to_string();
     crate::log::debug(&msg);
-    set_last_error(&msg);
+    set_last(&msg, e.code());
     e.code()
 }
 
@@ -273,5 +286,17 @@ mod tests {
             .unwrap();
         assert_eq!(take_last_error(), "main");
         assert_eq!(last_error(), "");
+    }
+
+    #[test]
+    fn the_last_code_follows_the_last_message() {
+        take_last_error();
+        assert_eq!(last_error_code(), 0);
+        record(&Error::Timeout("slow".into()));
+        assert_eq!(last_error_code(), Error::Timeout(String::new()).code());
+        set_last_error("something else");
+        assert_eq!(last_error_code(), -1);
+        assert_eq!(take_last_error(), "something else");
+        assert_eq!(last_error_code(), 0);
     }
 }

@@ -85,17 +85,46 @@ pub fn keep_alive(client: &Arc<StoreClient>) {
     THREAD.get_or_init(|| {
         let spawned = std::thread::Builder::new()
             .name("mf-store-keeper".into())
-            .spawn(|| loop {
-                std::thread::sleep(KEEP_EVERY);
-                let live: Vec<Arc<StoreClient>> = {
-                    let mut list = kept().lock().unwrap_or_else(|p| p.into_inner());
-                    list.retain(|w| w.strong_count() > 0);
-                    list.iter().filter_map(Weak::upgrade).collect()
-                };
-                for c in live {
-                    if let Err(e) = c.revive(KEEP_ATTEMPT) {
-                        mf_log!(DEBUG, "store {} still unreachable: {e}", c.url());
+            .spawn(|| {
+                // Clients whose store is unreachable, told to the listener once until back.
+                let mut down = std::collections::HashSet::<usize>::new();
+                loop {
+                    std::thread::sleep(KEEP_EVERY);
+                    let live: Vec<Arc<StoreClient>> = {
+                        let mut list = kept().lock().unwrap_or_else(|p| p.into_inner());
+                        list.retain(|w| w.strong_count() > 0);
+                        list.iter().filter_map(Weak::upgrade).collect()
+                    };
+                    for c in live {
+                        let key = Arc::as_ptr(&c) as usize;
+                        match c.revive(KEEP_ATTEMPT) {
+                            Err(e) => {
+                                mf_log!(DEBUG, "store {} still unreachable: {e}", c.url());
+                                if down.insert(key) {
+                                    tell_listener(&c.url(), Some(&e.to_string()));
+                                }
+                            }
+                            Ok(true) => {
+                                // Back within one tick: the connection was lost all the same.
+                                if down.insert(key) {
+                                    tell_listener(
+                                        &c.url(),
+                                        Some("the store closed the connection"),
+                                    );
+                                }
+                                down.remove(&key);
+                                tell_listener(&c.url(), None);
+                            }
+                            Ok(false) => {}
+                        }
                     }
+                    down.retain(|k| {
+                        kept()
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .iter()
+                            .any(|w| w.as_ptr() as usize == *k && w.strong_count() > 0)
+                    });
                 }
             });
         if let Err(e) = spawned {
@@ -106,6 +135,27 @@ pub fn keep_alive(client: &Arc<StoreClient>) {
             );
         }
     });
+}
+
+/// Told when a kept connection (see [`keep_alive`]) to the store at `url` is lost
+/// (`Some(reason)`) and when it is back (`None`). Runs on the keeper thread.
+pub type ConnectionListener = Arc<dyn Fn(&str, Option<&str>) + Send + Sync>;
+
+fn listener() -> &'static Mutex<Option<ConnectionListener>> {
+    static LISTENER: Mutex<Option<ConnectionListener>> = Mutex::new(None);
+    &LISTENER
+}
+
+/// Sets (or with `None` removes) the process's [`ConnectionListener`].
+pub fn set_connection_listener(l: Option<ConnectionListener>) {
+    *listener().lock().unwrap_or_else(|p| p.into_inner()) = l;
+}
+
+fn tell_listener(url: &str, lost: Option<&str>) {
+    let l = listener().lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(l) = l {
+        l(url, lost);
+    }
 }
 
 /// How a client connects and how long its calls may take.

@@ -46,6 +46,10 @@ struct Shared {
     /// Fired whenever a session's ephemeral keys are removed, for `Wait { watch }`.
     sessions_changed: Notify,
     next_session: AtomicU64,
+    /// Client connections being served now.
+    open_sessions: AtomicU64,
+    /// Told the id of each client connection that ended (see [`StoreServer::on_session_end`]).
+    session_end: Mutex<Option<SessionEndHook>>,
     /// The shared-memory channels, started by the first client that asks for one.
     channels: Mutex<Channels>,
 }
@@ -281,6 +285,19 @@ impl State {
 }
 
 /// A running store server. Dropping it stops the server and closes every connection.
+/// Called with the id of a client connection that ended (on a blocking-pool thread, so a slow
+/// hook holds up no connection).
+pub type SessionEndHook = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// What a server holds now (for status reports).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Client connections being served.
+    pub connections: u64,
+    /// Keys stored.
+    pub keys: u64,
+}
+
 pub struct StoreServer {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
@@ -312,6 +329,8 @@ impl StoreServer {
             state: Mutex::new(State::default()),
             sessions_changed: Notify::new(),
             next_session: AtomicU64::new(1),
+            open_sessions: AtomicU64::new(0),
+            session_end: Mutex::new(None),
             channels: Mutex::new(Channels::NotStarted),
         });
         // The same-host shortcut: plaintext only (see `local_socket`).
@@ -378,6 +397,24 @@ impl StoreServer {
     /// The URL clients use to reach this server.
     pub fn url(&self) -> String {
         super::url::format_store_url(self.addr)
+    }
+
+    /// Sets (or with `None` removes) the hook told of each client connection that ends, after
+    /// its ephemeral keys are gone.
+    pub fn on_session_end(&self, hook: Option<SessionEndHook>) {
+        *self
+            .shared
+            .session_end
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = hook;
+    }
+
+    /// Connections and keys now.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            connections: self.shared.open_sessions.load(Ordering::Relaxed),
+            keys: self.shared.lock().map.len() as u64,
+        }
     }
 }
 
@@ -472,6 +509,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin + PollNow>(
     peer: String,
 ) {
     let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    shared.open_sessions.fetch_add(1, Ordering::Relaxed);
     let mut conn = Session {
         shared: shared.clone(),
         id: session,
@@ -488,6 +526,15 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin + PollNow>(
         mf_log!(DEBUG, "config store session {session} from {peer} ended");
     }
     conn.release();
+    shared.open_sessions.fetch_sub(1, Ordering::Relaxed);
+    let hook = shared
+        .session_end
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(hook) = hook {
+        tokio::task::spawn_blocking(move || hook(session));
+    }
 }
 
 /// A non-blocking read attempt, for the brief polling below (TLS streams never poll).

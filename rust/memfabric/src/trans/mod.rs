@@ -603,6 +603,18 @@ impl TransferEngine {
         })
     }
 
+    /// Sessions of the peers this engine has looked up (for transfers or `prepare_peer`).
+    pub fn known_peers(&self) -> Vec<String> {
+        self.lock_peers().keys().cloned().collect()
+    }
+
+    /// Whether each of `sessions` is still published in the store. An engine that stopped, or
+    /// whose process died, is not: its record goes with its store session.
+    pub fn published(&self, sessions: &[String]) -> Result<Vec<bool>> {
+        let keys: Vec<String> = sessions.iter().map(|s| info_key(s)).collect();
+        self.store.exists(&keys)
+    }
+
     fn forget(&self, dest: &str) {
         self.lock_peers().remove(dest);
     }

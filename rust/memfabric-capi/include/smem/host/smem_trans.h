@@ -60,6 +60,17 @@ int32_t smem_trans_batch_write_submit(smem_trans_t handle, const void *localAddr
                                       void *remoteAddrs[], size_t dataSizes[], uint32_t batchSize, void *stream,
                                       uint32_t flags);
 
+/* Quantizing batch write: the quantization runs as an Ascend device kernel, which this library
+ * does not have, so it is MF_UNSUPPORTED (after the arguments are checked). */
+int32_t smem_trans_batch_quant_write(smem_trans_t handle, smem_trans_quant_copy_param_t *params);
+
+/* callback(peerUniqueId, userData) runs once for each peer this object has transferred with
+ * that stops or dies (its record leaves the config store; checked every 300 ms on a library
+ * thread). A new callback replaces the old one; NULL removes it. */
+typedef void (*smem_trans_peer_down_callback_t)(const char *peerUniqueId, void *userData);
+int32_t smem_trans_set_peer_down_callback(smem_trans_t handle, smem_trans_peer_down_callback_t callback,
+                                          void *userData);
+
 #ifdef __cplusplus
 }
 #endif
