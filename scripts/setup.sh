@@ -38,5 +38,9 @@ python -m pip install -q "maturin>=1.5,<2" "pytest>=7" "pytest-timeout>=2" "nump
 if [ -z "${MF_NO_TORCH:-}" ] && ! python -c "import torch" >/dev/null 2>&1; then
     python -m pip install -q torch || echo "note: torch could not be installed; tensor tests and the KV example skip" >&2
 fi
+# Upstream memfabric_hybrid 1.3.0's C headers (from its PyPI wheel), for the tests that build C
+# programs against them and run them on our libmf_smem.so; those tests skip without them.
+python scripts/fetch_upstream_headers.py \
+    || echo "note: upstream's headers could not be fetched; the C API compatibility tests skip" >&2
 maturin develop --release -q
 python -c "import memfabric_hybrid as mf; print('memfabric_hybrid', mf.__version__, 'ready')"
