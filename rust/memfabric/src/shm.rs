@@ -3,18 +3,29 @@
 //!
 //! `initialize` connects this process to the config store (starting it here when the store's
 //! address is free on this host and `start_store` is set) and joins the process group;
-//! `create` builds an object on [`SymmetricMemory`] with the seed's limits.
+//! `create` builds an object on [`SymmetricMemory`] with the seed's limits. Sub-groups, the
+//! values ranks hold and the global exit of an object are in [`control`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::fabric::{Runtime, RuntimeSpec, SymmetricMemory};
+use crate::fabric::{ops, Runtime, RuntimeSpec, SymmetricMemory};
+
+pub mod control;
+
+use control::{ExitHandler, GlobalExit, PendingExit, SubGroups, ValueAllocator};
 
 pub const MAX_RANKS: u32 = 1024;
 pub const MAX_OBJECT_ID: u32 = 63;
 pub const MIN_SIZE: u64 = 2 << 20;
 pub const MAX_SIZE: u64 = 4 << 30;
+
+/// The data operations ([`ops`] bits) this library can do on a Share Memory object: load and
+/// store through the GVA, same-host copies, and network copies to ranks on other hosts.
+pub fn supported_data_operations() -> u32 {
+    ops::LOAD_STORE | ops::SAME_HOST_COPY | ops::NETWORK
+}
 
 /// The seed's ShmConfig (timeouts in seconds, [1, u32::MAX]).
 #[derive(Clone, Debug)]
@@ -139,8 +150,13 @@ impl ShmRuntime {
         let mem = self
             .core
             .create_object(id, rank_size, rank_id, local_mem_size, timeout)?;
+        let store = self.core.store();
+        let prefix = mem.group().prefix().to_string();
         Ok(ShareMemory {
             id,
+            subgroups: SubGroups::new(store.clone(), &prefix, rank_size),
+            values: ValueAllocator::new(store.clone(), &prefix, rank_id),
+            exit: GlobalExit::new(store.clone(), &prefix, rank_id),
             mem,
             runtime: self.clone(),
         })
@@ -152,6 +168,9 @@ pub struct ShareMemory {
     id: u32,
     mem: SymmetricMemory,
     runtime: Arc<ShmRuntime>,
+    subgroups: SubGroups,
+    values: ValueAllocator,
+    exit: GlobalExit,
 }
 
 impl ShareMemory {
@@ -173,6 +192,10 @@ impl ShareMemory {
     pub fn memory(&self) -> &SymmetricMemory {
         &self.mem
     }
+    /// The distance between ranks' parts: rank `i`'s part is at `gva + i * symmetric_size`.
+    pub fn symmetric_size(&self) -> u64 {
+        self.mem.stride()
+    }
 
     fn op_timeout(&self) -> Duration {
         Duration::from_secs(self.runtime.cfg.operation_timeout as u64)
@@ -185,18 +208,55 @@ impl ShareMemory {
     /// Gathers equal-length `data` from every rank: `len * rank_size` bytes in rank order.
     pub fn all_gather(&self, data: &[u8]) -> Result<Vec<u8>> {
         let pieces = self.mem.group().all_gather(data, self.op_timeout())?;
-        if let Some((r, p)) = pieces
-            .iter()
-            .enumerate()
-            .find(|(_, p)| p.len() != data.len())
-        {
-            return Err(Error::InvalidParam(format!(
-                "all_gather needs the same length from every rank: this rank gave {} bytes, rank {r} gave {}",
-                data.len(),
-                p.len()
-            )));
-        }
-        Ok(pieces.concat())
+        same_lengths(data.len(), pieces)
+    }
+
+    /// Waits until the `rank_size` ranks that call this with `key` meet (this one being
+    /// `rank_id` among them); no setup needed. A key names one sub-group: the same ranks,
+    /// each with the same `rank_id`, every time.
+    pub fn subgroup_barrier(&self, key: &str, rank_size: u32, rank_id: u32) -> Result<()> {
+        self.subgroups
+            .barrier(key, rank_size, rank_id, self.op_timeout())
+    }
+
+    /// Gathers equal-length `data` from the ranks of sub-group `key` (see
+    /// [`subgroup_barrier`](Self::subgroup_barrier)): `len * rank_size` bytes in sub-group
+    /// rank order.
+    pub fn subgroup_all_gather(
+        &self,
+        key: &str,
+        rank_size: u32,
+        rank_id: u32,
+        data: &[u8],
+    ) -> Result<Vec<u8>> {
+        let pieces = self
+            .subgroups
+            .all_gather(key, rank_size, rank_id, data, self.op_timeout())?;
+        same_lengths(data.len(), pieces)
+    }
+
+    /// A value in `[0, limit)` (`limit` at most [`control::VALUE_LIMIT`]) that no other rank
+    /// of the object holds, held by this rank until [`atomic_release_value`]
+    /// (Self::atomic_release_value) or the object's destruction.
+    pub fn atomic_alloc_value(&self, limit: u32) -> Result<u32> {
+        self.values.alloc(limit, self.op_timeout())
+    }
+
+    /// Gives back a value this rank holds.
+    pub fn atomic_release_value(&self, value: u32) -> Result<()> {
+        self.values.release(value, self.op_timeout())
+    }
+
+    /// Runs `handler(status)` on a thread of the library when any rank calls
+    /// [`global_exit`](Self::global_exit) (at once if one did already); one per object.
+    pub fn register_exit(&self, handler: ExitHandler) -> Result<()> {
+        self.exit.register(handler, self.op_timeout())
+    }
+
+    /// Makes every rank's registered exit function run with `status`. Wait on the result for
+    /// this rank's own function (it runs on the library's thread, as everywhere else).
+    pub fn global_exit(&self, status: i32) -> Result<PendingExit> {
+        self.exit.publish(status, self.op_timeout())
     }
 
     fn context_key(&self) -> String {
@@ -227,8 +287,22 @@ impl ShareMemory {
     }
 }
 
+/// `pieces` joined, when each is `len` bytes long.
+fn same_lengths(len: usize, pieces: Vec<Vec<u8>>) -> Result<Vec<u8>> {
+    if let Some((r, p)) = pieces.iter().enumerate().find(|(_, p)| p.len() != len) {
+        return Err(Error::InvalidParam(format!(
+            "all_gather needs the same length from every rank: this rank gave {len} bytes, rank {r} gave {}",
+            p.len()
+        )));
+    }
+    Ok(pieces.concat())
+}
+
 impl Drop for ShareMemory {
     fn drop(&mut self) {
+        self.exit.stop();
+        self.subgroups.leave_all();
+        self.values.release_all();
         let _ = self.mem.group().leave();
         self.runtime.core.release(self.id);
     }

@@ -126,6 +126,13 @@ impl Group {
         Self::claim(client, name, world, rank)
     }
 
+    /// Waits up to `timeout` until all `world` ranks have joined: the rendezvous of
+    /// [`join`](Self::join), for a member that joined with [`join_member`](Self::join_member)
+    /// and can still [`leave`](Self::leave) when the others do not come.
+    pub fn rendezvous(&self, timeout: Duration) -> Result<()> {
+        self.barrier_inner(timeout, false)
+    }
+
     pub fn rank(&self) -> u32 {
         self.rank
     }

@@ -1,0 +1,888 @@
+//! What the ranks of a Share Memory object coordinate through the config store besides the
+//! object's own barrier and all_gather: sub-groups of them named by a key, small integer values
+//! each held by one rank at a time, and a global exit that runs every rank's exit function.
+//!
+//! Keys, next to those of the object's group `<obj>/` (see [`crate::store::group`]):
+//! - a sub-group is a group of its own, `<obj>.sub.<key>` (`%` and `/` of the key escaped);
+//! - `<obj>/value/<v>` exists while a rank holds value `v` and names that rank;
+//!   `<obj>/value-ticket` spreads allocators that collide over different free values;
+//! - `<obj>/exit` holds the status of a global exit; `<obj>/exit-watch/<rank>/on` lives while
+//!   that rank watches for it (deleting it wakes the watcher when the object goes).
+//!
+//! Every call ends by the deadline it is given (the object's control operation timeout), and
+//! each costs a rank O(1) store round trips however many ranks there are (the allocator: O(1)
+//! expected, retrying only when another rank took the same value at the same moment).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::log::{DEBUG, WARN};
+use crate::mf_log;
+use crate::store::{within, ClientOptions, Group, StoreClient};
+
+/// Longest sub-group key, in bytes.
+pub const MAX_KEY_LEN: usize = 63;
+/// Values are allocated below a limit of at most this many (`SMEM_SHM_ATOMIC_NUM_LIMIT`).
+pub const VALUE_LIMIT: u32 = 1024;
+/// Longest teardown (leaving sub-groups, giving values back) may take when the store is gone.
+const TEARDOWN_LIMIT: Duration = Duration::from_secs(2);
+/// How long one wait of the exit watcher may be held by the store before it asks again.
+const EXIT_WAIT_SLICE: Duration = Duration::from_secs(30);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn left(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
+}
+
+/// The object's group name (its key prefix without the trailing `/`).
+fn object_name(prefix: &str) -> &str {
+    prefix.trim_end_matches('/')
+}
+
+// ---- sub-groups ---------------------------------------------------------------------------
+
+/// The sub-groups this rank has met in, by key. A sub-group is joined the first time this rank
+/// uses its key (a rendezvous that waits for all its members, without watching them since
+/// some have not come yet); from then on its barriers and gathers fail at once when a member
+/// dies or destroys the object.
+pub struct SubGroups {
+    client: Arc<StoreClient>,
+    object: String,
+    object_size: u32,
+    /// One slot per key, locked while that key's sub-group is joined: a rendezvous waiting
+    /// for late members holds up that key only.
+    joined: Mutex<HashMap<String, Arc<JoinSlot>>>,
+}
+
+/// This rank's membership in one sub-group, once joined.
+type JoinSlot = Mutex<Option<Arc<Group>>>;
+
+impl SubGroups {
+    /// Sub-groups of the object whose group prefix is `object_prefix`, of `object_size` ranks.
+    pub fn new(client: Arc<StoreClient>, object_prefix: &str, object_size: u32) -> SubGroups {
+        SubGroups {
+            client,
+            object: object_name(object_prefix).to_string(),
+            object_size,
+            joined: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits until the `size` ranks of sub-group `key` (this one being `rank`) reach it.
+    pub fn barrier(&self, key: &str, size: u32, rank: u32, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let group = self.member(key, size, rank, deadline)?;
+        group.barrier(left(deadline))
+    }
+
+    /// Gathers `data` from the `size` ranks of sub-group `key`; the pieces in sub-group rank
+    /// order.
+    pub fn all_gather(
+        &self,
+        key: &str,
+        size: u32,
+        rank: u32,
+        data: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<Vec<u8>>> {
+        let deadline = Instant::now() + timeout;
+        let group = self.member(key, size, rank, deadline)?;
+        group.all_gather(data, left(deadline))
+    }
+
+    fn check(&self, key: &str, size: u32, rank: u32) -> Result<()> {
+        if key.len() > MAX_KEY_LEN {
+            return Err(Error::InvalidParam(format!(
+                "sub-group key of {} bytes; at most {MAX_KEY_LEN}",
+                key.len()
+            )));
+        }
+        if size == 0 || size > self.object_size {
+            return Err(Error::InvalidParam(format!(
+                "sub-group {key:?}: rankSize {size} is outside [1, {}] (the object's rank count)",
+                self.object_size
+            )));
+        }
+        if rank >= size {
+            return Err(Error::InvalidParam(format!(
+                "sub-group {key:?}: rankId {rank} is outside [0, {size})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// This rank's membership in sub-group `key`, joining it the first time.
+    fn member(&self, key: &str, size: u32, rank: u32, deadline: Instant) -> Result<Arc<Group>> {
+        self.check(key, size, rank)?;
+        let slot = lock(&self.joined)
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let mut slot = lock(&slot);
+        if let Some(group) = slot.as_ref() {
+            if (group.world(), group.rank()) != (size, rank) {
+                return Err(Error::InvalidParam(format!(
+                    "sub-group {key:?}: this rank is rank {} of {} there, not rank {rank} of {size}",
+                    group.rank(),
+                    group.world()
+                )));
+            }
+            return Ok(group.clone());
+        }
+        let name = format!("{}.sub.{}", self.object, escape_key(key));
+        let (group, met) = within(deadline, || {
+            let group = Group::join_member(self.client.clone(), &name, size, Some(rank))?;
+            let met = group.rendezvous(left(deadline));
+            Ok::<_, Error>((group, met))
+        })?;
+        if let Err(e) = met {
+            // Give the rank back (past the deadline, which would refuse the call), so that
+            // calling again can take it.
+            let _ = group.leave();
+            return Err(e);
+        }
+        let group = Arc::new(group);
+        *slot = Some(group.clone());
+        Ok(group)
+    }
+
+    /// Leaves every sub-group (the object is going): the others' waits in them fail from now on.
+    pub fn leave_all(&self) {
+        let slots: Vec<_> = lock(&self.joined).drain().map(|(_, s)| s).collect();
+        let deadline = Instant::now() + TEARDOWN_LIMIT;
+        within(deadline, || {
+            for slot in slots {
+                if let Some(group) = lock(&slot).take() {
+                    if let Err(e) = group.leave() {
+                        mf_log!(DEBUG, "leaving a sub-group of {}: {e}", self.object);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// `key` as part of a group name: no `/` (a group name has none), and no two keys alike.
+fn escape_key(key: &str) -> String {
+    key.replace('%', "%25").replace('/', "%2F")
+}
+
+// ---- values -------------------------------------------------------------------------------
+
+/// Small integer values that ranks of the object hold one at a time (`atomic_alloc_value`).
+/// A value is a key naming its holder; a value whose holder died or destroyed the object is
+/// taken back when no other value below the limit is free.
+pub struct ValueAllocator {
+    client: Arc<StoreClient>,
+    prefix: String,
+    rank: u32,
+    /// The values this rank holds (released only by it; given back when the object goes).
+    held: Mutex<BTreeSet<u32>>,
+}
+
+/// A value that can be taken: free (`holder` empty) or held by a rank that is gone.
+struct Candidate {
+    value: u32,
+    holder: Vec<u8>,
+}
+
+impl ValueAllocator {
+    /// Values of the object whose group prefix is `object_prefix`, held as its rank `rank`.
+    pub fn new(client: Arc<StoreClient>, object_prefix: &str, rank: u32) -> ValueAllocator {
+        ValueAllocator {
+            client,
+            prefix: object_prefix.to_string(),
+            rank,
+            held: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn value_key(&self, value: u32) -> String {
+        format!("{}value/{value}", self.prefix)
+    }
+
+    /// A value in `[0, limit)` that no other rank holds, held by this rank until it releases
+    /// it. The lowest free one unless another rank takes that at the same moment.
+    pub fn alloc(&self, limit: u32, timeout: Duration) -> Result<u32> {
+        if limit == 0 || limit > VALUE_LIMIT {
+            return Err(Error::InvalidParam(format!(
+                "limit {limit} is outside [1, {VALUE_LIMIT}]"
+            )));
+        }
+        let deadline = Instant::now() + timeout;
+        let me = self.rank.to_string().into_bytes();
+        within(deadline, || {
+            // Colliding allocators each take a ticket and try the free value it points to,
+            // so that they spread over different values instead of all retrying the lowest.
+            let mut ticket: Option<u64> = None;
+            let mut first = true;
+            loop {
+                if !first && Instant::now() >= deadline {
+                    return Err(Error::Timeout(format!(
+                        "allocating a value below {limit}: other ranks kept taking the free ones"
+                    )));
+                }
+                first = false;
+                let Some(candidates) = self.candidates(limit)? else {
+                    continue;
+                };
+                if candidates.is_empty() {
+                    return Err(Error::NoResources(format!(
+                        "every value below {limit} is held by a live rank of {}",
+                        object_name(&self.prefix)
+                    )));
+                }
+                let at = ticket.map_or(0, |t| (t % candidates.len() as u64) as usize);
+                let pick = &candidates[at];
+                let mut held = lock(&self.held);
+                if self
+                    .client
+                    .compare_set(&self.value_key(pick.value), &pick.holder, &me)?
+                    == me
+                {
+                    held.insert(pick.value);
+                    return Ok(pick.value);
+                }
+                drop(held);
+                let t = self
+                    .client
+                    .add(&format!("{}value-ticket", self.prefix), 1)?;
+                ticket = Some(t.unsigned_abs());
+            }
+        })
+    }
+
+    /// The values below `limit` that can be taken, lowest first: the free ones, or when there
+    /// are none, those whose holder is no longer a member of the object. `None` when a value
+    /// was released while looking: look again.
+    fn candidates(&self, limit: u32) -> Result<Option<Vec<Candidate>>> {
+        let listed = self.client.list(&format!("{}value/", self.prefix))?;
+        let taken: HashSet<u32> = listed
+            .iter()
+            .filter_map(|k| k.rsplit('/').next()?.parse().ok())
+            .collect();
+        let free: Vec<Candidate> = (0..limit)
+            .filter(|v| !taken.contains(v))
+            .map(|value| Candidate {
+                value,
+                holder: Vec::new(),
+            })
+            .collect();
+        if !free.is_empty() {
+            return Ok(Some(free));
+        }
+        let keys: Vec<String> = (0..limit).map(|v| self.value_key(v)).collect();
+        let holders = match self.client.multi_get(&keys, None) {
+            Ok(h) => h,
+            Err(Error::NotExist(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let holder_ranks: BTreeSet<String> = holders
+            .iter()
+            .map(|h| String::from_utf8_lossy(h).into_owned())
+            .collect();
+        let alive_keys: Vec<String> = holder_ranks
+            .iter()
+            .map(|r| format!("{}alive/{r}", self.prefix))
+            .collect();
+        let alive = self.client.exists(&alive_keys)?;
+        let gone: HashSet<&[u8]> = holder_ranks
+            .iter()
+            .zip(alive)
+            .filter(|(_, alive)| !alive)
+            .map(|(r, _)| r.as_bytes())
+            .collect();
+        Ok(Some(
+            holders
+                .into_iter()
+                .enumerate()
+                .filter(|(_, h)| gone.contains(h.as_slice()))
+                .map(|(v, holder)| Candidate {
+                    value: v as u32,
+                    holder,
+                })
+                .collect(),
+        ))
+    }
+
+    /// Gives back `value`, which this rank holds.
+    pub fn release(&self, value: u32, timeout: Duration) -> Result<()> {
+        if value >= VALUE_LIMIT {
+            return Err(Error::InvalidParam(format!(
+                "value {value} is outside [0, {VALUE_LIMIT})"
+            )));
+        }
+        let mut held = lock(&self.held);
+        if !held.contains(&value) {
+            return Err(Error::NotExist(format!(
+                "value {value} is not held by this rank (never allocated here, or released already)"
+            )));
+        }
+        // A plain delete: no other rank writes a value this rank holds while it is alive.
+        within(Instant::now() + timeout, || {
+            self.client.delete(&self.value_key(value))
+        })?;
+        held.remove(&value);
+        Ok(())
+    }
+
+    /// The values this rank holds, lowest first.
+    pub fn held(&self) -> Vec<u32> {
+        lock(&self.held).iter().copied().collect()
+    }
+
+    /// Gives back every value this rank holds (the object is going).
+    pub fn release_all(&self) {
+        let values = std::mem::take(&mut *lock(&self.held));
+        within(Instant::now() + TEARDOWN_LIMIT, || {
+            for v in values {
+                if let Err(e) = self.client.delete(&self.value_key(v)) {
+                    mf_log!(DEBUG, "giving back value {v} of {}: {e}", self.prefix);
+                    return;
+                }
+            }
+        });
+    }
+}
+
+// ---- global exit --------------------------------------------------------------------------
+
+/// An exit function: called with the status of a global exit.
+pub type ExitHandler = Arc<dyn Fn(i32) + Send + Sync>;
+
+/// Global exit of an object: [`publish`](Self::publish) records a status that every rank
+/// which [`register`](Self::register)ed an exit function sees; each runs its function with it
+/// on a thread of the library (this rank's too). A rank that registers after the exit was
+/// published runs its function at once.
+pub struct GlobalExit {
+    client: Arc<StoreClient>,
+    exit_key: String,
+    watch_key: String,
+    watch_prefix: String,
+    watcher: Mutex<Option<Watcher>>,
+}
+
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    delivery: Arc<Delivery>,
+    thread: JoinHandle<()>,
+}
+
+/// Whether this rank's exit function has run, and on which thread it runs.
+struct Delivery {
+    done: Mutex<bool>,
+    ran: Condvar,
+    thread: Mutex<Option<ThreadId>>,
+}
+
+impl Delivery {
+    fn on_watcher_thread(&self) -> bool {
+        *lock(&self.thread) == Some(std::thread::current().id())
+    }
+}
+
+impl GlobalExit {
+    /// Global exit of the object whose group prefix is `object_prefix`, as its rank `rank`.
+    pub fn new(client: Arc<StoreClient>, object_prefix: &str, rank: u32) -> GlobalExit {
+        let watch_prefix = format!("{object_prefix}exit-watch/{rank}/");
+        GlobalExit {
+            client,
+            exit_key: format!("{object_prefix}exit"),
+            watch_key: format!("{watch_prefix}on"),
+            watch_prefix,
+            watcher: Mutex::new(None),
+        }
+    }
+
+    /// Runs `handler(status)` on a thread of the library when a global exit is published.
+    /// The wait has a store connection of its own, so that it holds up no other call.
+    pub fn register(&self, handler: ExitHandler, timeout: Duration) -> Result<()> {
+        let mut watcher = lock(&self.watcher);
+        if watcher.is_some() {
+            return Err(Error::RepeatInvoke(
+                "an exit function is registered on this object in this process already".into(),
+            ));
+        }
+        let own = Arc::new(StoreClient::connect(
+            &self.client.url(),
+            ClientOptions {
+                timeout,
+                ..Default::default()
+            },
+        )?);
+        own.set_ephemeral(&self.watch_key, b"")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let delivery = Arc::new(Delivery {
+            done: Mutex::new(false),
+            ran: Condvar::new(),
+            thread: Mutex::new(None),
+        });
+        let watch = ExitWait {
+            client: own,
+            exit_key: self.exit_key.clone(),
+            watch_key: self.watch_key.clone(),
+            watch_prefix: self.watch_prefix.clone(),
+            stop: stop.clone(),
+        };
+        let (d, h) = (delivery.clone(), handler);
+        let thread = std::thread::Builder::new()
+            .name("mf-shm-exit".into())
+            .spawn(move || {
+                *lock(&d.thread) = Some(std::thread::current().id());
+                let Some(status) = watch.run() else { return };
+                drop(watch);
+                // No lock is held: the function may call back into the library, or end the
+                // process.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h(status))).is_err() {
+                    mf_log!(WARN, "the exit function panicked (status {status})");
+                }
+                *lock(&d.done) = true;
+                d.ran.notify_all();
+            })
+            .map_err(|e| {
+                Error::NoResources(format!("cannot start the exit watcher thread: {e}"))
+            })?;
+        *watcher = Some(Watcher {
+            stop,
+            delivery,
+            thread,
+        });
+        Ok(())
+    }
+
+    /// Publishes a global exit with `status`: every rank's exit function runs with it. The
+    /// returned [`PendingExit`] waits for this rank's own.
+    pub fn publish(&self, status: i32, timeout: Duration) -> Result<PendingExit> {
+        let deadline = Instant::now() + timeout;
+        within(deadline, || {
+            self.client
+                .set(&self.exit_key, status.to_string().as_bytes())
+        })?;
+        Ok(PendingExit {
+            delivery: lock(&self.watcher).as_ref().map(|w| w.delivery.clone()),
+            deadline,
+        })
+    }
+
+    /// Stops watching (the object is going): this rank's exit function no longer runs.
+    pub fn stop(&self) {
+        let Some(w) = lock(&self.watcher).take() else {
+            return;
+        };
+        w.stop.store(true, Ordering::Release);
+        // Deleting the watched key answers the watcher's wait at once.
+        let woken = self.client.delete_within(&self.watch_key, TEARDOWN_LIMIT);
+        if woken.is_ok() && !w.delivery.on_watcher_thread() {
+            let _ = w.thread.join();
+        }
+        // Otherwise (the exit function itself destroys the object, or the store is gone) the
+        // watcher ends on its own and, seeing `stop`, calls nothing.
+    }
+}
+
+impl Drop for GlobalExit {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Waits until this rank's own exit function has run after a global exit it published.
+pub struct PendingExit {
+    delivery: Option<Arc<Delivery>>,
+    deadline: Instant,
+}
+
+impl PendingExit {
+    /// Returns once this rank's exit function has returned (at once when it registered none,
+    /// or when called from that function); [`Error::Timeout`] at the deadline.
+    pub fn wait(self) -> Result<()> {
+        let Some(d) = self.delivery else {
+            return Ok(());
+        };
+        if d.on_watcher_thread() {
+            return Ok(());
+        }
+        let done = lock(&d.done);
+        let (done, _) = d
+            .ran
+            .wait_timeout_while(done, left(self.deadline), |done| !*done)
+            .unwrap_or_else(|p| p.into_inner());
+        if *done {
+            Ok(())
+        } else {
+            Err(Error::Timeout(
+                "the global exit was published, but this rank's exit function did not return \
+                 within the control operation timeout"
+                    .into(),
+            ))
+        }
+    }
+}
+
+/// The watcher's side: waits for the exit key on its own connection.
+struct ExitWait {
+    client: Arc<StoreClient>,
+    exit_key: String,
+    watch_key: String,
+    watch_prefix: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl ExitWait {
+    /// The published status; `None` when told to stop first.
+    fn run(&self) -> Option<i32> {
+        let mut pause = Duration::from_millis(50);
+        let keys = [self.exit_key.clone()];
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return None;
+            }
+            let watch = Some((self.watch_prefix.as_str(), 1));
+            let outcome = match self.client.wait(&keys, EXIT_WAIT_SLICE, watch) {
+                Ok(()) => match self.client.get(&self.exit_key) {
+                    Ok(Some(raw)) => {
+                        match std::str::from_utf8(&raw).ok().and_then(|s| s.parse().ok()) {
+                            Some(status) => {
+                                return (!self.stop.load(Ordering::Acquire)).then_some(status)
+                            }
+                            None => {
+                                mf_log!(
+                                    WARN,
+                                    "global exit key {} holds {:?}, not a status: not watching it",
+                                    self.exit_key,
+                                    String::from_utf8_lossy(&raw)
+                                );
+                                return None;
+                            }
+                        }
+                    }
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                },
+                Err(Error::Timeout(_)) => Ok(()),
+                Err(Error::PeerGone(_)) if self.stop.load(Ordering::Acquire) => return None,
+                // The watched key went without a stop (a store restart not caught up with yet):
+                // put it back.
+                Err(Error::PeerGone(_)) => self.client.set_ephemeral(&self.watch_key, b""),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => pause = Duration::from_millis(50),
+                Err(e) => {
+                    mf_log!(DEBUG, "exit watcher for {}: {e}", self.exit_key);
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreServer;
+    use std::sync::atomic::AtomicI32;
+
+    fn server() -> StoreServer {
+        StoreServer::start("127.0.0.1:0".parse().unwrap(), None).expect("server starts")
+    }
+
+    fn client(s: &StoreServer) -> Arc<StoreClient> {
+        Arc::new(
+            StoreClient::connect(
+                &s.url(),
+                ClientOptions {
+                    timeout: Duration::from_secs(5),
+                    force_plaintext: true,
+                    ..Default::default()
+                },
+            )
+            .expect("client connects"),
+        )
+    }
+
+    /// `n` members of object group `obj` (world `n`), each on a connection of its own.
+    fn members(s: &StoreServer, obj: &str, n: u32) -> Vec<(Arc<StoreClient>, Group)> {
+        (0..n)
+            .map(|r| {
+                let c = client(s);
+                let g = Group::join_member(c.clone(), obj, n, Some(r)).unwrap();
+                (c, g)
+            })
+            .collect()
+    }
+
+    const T: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn sub_groups_meet_by_key_and_refuse_bad_arguments() {
+        let s = server();
+        let m = members(&s, "o", 4);
+        let subs: Vec<SubGroups> = m
+            .iter()
+            .map(|(c, g)| SubGroups::new(c.clone(), g.prefix(), 4))
+            .collect();
+        // Ranks 1 and 3 form "odd", 0 and 2 "even/x" (a '/' in a key is fine); each gathers.
+        let got: Vec<Vec<Vec<u8>>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = subs
+                .iter()
+                .enumerate()
+                .map(|(r, sub)| {
+                    sc.spawn(move || {
+                        let key = if r % 2 == 1 { "odd" } else { "even/x" };
+                        let sub_rank = r as u32 / 2;
+                        sub.barrier(key, 2, sub_rank, T).unwrap();
+                        sub.barrier(key, 2, sub_rank, T).unwrap();
+                        sub.all_gather(key, 2, sub_rank, &[r as u8; 3], T).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got[0], vec![vec![0u8; 3], vec![2u8; 3]]);
+        assert_eq!(got[1], vec![vec![1u8; 3], vec![3u8; 3]]);
+        assert_eq!(got[2], got[0]);
+        assert_eq!(got[3], got[1]);
+
+        let e = subs[0].barrier(&"k".repeat(64), 1, 0, T).unwrap_err();
+        assert_eq!(e.code(), -2000, "{e}");
+        assert!(e.to_string().contains("at most 63"), "{e}");
+        let e = subs[0].barrier("k", 5, 0, T).unwrap_err();
+        assert!(e.to_string().contains("outside [1, 4]"), "{e}");
+        let e = subs[0].barrier("k", 0, 0, T).unwrap_err();
+        assert_eq!(e.code(), -2000, "{e}");
+        let e = subs[0].barrier("k", 2, 2, T).unwrap_err();
+        assert!(e.to_string().contains("rankId 2 is outside [0, 2)"), "{e}");
+        // A key this rank met as sub-rank 0 of 2 cannot be used as another rank or size.
+        let e = subs[0].barrier("even/x", 3, 1, T).unwrap_err();
+        assert!(e.to_string().contains("rank 0 of 2 there"), "{e}");
+        // Size 1: no one to wait for.
+        subs[1].barrier("alone", 1, 0, T).unwrap();
+        assert_eq!(
+            subs[1].all_gather("alone", 1, 0, b"z", T).unwrap(),
+            vec![b"z".to_vec()]
+        );
+        // Another rank claiming a sub-rank held by a live one is refused.
+        let e = subs[2].barrier("alone", 1, 0, T).unwrap_err();
+        assert_eq!(e.code(), -2006, "{e}");
+        // ... and a size that differs from the one the sub-group met with.
+        let e = subs[2].barrier("alone", 2, 1, T).unwrap_err();
+        assert!(e.to_string().contains("differs"), "{e}");
+        for sub in &subs {
+            sub.leave_all();
+        }
+    }
+
+    #[test]
+    fn a_sub_group_member_that_never_comes_is_a_timeout_and_may_be_waited_for_again() {
+        let s = server();
+        let m = members(&s, "o", 2);
+        let sub = SubGroups::new(m[0].0.clone(), m[0].1.prefix(), 2);
+        let t = Instant::now();
+        let e = sub
+            .barrier("pair", 2, 0, Duration::from_millis(300))
+            .unwrap_err();
+        assert_eq!(e.code(), -2004, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3));
+        // The failed rendezvous gave the sub-rank back: the pair meets when the other comes.
+        let other = SubGroups::new(m[1].0.clone(), m[1].1.prefix(), 2);
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| other.barrier("pair", 2, 1, T));
+            sub.barrier("pair", 2, 0, T).unwrap();
+            h.join().unwrap().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_dead_sub_group_member_fails_the_others_at_once() {
+        let s = server();
+        let mut m = members(&s, "o", 2);
+        let (c1, g1) = m.pop().unwrap();
+        let sub0 = SubGroups::new(m[0].0.clone(), m[0].1.prefix(), 2);
+        let sub1 = SubGroups::new(c1.clone(), g1.prefix(), 2);
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| sub1.barrier("pair", 2, 1, T));
+            sub0.barrier("pair", 2, 0, T).unwrap();
+            h.join().unwrap().unwrap();
+        });
+        // Rank 1's process dies: its connection, and with it its keys, go.
+        drop((sub1, g1, c1));
+        let t = Instant::now();
+        let e = sub0
+            .barrier("pair", 2, 0, Duration::from_secs(30))
+            .unwrap_err();
+        assert_eq!(e.code(), -3001, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let e = sub0
+            .all_gather("pair", 2, 0, b"x", Duration::from_secs(30))
+            .unwrap_err();
+        assert_eq!(e.code(), -3001, "{e}");
+    }
+
+    #[test]
+    fn values_are_unique_below_the_limit_and_come_back_when_released() {
+        let s = server();
+        let m = members(&s, "o", 2);
+        let a = ValueAllocator::new(m[0].0.clone(), m[0].1.prefix(), 0);
+        let b = ValueAllocator::new(m[1].0.clone(), m[1].1.prefix(), 1);
+        assert_eq!(a.alloc(3, T).unwrap(), 0);
+        assert_eq!(b.alloc(3, T).unwrap(), 1);
+        assert_eq!(a.alloc(3, T).unwrap(), 2);
+        let e = b.alloc(3, T).unwrap_err();
+        assert_eq!(e.code(), -2002, "{e}");
+        assert!(e.to_string().contains("below 3"), "{e}");
+        // A larger limit reaches further.
+        assert_eq!(b.alloc(4, T).unwrap(), 3);
+        // Only the holder releases a value, once.
+        let e = b.release(0, T).unwrap_err();
+        assert_eq!(e.code(), -2007, "{e}");
+        a.release(0, T).unwrap();
+        assert_eq!(a.release(0, T).unwrap_err().code(), -2007);
+        assert_eq!(b.alloc(3, T).unwrap(), 0, "the lowest free value");
+        assert_eq!(b.held(), vec![0, 1, 3]);
+        assert_eq!(a.held(), vec![2]);
+        for bad in [0, VALUE_LIMIT + 1] {
+            let e = a.alloc(bad, T).unwrap_err();
+            assert_eq!(e.code(), -2000, "{e}");
+            assert!(e.to_string().contains("outside [1, 1024]"), "{e}");
+        }
+        assert_eq!(a.release(VALUE_LIMIT, T).unwrap_err().code(), -2000);
+        // Giving everything back (the object going) frees the values for the others.
+        b.release_all();
+        assert!(b.held().is_empty());
+        let mut got = vec![
+            a.alloc(4, T).unwrap(),
+            a.alloc(4, T).unwrap(),
+            a.alloc(4, T).unwrap(),
+        ];
+        got.sort();
+        assert_eq!(got, vec![0, 1, 3]);
+    }
+
+    #[test]
+    fn colliding_allocators_all_get_distinct_values() {
+        let s = server();
+        let n = 8;
+        let m = members(&s, "o", n);
+        let allocators: Vec<ValueAllocator> = m
+            .iter()
+            .enumerate()
+            .map(|(r, (c, g))| ValueAllocator::new(c.clone(), g.prefix(), r as u32))
+            .collect();
+        let start = std::sync::Barrier::new(n as usize);
+        let mut got: Vec<u32> = std::thread::scope(|sc| {
+            let handles: Vec<_> = allocators
+                .iter()
+                .map(|a| {
+                    let start = &start;
+                    sc.spawn(move || {
+                        start.wait();
+                        a.alloc(n, T).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        got.sort();
+        assert_eq!(got, (0..n).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn values_of_a_dead_rank_are_taken_back_when_none_is_free() {
+        let s = server();
+        let mut m = members(&s, "o", 2);
+        let (c1, g1) = m.pop().unwrap();
+        let a = ValueAllocator::new(m[0].0.clone(), m[0].1.prefix(), 0);
+        let b = ValueAllocator::new(c1.clone(), g1.prefix(), 1);
+        assert_eq!(b.alloc(2, T).unwrap(), 0);
+        assert_eq!(a.alloc(2, T).unwrap(), 1);
+        assert_eq!(a.alloc(2, T).unwrap_err().code(), -2002);
+        drop((b, g1, c1));
+        // Rank 1's alive key goes with its connection, a moment later.
+        let deadline = Instant::now() + T;
+        let v = loop {
+            match a.alloc(2, T) {
+                Ok(v) => break v,
+                Err(e) if e.code() == -2002 && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(v, 0);
+        assert_eq!(a.held(), vec![0, 1]);
+    }
+
+    static SEEN: AtomicI32 = AtomicI32::new(i32::MIN);
+
+    #[test]
+    fn a_global_exit_runs_every_registered_function_with_its_status() {
+        let s = server();
+        let m = members(&s, "o", 3);
+        let exits: Vec<GlobalExit> = m
+            .iter()
+            .enumerate()
+            .map(|(r, (c, g))| GlobalExit::new(c.clone(), g.prefix(), r as u32))
+            .collect();
+        let seen: Arc<Mutex<Vec<(usize, i32)>>> = Arc::default();
+        for (r, e) in exits.iter().enumerate().take(2) {
+            let seen = seen.clone();
+            e.register(Arc::new(move |status| lock(&seen).push((r, status))), T)
+                .unwrap();
+        }
+        let again = exits[0].register(Arc::new(|_| {}), T).unwrap_err();
+        assert_eq!(again.code(), -2005, "{again}");
+        // Rank 2 registered nothing: it publishes, and returns without waiting for anyone.
+        exits[2].publish(-7, T).unwrap().wait().unwrap();
+        let deadline = Instant::now() + T;
+        while lock(&seen).len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut got = lock(&seen).clone();
+        got.sort();
+        assert_eq!(got, vec![(0, -7), (1, -7)]);
+        // A rank registering after the exit runs its function at once; publishing waits for
+        // the publisher's own function.
+        exits[2]
+            .register(
+                Arc::new(|status| {
+                    std::thread::sleep(Duration::from_millis(100));
+                    SEEN.store(status, Ordering::SeqCst);
+                }),
+                T,
+            )
+            .unwrap();
+        exits[2].publish(-7, T).unwrap().wait().unwrap();
+        assert_eq!(SEEN.load(Ordering::SeqCst), -7);
+    }
+
+    #[test]
+    fn stopping_the_watch_ends_its_thread_promptly_and_runs_nothing() {
+        let s = server();
+        let m = members(&s, "o", 1);
+        let exit = GlobalExit::new(m[0].0.clone(), m[0].1.prefix(), 0);
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        exit.register(Arc::new(move |_| r.store(true, Ordering::SeqCst)), T)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        drop(exit);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        let other = GlobalExit::new(m[0].0.clone(), m[0].1.prefix(), 0);
+        other.publish(1, T).unwrap().wait().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!ran.load(Ordering::SeqCst));
+    }
+}
