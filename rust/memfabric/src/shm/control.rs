@@ -141,7 +141,7 @@ impl SubGroups {
         let name = format!("{}.sub.{}", self.object, escape_key(key));
         let (group, met) = within(deadline, || {
             let group = Group::join_member(self.client.clone(), &name, size, Some(rank))?;
-            let met = group.rendezvous(left(deadline));
+            let met = group.wait_for_members(left(deadline));
             Ok::<_, Error>((group, met))
         })?;
         if let Err(e) = met {

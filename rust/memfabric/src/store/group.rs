@@ -126,11 +126,17 @@ impl Group {
         Self::claim(client, name, world, rank)
     }
 
-    /// Waits up to `timeout` until all `world` ranks have joined: the rendezvous of
-    /// [`join`](Self::join), for a member that joined with [`join_member`](Self::join_member)
-    /// and can still [`leave`](Self::leave) when the others do not come.
-    pub fn rendezvous(&self, timeout: Duration) -> Result<()> {
-        self.barrier_inner(timeout, false)
+    /// Waits up to `timeout` until all `world` ranks are members (each one's liveness key
+    /// exists), for a member that joined with [`join_member`](Self::join_member). Unlike the
+    /// rendezvous of [`join`](Self::join) it counts nothing, so a member that gave up and left
+    /// before the others came leaves no trace: it can join and wait again.
+    pub fn wait_for_members(&self, timeout: Duration) -> Result<()> {
+        let keys: Vec<String> = (0..self.world)
+            .map(|r| format!("{}alive/{r}", self.prefix))
+            .collect();
+        self.client
+            .wait(&keys, timeout, None)
+            .map_err(|e| self.context(e, "waiting for the members"))
     }
 
     pub fn rank(&self) -> u32 {
