@@ -51,9 +51,9 @@ fn object_name(prefix: &str) -> &str {
 // ---- sub-groups ---------------------------------------------------------------------------
 
 /// The sub-groups this rank has met in, by key. A sub-group is joined the first time this rank
-/// uses its key (a rendezvous that waits for all its members, without watching them since
-/// some have not come yet); from then on its barriers and gathers fail at once when a member
-/// dies or destroys the object.
+/// uses its key: its rank is claimed, then the first call waits until every member has claimed
+/// theirs (a member that never comes is a timeout). From then on its barriers and gathers fail
+/// at once when a member dies or destroys the object.
 pub struct SubGroups {
     client: Arc<StoreClient>,
     object: String,
