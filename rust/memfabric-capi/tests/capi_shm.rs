@@ -414,7 +414,10 @@ fn one_rank_uses_every_call_and_each_refuses_bad_input() {
 
         // What it is.
         let symmetric = smem_shm_get_symmetric_size(shm);
-        assert!(symmetric >= SIZE && symmetric.is_multiple_of(SIZE), "{symmetric}");
+        assert!(
+            symmetric >= SIZE && symmetric.is_multiple_of(SIZE),
+            "{symmetric}"
+        );
         std::ptr::write_bytes(gva.cast::<u8>(), 0x5a, SIZE as usize);
         assert_eq!(*gva.cast::<u8>().add(SIZE as usize - 1), 0x5a);
         assert_eq!(smem_shm_get_global_rank(shm), 0);
