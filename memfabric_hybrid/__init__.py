@@ -10,6 +10,7 @@ Common interface (this module):
     get_last_err_msg() -> str, get_and_clear_last_err_msg() -> str
     create_config_store(store_url) -> int
     device_info() -> dict   (host/cuda/ascend: available, devices, or why not)
+    get_include_path(), get_lib_path()   (the C API: headers and libmf_smem.so)
 
 Transfer Engine:
     TransferEngine(): initialize(store_url, session_id, role, device_id), register_memory,
@@ -85,6 +86,33 @@ from ._native import (  # noqa: F401  error code constants
 from . import bm, buffers, shm, torch_ext  # noqa: E402  (submodules; none imports torch)
 from ._types import TransDataOpType, TransferOpcode
 
+_PACKAGE = __import__("pathlib").Path(__file__).resolve().parent
+
+
+def get_include_path() -> str:
+    """The directory of the C API's headers (``smem/host/smem.h``, ``smem_trans.h``,
+    ``smem_bm.h``, ``smem_shm.h``, ``smem_config_store_api.h``): compile with ``-I`` it.
+
+    They declare upstream memfabric_hybrid 1.3.0's C API, so C and C++ code written against it
+    builds against them and runs on ``libmf_smem.so`` (see ``get_lib_path``)."""
+    return str(_PACKAGE / "include")
+
+
+def get_lib_path() -> str:
+    """The directory that holds ``libmf_smem.so``, the C API: link with ``-L`` it and
+    ``-lmf_smem`` (and ``-Wl,-rpath,`` it, or set ``LD_LIBRARY_PATH``).
+
+    ``scripts/setup.sh`` builds the library there (``cargo build --release -p
+    memfabric-capi``); a wheel built after it carries it. Raises ``FileNotFoundError``,
+    saying how to build it, when it is not there."""
+    lib = _PACKAGE / "lib"
+    if not (lib / "libmf_smem.so").exists():
+        raise FileNotFoundError(
+            f"{lib / 'libmf_smem.so'} is missing: build it with `cargo build --release -p memfabric-capi` "
+            f"and copy target/release/libmf_smem.so there (scripts/setup.sh does both)")
+    return str(lib)
+
+
 # SGLang writes TransferEngine.TransDataOpType.SDMA: reachable from the class too.
 TransferEngine.TransDataOpType = TransDataOpType
 TransferEngine.TransferOpcode = TransferOpcode
@@ -106,6 +134,8 @@ __all__ = [
     "create_config_store",
     "start_config_store",
     "device_info",
+    "get_include_path",
+    "get_lib_path",
     "ConfigStoreServer",
     "StoreClient",
     "StoreGroup",

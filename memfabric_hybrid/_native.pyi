@@ -222,6 +222,13 @@ class TransferEngine:
     def batch_transfer_sync_write(
         self, *, dest_session: str, buffers: Sequence[_Memory], peer_buffers: Sequence[int], lengths: Sequence[int], flags: int = 0,
     ) -> int: ...
+    def batch_transfer_write_with_quant(
+        self, dest_session: str, buffers: Sequence[int], peer_buffers: Sequence[int], lengths: Sequence[int],
+        scale_buffers: Sequence[int], offset_buffers: Sequence[int], unit_num: int, input_type: int = 0,
+        stream: int = 0, flags: int = 0,
+    ) -> int:
+        """Quantizing batch write (1.3): MF_UNSUPPORTED here (it runs as an Ascend kernel)."""
+        ...
     @overload
     def batch_transfer_sync_read(
         self, destflag: str, buffers: Sequence[_Memory], peer_buffer_addresses: Sequence[int], lengths: Sequence[int], flags: int = 0,

@@ -43,4 +43,8 @@ fi
 python scripts/fetch_upstream_headers.py \
     || echo "note: upstream's headers could not be fetched; the C API compatibility tests skip" >&2
 maturin develop --release -q
+# The C API library beside the package, where mf.get_lib_path() points (headers: include/).
+cargo build --release -q -p memfabric-capi
+mkdir -p memfabric_hybrid/lib
+cp -f target/release/libmf_smem.so memfabric_hybrid/lib/
 python -c "import memfabric_hybrid as mf; print('memfabric_hybrid', mf.__version__, 'ready')"

@@ -1,4 +1,4 @@
-"""The C API (libmf_smem.so, headers in rust/memfabric-capi/include): C programs compiled
+"""The C API (libmf_smem.so, headers in memfabric_hybrid/include): C programs compiled
 against the headers move verified bytes between processes and see each refusal's code. The
 same programs, compiled as C++ against upstream memfabric_hybrid 1.3.0's own headers (fetched
 from its PyPI wheel by scripts/setup.sh), run on this library too; and every struct layout,
@@ -17,7 +17,7 @@ import pytest
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-INCLUDE = ROOT / "rust" / "memfabric-capi" / "include"
+INCLUDE = ROOT / "memfabric_hybrid" / "include"
 HEADERS = ["smem/host/smem.h", "smem/host/smem_trans.h", "smem/host/smem_bm.h", "smem/host/smem_shm.h",
            "smem/host/smem_config_store_api.h"]
 UPSTREAM = ROOT / ".cache" / "upstream-1.3.0" / "include"

@@ -8,6 +8,7 @@ import os
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -145,6 +146,26 @@ def test_argument_errors(pair):
         e.transfer_async_write_submit(s, pair.local_addr, pair.peer_addr, 64, "stream")
     assert e.transfer_async_write_submit(s, pair.local_addr, pair.peer_addr, 64, 0xDEAD) == mf.MF_UNSUPPORTED
     assert e.initialize("tcp://127.0.0.1:1", "127.0.0.1:0", "Prefill", 0) == mf.SMEM_REPEAT_INVOKE
+
+
+def test_quantizing_write_is_unsupported_after_its_lists_are_checked(pair):
+    e, s = pair.engine, pair.session
+    a, p = pair.local_addr, pair.peer_addr
+    assert e.batch_transfer_write_with_quant(s, [a], [p, p], [64], [], [], 1) == mf.SMEM_INVALID_PARAM
+    assert "peer_buffers has 2 entries" in mf.get_last_err_msg()
+    assert e.batch_transfer_write_with_quant(s, [a], [p], [64], [a], [], 1, input_type=1) == mf.MF_UNSUPPORTED
+    assert "Ascend device kernel" in mf.get_last_err_msg()
+
+
+def test_c_api_paths(tmp_path):
+    include = Path(mf.get_include_path())
+    assert (include / "smem" / "host" / "smem_trans.h").exists()
+    try:
+        lib = Path(mf.get_lib_path())
+    except FileNotFoundError as e:
+        assert "cargo build --release -p memfabric-capi" in str(e)
+        pytest.skip(f"libmf_smem.so not built beside the package: {e}")
+    assert (lib / "libmf_smem.so").exists()
 
 
 def test_seed_and_upstream_keyword_names(pair):

@@ -1,7 +1,8 @@
-//! The C API (`libmf_smem.so`): the common calls of `smem.h` and the Transfer Engine of
-//! `smem_trans.h`, with the upstream 1.3 names and signatures, so C and C++ programs written
-//! against those headers build and run on this library. The headers are in
-//! `include/smem/host`.
+//! The C API (`libmf_smem.so`): `smem.h`, `smem_config_store_api.h`, `smem_trans.h`,
+//! `smem_bm.h` and `smem_shm.h` with upstream 1.3.0's declarations (names, signatures, struct
+//! layouts, enum and macro values), so C and C++ programs written against those headers build
+//! and run on this library. The headers are in `memfabric_hybrid/include/smem/host` (shipped
+//! in the Python package; `mf.get_include_path()`).
 //!
 //! The same rules as everywhere else hold at this edge: every pointer, handle, size and string
 //! a caller passes is checked before use, a failure is an error code with a message for

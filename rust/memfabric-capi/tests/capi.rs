@@ -46,7 +46,7 @@ const NOT_CODES: [&str; 4] = [
 
 #[test]
 fn header_codes_match_the_library() {
-    let header = include_str!("../include/smem/host/smem.h");
+    let header = include_str!("../../../memfabric_hybrid/include/smem/host/smem.h");
     let mut found = 0;
     for (code, name) in memfabric::error::CODES {
         let line = header

@@ -60,7 +60,7 @@ fn config() -> SmemShmConfig {
 
 #[test]
 fn the_headers_declare_what_the_library_has() {
-    let def = include_str!("../include/smem/host/smem_shm_def.h");
+    let def = include_str!("../../../memfabric_hybrid/include/smem/host/smem_shm_def.h");
     let define = |name: &str| {
         def.lines()
             .find_map(|l| l.strip_prefix(&format!("#define {name} ")))
@@ -204,7 +204,7 @@ fn the_headers_declare_what_the_library_has() {
         ),
         ("smem_shm_global_exit", smem_shm_global_exit as *const ()),
     ];
-    let header = include_str!("../include/smem/host/smem_shm.h");
+    let header = include_str!("../../../memfabric_hybrid/include/smem/host/smem_shm.h");
     let mut declared: Vec<&str> = header
         .lines()
         .filter(|l| !l.starts_with(' ') && !l.starts_with('/') && !l.starts_with('#'))

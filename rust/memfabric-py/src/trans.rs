@@ -532,6 +532,49 @@ impl TransferEngine {
         self.batch(py, dest, Direction::Write, buffers, peers, lengths, None)
     }
 
+    /// Write float16/bfloat16 blocks as int8 with per-unit scales and offsets (1.3). The
+    /// quantizing copy runs as an Ascend device kernel, which this library does not have, so
+    /// it returns ``MF_UNSUPPORTED`` (-3006) with the reason in ``get_last_err_msg()``, once
+    /// the lists are checked (equal lengths). Quantize first, then ``batch_transfer_sync_write``.
+    #[pyo3(signature = (dest_session, buffers, peer_buffers, lengths, scale_buffers, offset_buffers, unit_num, input_type = 0, stream = 0, flags = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn batch_transfer_write_with_quant(
+        &self,
+        dest_session: String,
+        buffers: Vec<u64>,
+        peer_buffers: Vec<u64>,
+        lengths: Vec<u64>,
+        scale_buffers: Vec<u64>,
+        offset_buffers: Vec<u64>,
+        unit_num: u32,
+        input_type: u32,
+        stream: u64,
+        flags: i64,
+    ) -> i32 {
+        let _ = (dest_session, unit_num, input_type, stream, flags);
+        let n = buffers.len();
+        // Scales and offsets may be left empty; the other lists pair with `buffers`.
+        let lists = [
+            ("peer_buffers", peer_buffers.len(), false),
+            ("lengths", lengths.len(), false),
+            ("scale_buffers", scale_buffers.len(), true),
+            ("offset_buffers", offset_buffers.len(), true),
+        ];
+        let wrong = lists
+            .iter()
+            .find(|(_, len, optional)| *len != n && !(*optional && *len == 0));
+        if let Some((name, len, _)) = wrong {
+            return fail(Error::InvalidParam(format!(
+                "{name} has {len} entries, buffers {n}"
+            )));
+        }
+        fail(Error::Unsupported(
+            "quantizing writes (float16/bfloat16 to int8) run as an Ascend device kernel, which \
+             this library does not have; quantize first, then batch_transfer_sync_write"
+                .into(),
+        ))
+    }
+
     /// Read many blocks in one call (lists of equal length).
     ///
     /// 1.3's keyword names ``dest_session`` and ``peer_buffers`` are accepted too.
