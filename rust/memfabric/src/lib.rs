@@ -19,6 +19,7 @@ pub mod hbm;
 pub mod log;
 pub mod mem;
 pub mod net;
+pub mod offload;
 pub mod runtime;
 pub mod shm;
 pub mod store;
