@@ -19,6 +19,7 @@ use memfabric::trans::DEFAULT_TRANSFER_TIMEOUT;
 use memfabric::{Error, Result};
 
 use crate::common::SmemTlsConfig;
+use crate::gate::Gate;
 use crate::handles::{Slot, Table};
 use crate::trans::array;
 use crate::{c_str, guarded, guarded_value, non_null};
@@ -113,6 +114,21 @@ pub struct SmemBatchCopyParams {
 pub struct SmemBatchCopyResult {
     pub results: *mut i32,
     pub batch_size: u32,
+}
+
+/// The gate in front of each object's group-event handler (see [`crate::gate`]).
+static EVENT_GATES: std::sync::Mutex<Vec<(usize, Arc<Gate>)>> = std::sync::Mutex::new(Vec::new());
+
+/// Closes the gate of `handle`'s handler: once this returns it is not running and runs no more.
+fn close_event_gate(handle: SmemBm) {
+    let gate = {
+        let mut all = EVENT_GATES.lock().unwrap_or_else(|p| p.into_inner());
+        let at = all.iter().position(|(h, _)| *h == handle as usize);
+        at.map(|i| all.remove(i).1)
+    };
+    if let Some(gate) = gate {
+        gate.close();
+    }
 }
 
 /// `smem_bm_group_event_cb`: `(handle, rankId, smem_bm_group_event_t, context)`.
@@ -244,6 +260,10 @@ pub unsafe extern "C" fn smem_bm_init(
 pub extern "C" fn smem_bm_uninit(flags: u32) {
     let _ = flags;
     guarded("smem_bm_uninit", || {
+        let gates = std::mem::take(&mut *EVENT_GATES.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, gate) in gates {
+            gate.close();
+        }
         let first_error = OBJECTS.destroy_all(RELEASE_WAIT, || {});
         drop(RUNTIME.take());
         first_error
@@ -524,7 +544,11 @@ pub unsafe extern "C" fn smem_bm_create2(id: u32, option: *const SmemBmCreateOpt
 /// Releases an object (an unknown handle is reported through the last error).
 #[no_mangle]
 pub extern "C" fn smem_bm_destroy(handle: SmemBm) {
-    guarded("smem_bm_destroy", || OBJECTS.destroy(handle, RELEASE_WAIT));
+    guarded("smem_bm_destroy", || {
+        object(handle)?;
+        close_event_gate(handle);
+        OBJECTS.destroy(handle, RELEASE_WAIT)
+    });
 }
 
 /// Peers are mapped at create: checks the handle.
@@ -834,26 +858,41 @@ pub unsafe extern "C" fn smem_bm_set_group_event_handler(
         let obj = object(handle)?;
         // Kept as numbers: they are handed back to the caller, never followed here.
         let (handle_value, context_value) = (handle as usize, context as usize);
+        let gate = Arc::new(Gate::new());
         let handler = cb.map(|f| -> GroupEventHandler {
+            let gate = gate.clone();
             Arc::new(move |rank, joined| {
                 let event = if joined {
                     SMEM_GROUP_EVENT_JOIN
                 } else {
                     SMEM_GROUP_EVENT_LEAVE
                 };
-                // SAFETY: the caller registered `f` and `context` for this object and keeps
-                // them valid until the handler is replaced or the object destroyed, after
-                // which the core calls it no more.
-                unsafe {
-                    f(
-                        handle_value as SmemBm,
-                        rank,
-                        event,
-                        context_value as *mut c_void,
-                    )
-                }
+                gate.run(|| {
+                    // SAFETY: the caller registered `f` and `context` for this object and
+                    // keeps them valid until the handler is replaced or the object destroyed;
+                    // the gate is closed then, so no call follows.
+                    unsafe {
+                        f(
+                            handle_value as SmemBm,
+                            rank,
+                            event,
+                            context_value as *mut c_void,
+                        )
+                    }
+                })
             })
         });
-        obj.set_group_event_handler(handler)
+        let installed = cb.is_some();
+        obj.set_group_event_handler(handler)?;
+        drop(obj);
+        // The handler replaced: once closed, it is not running and runs no more.
+        close_event_gate(handle);
+        if installed {
+            EVENT_GATES
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((handle as usize, gate));
+        }
+        Ok(())
     })
 }

@@ -9,6 +9,7 @@ use memfabric::store::tls;
 use memfabric::store::StoreServer;
 use memfabric::{Error, Result};
 
+use crate::gate::Gate;
 use crate::handles::Table;
 use crate::{c_str, guarded, guarded_value};
 
@@ -185,7 +186,10 @@ pub unsafe extern "C" fn smem_config_store_destroy_server(
                 )));
             }
         }
+        // No connection-end callback once this returns, though sessions end after it.
+        server.on_session_end(None);
         drop(server);
+        close_broken_gate(store);
         SERVERS.destroy(store, RELEASE_WAIT)
     });
 }
@@ -199,8 +203,24 @@ unsafe impl Send for Context {}
 // SAFETY: as above.
 unsafe impl Sync for Context {}
 
+/// The gate of each server's connection-end callback (see [`crate::gate`]).
+static BROKEN_GATES: std::sync::Mutex<Vec<(usize, Arc<Gate>)>> = std::sync::Mutex::new(Vec::new());
+
+/// Closes the gate of `store`'s callback: once this returns it is not running and runs no more.
+fn close_broken_gate(store: SmemConfigStore) {
+    let gate = {
+        let mut all = BROKEN_GATES.lock().unwrap_or_else(|p| p.into_inner());
+        let at = all.iter().position(|(h, _)| *h == store as usize);
+        at.map(|i| all.remove(i).1)
+    };
+    if let Some(gate) = gate {
+        gate.close();
+    }
+}
+
 /// Tells `callback(context, link_id, UINT32_MAX)` of each client connection of `store` that
-/// ends; NULL removes it. Unknown handles are reported through the last error.
+/// ends; NULL removes it. Once this returns, a replaced callback is not running and runs no
+/// more. Unknown handles are reported through the last error.
 #[no_mangle]
 pub extern "C" fn smem_config_store_set_server_broken_handler(
     store: SmemConfigStore,
@@ -210,16 +230,27 @@ pub extern "C" fn smem_config_store_set_server_broken_handler(
     guarded("smem_config_store_set_server_broken_handler", || {
         let server = SERVERS.get(store)?;
         let context = Context(context);
-        server.on_session_end(
-            callback.map(|cb| -> memfabric::store::server::SessionEndHook {
-                Arc::new(move |session: u64| {
-                    let context = context;
-                    let link = u32::try_from(session).unwrap_or(u32::MAX);
+        let gate = Arc::new(Gate::new());
+        let hook = callback.map(|cb| -> memfabric::store::server::SessionEndHook {
+            let gate = gate.clone();
+            Arc::new(move |session: u64| {
+                let context = context;
+                let link = u32::try_from(session).unwrap_or(u32::MAX);
+                gate.run(|| {
                     // SAFETY: the caller's callback and its context, as registered.
                     let _ = unsafe { cb(context.0, link, u32::MAX) };
-                })
-            }),
-        );
+                });
+            })
+        });
+        server.on_session_end(hook);
+        drop(server);
+        close_broken_gate(store);
+        if callback.is_some() {
+            BROKEN_GATES
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((store as usize, gate));
+        }
         Ok(())
     });
 }
@@ -242,6 +273,8 @@ pub unsafe extern "C" fn smem_config_store_set_leader_handler(
         };
         let address = CString::new(server.local_addr().to_string())
             .map_err(|_| Error::InvalidParam("server address contains NUL".into()))?;
+        // Not held during the callback, which may destroy the server.
+        drop(server);
         let info = SmemLeaderInfo {
             is_leader: 1,
             bindable_leader_address: address.as_ptr(),

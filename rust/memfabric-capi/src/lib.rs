@@ -18,6 +18,7 @@ use memfabric::{Error, Result};
 pub mod bm;
 pub mod common;
 pub mod config_store;
+mod gate;
 mod handles;
 pub mod shm;
 pub mod trans;

@@ -107,6 +107,11 @@ const RELEASE_WAIT: Duration = Duration::from_secs(DEFAULT_TRANSFER_TIMEOUT.as_s
 pub extern "C" fn smem_trans_uninit(flags: u32) {
     let _ = flags;
     guarded("smem_trans_uninit", || {
+        let slots = std::mem::take(&mut *PEER_DOWN.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, slot) in slots {
+            slot.stopped.store(true, Ordering::Release);
+            slot.replace(None);
+        }
         ENGINES.destroy_all(RELEASE_WAIT, || INITIALIZED.store(false, Ordering::Release))
     });
 }
@@ -208,6 +213,7 @@ pub unsafe extern "C" fn smem_trans_create(
 pub extern "C" fn smem_trans_destroy(handle: SmemTrans, flags: u32) {
     let _ = flags;
     guarded("smem_trans_destroy", || {
+        stop_peer_watch(handle);
         ENGINES.destroy(handle, RELEASE_WAIT)
     });
 }
@@ -544,8 +550,11 @@ pub unsafe extern "C" fn smem_trans_batch_read_submit(
 pub type PeerDownCallback =
     Option<unsafe extern "C" fn(peer_unique_id: *const c_char, user_data: *mut c_void)>;
 
-/// How often a watcher asks the store whether the peers it watches are still there.
+/// How often a watcher asks the store whether the peers it watches are still there (for up
+/// to [`PEERS_PER_TICK`] peers; more peers stretch the interval, so that the store's load
+/// stays flat as jobs grow).
 const PEER_WATCH_EVERY: Duration = Duration::from_millis(300);
+const PEERS_PER_TICK: usize = 64;
 
 /// A callback and its user data. The pointer is the caller's, only handed back to it.
 #[derive(Clone, Copy)]
@@ -555,18 +564,60 @@ struct PeerDown {
 }
 // SAFETY: the library only passes `user_data` back to the caller's callback.
 unsafe impl Send for PeerDown {}
+// SAFETY: as above.
+unsafe impl Sync for PeerDown {}
 
-/// The callback of one engine, read by its watcher thread every tick (so a replacement takes
-/// effect at once).
-type PeerDownSlot = Arc<std::sync::Mutex<Option<PeerDown>>>;
+/// One registered callback behind its gate: replaced or removed, it is closed, and once
+/// closing returns it runs no more.
+struct PeerWatch {
+    callback: PeerDown,
+    gate: crate::gate::Gate,
+}
+
+/// The callback of one engine handle, read by its watcher thread every tick.
+#[derive(Default)]
+struct WatchSlot {
+    current: std::sync::Mutex<Option<Arc<PeerWatch>>>,
+    /// Set when the engine is destroyed: the watcher ends.
+    stopped: AtomicBool,
+}
+
+impl WatchSlot {
+    fn replace(&self, new: Option<Arc<PeerWatch>>) {
+        let old = std::mem::replace(
+            &mut *self.current.lock().unwrap_or_else(|p| p.into_inner()),
+            new,
+        );
+        if let Some(old) = old {
+            old.gate.close();
+        }
+    }
+}
 
 /// The slot of each engine handle that has had a callback.
-static PEER_DOWN: std::sync::Mutex<Vec<(usize, PeerDownSlot)>> = std::sync::Mutex::new(Vec::new());
+static PEER_DOWN: std::sync::Mutex<Vec<(usize, Arc<WatchSlot>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Ends the watch of an engine that is being destroyed: its callback is not running and will
+/// not run once this returns.
+fn stop_peer_watch(handle: SmemTrans) {
+    let slot = {
+        let mut all = PEER_DOWN.lock().unwrap_or_else(|p| p.into_inner());
+        let at = all.iter().position(|(h, _)| *h == handle as usize);
+        at.map(|i| all.remove(i).1)
+    };
+    if let Some(slot) = slot {
+        slot.stopped.store(true, Ordering::Release);
+        slot.replace(None);
+    }
+}
 
 /// Calls `callback(peerUniqueId, userData)` once for each peer this object has reached (by a
 /// transfer) that stops or dies: its record leaves the config store when its process ends or
-/// its store session closes, and a watcher thread checks every 300 ms. A new callback replaces
-/// the old; NULL removes it. The callback runs on that thread.
+/// its store session closes, and a watcher thread checks every 300 ms (longer beyond 64
+/// peers). A peer that comes back and goes again is reported again. A new callback replaces
+/// the old; NULL removes it. The callback runs on that thread; once this call (or the
+/// object's destroy) returns, a replaced callback is not running and runs no more.
 #[no_mangle]
 pub extern "C" fn smem_trans_set_peer_down_callback(
     handle: SmemTrans,
@@ -575,53 +626,74 @@ pub extern "C" fn smem_trans_set_peer_down_callback(
 ) -> i32 {
     guarded("smem_trans_set_peer_down_callback", || {
         let e = engine(handle)?;
-        let wanted = callback.map(|callback| PeerDown {
-            callback,
-            user_data,
+        let wanted = callback.map(|callback| {
+            Arc::new(PeerWatch {
+                callback: PeerDown {
+                    callback,
+                    user_data,
+                },
+                gate: crate::gate::Gate::new(),
+            })
         });
-        let mut all = PEER_DOWN.lock().unwrap_or_else(|p| p.into_inner());
-        // Entries of destroyed engines go when their watcher ends; drop them here as well.
-        all.retain(|(_, slot)| Arc::strong_count(slot) > 1);
-        if let Some((_, slot)) = all.iter().find(|(h, _)| *h == handle as usize) {
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
-            return Ok(());
+        let (slot, start) = {
+            let mut all = PEER_DOWN.lock().unwrap_or_else(|p| p.into_inner());
+            match all.iter().find(|(h, _)| *h == handle as usize) {
+                Some((_, slot)) => (slot.clone(), false),
+                None if wanted.is_none() => return Ok(()),
+                None => {
+                    let slot = Arc::new(WatchSlot::default());
+                    all.push((handle as usize, slot.clone()));
+                    (slot, true)
+                }
+            }
+        };
+        // Outside the table's lock: closing the old callback may wait for it to return.
+        slot.replace(wanted);
+        if start {
+            let weak = Arc::downgrade(&e);
+            drop(e);
+            std::thread::Builder::new()
+                .name("mf-peer-watch".into())
+                .spawn(move || watch_peers(weak, slot))
+                .map_err(|e| Error::io("peer watcher thread", e))?;
         }
-        if wanted.is_none() {
-            return Ok(());
-        }
-        let slot = Arc::new(std::sync::Mutex::new(wanted));
-        let weak = Arc::downgrade(&e);
-        drop(e);
-        let watched = slot.clone();
-        std::thread::Builder::new()
-            .name("mf-peer-watch".into())
-            .spawn(move || watch_peers(weak, watched))
-            .map_err(|e| Error::io("peer watcher thread", e))?;
-        all.push((handle as usize, slot));
         Ok(())
     })
 }
 
-/// Until the engine is gone: every tick, the peers it knows join the watched set, and each
-/// watched peer no longer published is reported once (and watched again if it comes back).
-fn watch_peers(engine: std::sync::Weak<TransferEngine>, slot: PeerDownSlot) {
+/// Until the engine is gone: every tick, the peers it knows join the watched set; a watched
+/// peer no longer published is reported once, and again only after it was seen published.
+fn watch_peers(engine: std::sync::Weak<TransferEngine>, slot: Arc<WatchSlot>) {
     let mut watched: std::collections::BTreeSet<String> = Default::default();
+    let mut reported: std::collections::BTreeSet<String> = Default::default();
     loop {
-        std::thread::sleep(PEER_WATCH_EVERY);
-        // Held only for this tick: a destroy waits for every holder.
-        let Some(e) = engine.upgrade() else {
+        let ticks = 1 + watched.len() / PEERS_PER_TICK;
+        std::thread::sleep(PEER_WATCH_EVERY * ticks as u32);
+        if slot.stopped.load(Ordering::Acquire) {
             return;
+        }
+        // The engine is held only to read its peers: the store call below runs without it, so
+        // a destroy never waits for a store that does not answer.
+        let store = {
+            let Some(e) = engine.upgrade() else {
+                return;
+            };
+            watched.extend(e.known_peers());
+            e.store().clone()
         };
-        let current = *slot.lock().unwrap_or_else(|p| p.into_inner());
+        let current = slot
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let Some(current) = current else {
             continue;
         };
-        watched.extend(e.known_peers());
         if watched.is_empty() {
             continue;
         }
         let sessions: Vec<String> = watched.iter().cloned().collect();
-        let published = match e.published(&sessions) {
+        let published = match TransferEngine::published_in(&store, &sessions) {
             Ok(p) => p,
             // The store itself is unreachable: that says nothing about the peers.
             Err(err) => {
@@ -629,17 +701,26 @@ fn watch_peers(engine: std::sync::Weak<TransferEngine>, slot: PeerDownSlot) {
                 continue;
             }
         };
-        drop(e);
+        drop(store);
         for (session, alive) in sessions.iter().zip(published) {
             if alive {
+                reported.remove(session);
                 continue;
             }
-            watched.remove(session);
+            if !reported.insert(session.clone()) {
+                continue;
+            }
             let Ok(id) = std::ffi::CString::new(session.as_str()) else {
                 continue;
             };
-            // SAFETY: the caller's callback with its user data; the id lives for the call.
-            unsafe { (current.callback)(id.as_ptr(), current.user_data) };
+            let PeerDown {
+                callback,
+                user_data,
+            } = current.callback;
+            current.gate.run(|| {
+                // SAFETY: the caller's callback with its user data; the id lives for the call.
+                unsafe { callback(id.as_ptr(), user_data) }
+            });
         }
     }
 }

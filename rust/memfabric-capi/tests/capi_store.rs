@@ -216,6 +216,12 @@ fn alarms_tell_when_the_store_connection_is_lost_and_back() {
         assert!(!server.is_null(), "{}", last_err());
         wait_for("the resume", || RESUMES.load(Ordering::SeqCst) >= 1);
         assert_eq!(ALARMS.load(Ordering::SeqCst), 1, "one alarm per loss");
+        // A second loss is told again.
+        smem_config_store_destroy_server(server, null());
+        wait_for("the second alarm", || ALARMS.load(Ordering::SeqCst) >= 2);
+        let server = smem_config_store_create_server(url.as_ptr());
+        assert!(!server.is_null(), "{}", last_err());
+        wait_for("the second resume", || RESUMES.load(Ordering::SeqCst) >= 2);
 
         assert_eq!(smem_set_extern_alarm(None, None), 0);
         smem_trans_destroy(engine, 0);

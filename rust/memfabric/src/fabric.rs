@@ -681,7 +681,11 @@ impl Drop for Dynamic {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Release);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // Dropped from its own event handler (which destroyed the object): the thread
+            // ends by itself once the handler returns; joining itself would fail.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
         let _ = self.client.delete_within(
             &format!("{}member/{}", self.prefix, self.rank),

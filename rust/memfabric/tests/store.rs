@@ -293,6 +293,30 @@ fn calls_end_by_the_deadline_of_their_scope() {
 }
 
 #[test]
+fn a_call_waiting_behind_another_gives_up_at_its_deadline_and_keeps_the_connection() {
+    let s = server();
+    let c = Arc::new(StoreClient::connect(&s.url(), opts(30_000)).unwrap());
+    c.set_ephemeral("alive/busy", b"1").unwrap();
+    let waiter = {
+        let c = c.clone();
+        std::thread::spawn(move || c.get_wait("later", Duration::from_secs(3)))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    // The other thread holds the client for its wait: this call gives up at its own deadline
+    // without sending, so the session and its ephemeral key stay.
+    let t = Instant::now();
+    let deadline = t + Duration::from_millis(300);
+    let e = memfabric::store::within(deadline, || c.set("x", b"1")).unwrap_err();
+    assert_eq!(e.code(), -2004, "{e}");
+    assert!(t.elapsed() < Duration::from_millis(900), "{:?}", t.elapsed());
+    let other = client(&s);
+    other.set("later", b"now").unwrap();
+    assert_eq!(waiter.join().unwrap().unwrap(), b"now");
+    assert_eq!(other.get("alive/busy").unwrap().unwrap(), b"1", "the session survived");
+    assert_eq!(c.get("x").unwrap(), None, "the refused call sent nothing");
+}
+
+#[test]
 fn connect_to_missing_store_fails_within_deadline() {
     let addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -32,6 +32,10 @@ pub trait StoreBackend: Send + Sync {
     fn revive(&self, _limit: Duration) -> Result<bool> {
         Ok(false)
     }
+    /// Whether the session is open now; `None` when that cannot be told without waiting.
+    fn connected_now(&self) -> Option<bool> {
+        None
+    }
     /// Moves the client to the store at `url`; on error nothing changed.
     fn retarget(&self, url: &str) -> Result<()> {
         Err(Error::Unsupported(format!(
@@ -75,6 +79,9 @@ impl StoreBackend for EmbeddedClient {
     }
     fn revive(&self, limit: Duration) -> Result<bool> {
         EmbeddedClient::revive(self, limit)
+    }
+    fn connected_now(&self) -> Option<bool> {
+        EmbeddedClient::connected_now(self)
     }
     fn retarget(&self, url: &str) -> Result<()> {
         EmbeddedClient::retarget(self, url)
@@ -197,6 +204,11 @@ impl StoreClient {
     /// whether it did. See [`super::client::keep_alive`].
     pub fn revive(&self, limit: Duration) -> Result<bool> {
         self.backend.revive(limit)
+    }
+
+    /// Whether the session is open now; `None` when that cannot be told without waiting.
+    pub fn connected_now(&self) -> Option<bool> {
+        self.backend.connected_now()
     }
 
     /// Stores `value` under `key` (acknowledged: when this returns, the store has it).

@@ -115,7 +115,14 @@ pub fn keep_alive(client: &Arc<StoreClient>) {
                                 down.remove(&key);
                                 tell_listener(&c.url(), None);
                             }
-                            Ok(false) => {}
+                            // Nothing to revive: the connection is open (a call of the
+                            // client's owner may have reopened it) or a call is in progress.
+                            Ok(false) => {
+                                if down.contains(&key) && c.connected_now() == Some(true) {
+                                    down.remove(&key);
+                                    tell_listener(&c.url(), None);
+                                }
+                            }
                         }
                     }
                     down.retain(|k| {
@@ -394,6 +401,30 @@ impl EmbeddedClient {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The client for one call, waiting at most until `by` for a call on another thread (a
+    /// long `wait`, a barrier) to end. Giving up here sends nothing, so the connection, and
+    /// with it the process's ephemeral keys, stays.
+    fn lock_by(&self, by: Instant) -> Result<MutexGuard<'_, Inner>> {
+        let mut pause = Duration::from_micros(20);
+        loop {
+            match self.inner.try_lock() {
+                Ok(g) => return Ok(g),
+                Err(TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(TryLockError::WouldBlock) => {}
+            }
+            let now = Instant::now();
+            if now >= by {
+                return Err(Error::Timeout(format!(
+                    "the deadline passed while another call on this client to store {} was in \
+                     progress",
+                    self.url()
+                )));
+            }
+            std::thread::sleep(pause.min(by - now));
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
+
     // ---- operations -------------------------------------------------------------------------
 
     /// Stores `value` under `key` (acknowledged: when this returns, the store has it).
@@ -658,7 +689,7 @@ impl EmbeddedClient {
             } => entries.clone(),
             _ => Vec::new(),
         };
-        let mut inner = self.lock();
+        let mut inner = self.lock_by(connect_by)?;
         let inner = &mut *inner;
         inner.outbuf.clear();
         req.encode(&mut inner.outbuf)?;
@@ -801,6 +832,16 @@ impl EmbeddedClient {
         inner.ever_connected = true;
         inner.conn = Some(conn);
         Ok(())
+    }
+
+    /// Whether the connection is open now; `None` while a call holds the client.
+    pub fn connected_now(&self) -> Option<bool> {
+        let open = |inner: &Inner| inner.conn.as_ref().is_some_and(Conn::is_open);
+        match self.inner.try_lock() {
+            Ok(g) => Some(open(&g)),
+            Err(TryLockError::Poisoned(p)) => Some(open(&p.into_inner())),
+            Err(TryLockError::WouldBlock) => None,
+        }
     }
 
     /// Reopens a connection the store closed and publishes this client's ephemeral keys again,

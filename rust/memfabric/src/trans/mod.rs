@@ -608,11 +608,11 @@ impl TransferEngine {
         self.lock_peers().keys().cloned().collect()
     }
 
-    /// Whether each of `sessions` is still published in the store. An engine that stopped, or
+    /// Whether each of `sessions` is still published in `store`. An engine that stopped, or
     /// whose process died, is not: its record goes with its store session.
-    pub fn published(&self, sessions: &[String]) -> Result<Vec<bool>> {
+    pub fn published_in(store: &StoreClient, sessions: &[String]) -> Result<Vec<bool>> {
         let keys: Vec<String> = sessions.iter().map(|s| info_key(s)).collect();
-        self.store.exists(&keys)
+        store.exists(&keys)
     }
 
     fn forget(&self, dest: &str) {
