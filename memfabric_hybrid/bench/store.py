@@ -1,10 +1,11 @@
 """Config store benchmark: ops/s and latency of set/get/add/compare_set on our embedded store,
-on our store over a 3-member etcd cluster, and on torch's TCPStore, plus the time for N ranks to
-rendezvous and all_gather 64 bytes (embedded and etcd).
+on our store over a 3-member etcd cluster, on memfabric-hybrid 1.3.0's own config store and on
+torch's TCPStore, plus the time for N ranks to rendezvous and all_gather 64 bytes (embedded and
+etcd).
 
     python -m memfabric_hybrid.bench store [--seconds 1] [--clients 1,8] [--sizes 64,1048576]
                                            [--ranks 1024] [--etcd-ranks N] [--no-etcd]
-                                           [--no-torch] [--json FILE]
+                                           [--no-upstream] [--no-torch] [--json FILE]
 
 Servers run in this process (etcd: three local members on loopback, data in /dev/shm, see
 memfabric_hybrid.etcd_cluster); clients run in their own processes (spawn) so that eight
@@ -14,6 +15,16 @@ it) and over TCP loopback (as clients on other hosts reach it). Every memfabric 
 committed by a majority); TCPStore's ``set`` is not, so its set figures measure sending, not
 storing. ``multi_set`` is our bulk write. The etcd column is skipped, saying why, where etcd is
 not installed.
+
+The upstream column is memfabric-hybrid 1.3.0 (PyPI ``memfabric-hybrid``, fetched into
+.cache/upstream-1.3.0 on first use): its store server (in a process of its own), and clients that
+are a small C++ program calling its C++ store client (it has no Python one), see
+memfabric_hybrid.bench._upstream_store.
+Its clients reach the store over TCP, so "ours tcp" is the like-for-like comparison; they are
+C++ where the other columns' clients are Python. Before the cells, that client is checked on a
+fresh server (random round trips up to the largest size, add, compare_set); where it cannot be
+built, checked or run (no network for the wheel, no compiler, not Linux x86_64), the column is
+skipped, saying why.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import time
 import uuid
 from typing import Any
 
+from . import _upstream_store as upstream
 from ._util import free_port, percentile, table, write_json
 
 OPS = ("set", "get", "add", "compare_set")
@@ -235,6 +247,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--etcd-ranks", type=int, default=None,
                    help="ranks for the etcd rendezvous (default: --ranks; 0: skip)")
     p.add_argument("--no-etcd", action="store_true", help="skip the etcd column")
+    p.add_argument("--no-upstream", action="store_true", help="skip the memfabric-hybrid 1.3.0 column")
     p.add_argument("--no-torch", action="store_true", help="skip the TCPStore column")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -249,6 +262,14 @@ def main(argv: list[str]) -> int:
         print(f"etcd column: {etcd_missing}")
     if torch_missing:
         print(f"TCPStore column: {torch_missing}")
+    upstream_missing = "skipped by --no-upstream" if a.no_upstream else None
+    if upstream_missing is None:
+        checked, upstream_missing = upstream.prepare(max(sizes, default=64))
+        if checked:
+            backends.append("upstream")
+            print(f"upstream {upstream.VERSION} column: its C++ client checked ({checked})")
+    if upstream_missing:
+        print(f"upstream {upstream.VERSION} column: {upstream_missing}")
     cluster = None
     if not etcd_missing:
         from memfabric_hybrid.etcd_cluster import LocalEtcdCluster
@@ -256,14 +277,14 @@ def main(argv: list[str]) -> int:
         # Room for the 1 MiB cells: etcd keeps every revision until it compacts.
         cluster = LocalEtcdCluster(3, extra_args=["--quota-backend-bytes", str(8 << 30)])
     try:
-        return _run(a, clients, sizes, ops, backends, cluster, torch_missing, etcd_missing)
+        return _run(a, clients, sizes, ops, backends, cluster, torch_missing, etcd_missing, upstream_missing)
     finally:
         if cluster is not None:
             cluster.stop()
 
 
 def _run(a: argparse.Namespace, clients: list[int], sizes: list[int], ops: list[str], backends: list[str],
-         cluster: Any, torch_missing: str | None, etcd_missing: str | None) -> int:
+         cluster: Any, torch_missing: str | None, etcd_missing: str | None, upstream_missing: str | None) -> int:
     rows, figures = [], []
     for op in ops:
         for size in sizes:
@@ -272,6 +293,14 @@ def _run(a: argparse.Namespace, clients: list[int], sizes: list[int], ops: list[
             for n in clients:
                 cell: dict[str, Any] = {"op": op, "value_bytes": size if op != "add" else 8, "clients": n}
                 for b in backends:
+                    if b == "upstream":  # its own server per cell, in its own process
+                        try:
+                            cell[b] = upstream.measure(op, size, n, a.seconds)
+                        except upstream.UpstreamError as e:
+                            cell[b] = {"error": str(e)}
+                            print(f"  upstream {upstream.VERSION}, {op} {cell['value_bytes']} B x{n}: failed: {e}",
+                                  flush=True)
+                        continue
                     srv = _Server(b, cluster)
                     if op == "get":
                         srv.set("bench/get", b"g" * size)
@@ -281,11 +310,14 @@ def _run(a: argparse.Namespace, clients: list[int], sizes: list[int], ops: list[
                 nan = {"ops_per_s": float("nan"), "p50_us": float("nan"), "p99_us": float("nan")}
                 ours, etcd, theirs = cell["memfabric"], cell.get("etcd", nan), cell.get("tcpstore", nan)
                 ours_tcp = cell["memfabric-tcp"]
+                up = cell["upstream"] if "ops_per_s" in cell.get("upstream", {}) else nan
                 rows.append([op, cell["value_bytes"], n,
                              ours["ops_per_s"], ours["p50_us"], ours["p99_us"],
                              ours_tcp["ops_per_s"], ours_tcp["p50_us"],
                              etcd["ops_per_s"], etcd["p50_us"], etcd["p99_us"],
+                             up["ops_per_s"], up["p50_us"], up["p99_us"],
                              theirs["ops_per_s"], theirs["p50_us"], theirs["p99_us"],
+                             ours_tcp["ops_per_s"] / up["ops_per_s"],
                              ours["ops_per_s"] / theirs["ops_per_s"],
                              ours_tcp["ops_per_s"] / theirs["ops_per_s"]])
                 print(f"  measured {op} {cell['value_bytes']} B x{n}", flush=True)
@@ -293,12 +325,19 @@ def _run(a: argparse.Namespace, clients: list[int], sizes: list[int], ops: list[
     print(table(["op", "value B", "clients", "ours ops/s", "p50 us", "p99 us",
                  "ours tcp ops/s", "p50 us",
                  "etcd ops/s", "p50 us", "p99 us",
-                 "TCPStore ops/s", "p50 us", "p99 us", "ours/TCPStore", "ours tcp/TCPStore"], rows))
+                 f"upstream {upstream.VERSION} ops/s", "p50 us", "p99 us",
+                 "TCPStore ops/s", "p50 us", "p99 us",
+                 "ours tcp/upstream", "ours/TCPStore", "ours tcp/TCPStore"], rows))
     print("ours: clients on the store's host: its local socket, then (after 16 calls) a shared-memory "
           "channel beside it; ours tcp: the same over TCP loopback (MF_STORE_NO_LOCAL_SOCKET=1), as "
           "clients on other hosts reach it")
+    if "upstream" in backends:
+        print(f"upstream {upstream.VERSION}: memfabric-hybrid's own config store (its server, and its C++ "
+              "client in C++ processes) over TCP loopback: compare with ours tcp")
     result: dict[str, Any] = {"cells": figures, "tcpstore": torch_missing or "measured",
-                              "etcd": etcd_missing or "measured (3 local members)"}
+                              "etcd": etcd_missing or "measured (3 local members)",
+                              "upstream": upstream_missing or f"measured (memfabric-hybrid {upstream.VERSION}, "
+                                                              "C++ clients over TCP loopback)"}
 
     def say(what: str, r: dict[str, Any]) -> None:
         print(f"rendezvous + all_gather(64 B) of {r['ranks']} ranks (one connection each), {what}: "
