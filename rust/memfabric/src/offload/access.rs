@@ -66,7 +66,7 @@ impl Residence {
             Residence::Device(t) if t == "npu" => (Kind::Ascend, "Ascend (npu)"),
             Residence::Device(t) => {
                 return Err(Error::Unsupported(format!(
-                    "{what} is {t} memory, which this library cannot reach (host, CUDA or \
+                    "{what}: {t} memory is out of this library's reach (it moves host, CUDA and \
                      Ascend memory)"
                 )))
             }
@@ -74,7 +74,7 @@ impl Residence {
         match device::registry().get(kind) {
             Ok(_) => Ok(()),
             Err(why) => Err(Error::Unsupported(format!(
-                "{what} is {name} memory, but the {} backend is not available here: {why}",
+                "{what}: {name} memory needs the {} backend, which is not available here: {why}",
                 kind.name()
             ))),
         }

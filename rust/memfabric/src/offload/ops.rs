@@ -86,7 +86,7 @@ pub(crate) fn plan_sparse(srcs: &[u64], dsts: &[u64], lens: &[u32]) -> Result<Ve
                 return Err(Error::InvalidParam(format!(
                     "sparse_copy of {n} entries: entries {i} and {} hold {pair} bytes together; \
                      from {SPARSE_PAIRED_FROM} entries on, the device kernel moves each such \
-                     pair through one {SPARSE_PAIR_MAX}-byte buffer",
+                     pair through one 88 KiB ({SPARSE_PAIR_MAX}-byte) buffer",
                     i + half
                 )));
             }

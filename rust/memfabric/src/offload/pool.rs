@@ -382,30 +382,37 @@ impl Pool {
         let group = runtime
             .group()
             .ok_or_else(|| Error::Failed("the offload runtime has no group".into()))?;
+        // The layout first, before any address space is negotiated (ranks with different
+        // strides would not agree on a range): every rank checks the same gathered records,
+        // so all of them reach the same verdict.
+        let me = format!("{};{reserve};{alloc};{local_world}", host_id());
+        let layouts = group
+            .all_gather(me.as_bytes(), left())?
+            .iter()
+            .enumerate()
+            .map(|(r, raw)| Layout::parse(r, raw))
+            .collect::<Result<Vec<_>>>()?;
+        check_layouts(&layouts)?;
         let own = Segment::create(alloc, "mf-offload")?;
         let space = gva::negotiate(group, reserve, left())?;
         space.map_part(rank, &own)?;
-        let me = format!(
-            "{};{};{};{reserve};{alloc};{local_world}",
-            std::process::id(),
-            own.fd(),
-            host_id()
-        );
-        let records = group.all_gather(me.as_bytes(), left())?;
-        let peers = records
-            .iter()
-            .enumerate()
-            .map(|(r, raw)| PeerRecord::parse(r, raw))
-            .collect::<Result<Vec<_>>>()?;
-        // Every rank checks the same gathered records, so all of them reach the same verdict.
-        check_peers(&peers, reserve, local_world)?;
+        let me = format!("{};{}", std::process::id(), own.fd());
+        let segments = group.all_gather(me.as_bytes(), left())?;
         let mut backed = vec![0u64; world as usize];
-        for (r, p) in peers.iter().enumerate() {
-            backed[r] = p.alloc;
-            if r as u32 != rank {
-                let seg = Segment::open_peer(p.pid, p.fd, p.alloc)?;
-                space.map_part(r as u32, &seg)?;
+        for (r, raw) in segments.iter().enumerate() {
+            backed[r] = layouts[r].alloc;
+            if r as u32 == rank {
+                continue;
             }
+            let text = String::from_utf8_lossy(raw);
+            let bad = || Error::Protocol(format!("rank {r}'s offload segment record {text:?}"));
+            let (pid, fd) = text.split_once(';').ok_or_else(bad)?;
+            let (pid, fd) = (
+                pid.parse().map_err(|_| bad())?,
+                fd.parse().map_err(|_| bad())?,
+            );
+            let seg = Segment::open_peer(pid, fd, layouts[r].alloc)?;
+            space.map_part(r as u32, &seg)?;
         }
         // Every slot is mapped everywhere before anyone uses the pool.
         group.barrier(left())?;
@@ -630,63 +637,62 @@ fn resolve_store_url(cfg: &OffloadConfig, local_world: u32) -> Result<String> {
     Ok(format!("tcp://127.0.0.1:{port}"))
 }
 
-/// What a rank of a SHARED pool tells the others.
-struct PeerRecord {
-    pid: u32,
-    fd: i32,
+/// The layout a rank of a SHARED pool tells the others.
+struct Layout {
     host: String,
     reserve: u64,
     alloc: u64,
     local_world: u32,
 }
 
-impl PeerRecord {
-    fn parse(rank: usize, raw: &[u8]) -> Result<PeerRecord> {
+impl Layout {
+    fn parse(rank: usize, raw: &[u8]) -> Result<Layout> {
         let text = String::from_utf8_lossy(raw);
         let f: Vec<&str> = text.split(';').collect();
         let bad = || Error::Protocol(format!("rank {rank}'s offload pool record {text:?}"));
-        if f.len() != 6 {
+        if f.len() != 4 {
             return Err(bad());
         }
-        Ok(PeerRecord {
-            pid: f[0].parse().map_err(|_| bad())?,
-            fd: f[1].parse().map_err(|_| bad())?,
-            host: f[2].to_string(),
-            reserve: f[3].parse().map_err(|_| bad())?,
-            alloc: f[4].parse().map_err(|_| bad())?,
-            local_world: f[5].parse().map_err(|_| bad())?,
+        Ok(Layout {
+            host: f[0].to_string(),
+            reserve: f[1].parse().map_err(|_| bad())?,
+            alloc: f[2].parse().map_err(|_| bad())?,
+            local_world: f[3].parse().map_err(|_| bad())?,
         })
     }
 }
 
-/// The layout every rank must share: one slot stride, one host, one local world size.
-fn check_peers(peers: &[PeerRecord], reserve: u64, local_world: u32) -> Result<()> {
-    for (r, p) in peers.iter().enumerate() {
-        if p.reserve != reserve {
+/// The layout every rank must share: one slot stride, one local world size, one host. Each
+/// rank is compared with rank 0, so every rank names the same culprit.
+fn check_layouts(all: &[Layout]) -> Result<()> {
+    let first = &all[0];
+    for (r, l) in all.iter().enumerate() {
+        if l.reserve != first.reserve {
             return Err(Error::InvalidParam(format!(
                 "SHARED scene: rank {r} has reserve_size {} and rank 0 {} (rounded up to 1 GiB); \
                  every rank must pass the same reserve_size (it is the slot stride)",
-                p.reserve, peers[0].reserve
+                l.reserve, first.reserve
             )));
         }
-        if p.local_world != local_world {
+        if l.local_world != first.local_world {
             return Err(Error::InvalidParam(format!(
-                "SHARED scene: rank {r} has local_world_size {} and this rank {local_world}",
-                p.local_world
+                "SHARED scene: rank {r} has local_world_size {} and rank 0 {}",
+                l.local_world, first.local_world
             )));
         }
-        if p.alloc > reserve {
+        if l.alloc == 0 || l.alloc > l.reserve {
             return Err(Error::Protocol(format!(
-                "rank {r} backs {} bytes of a {reserve}-byte slot",
-                p.alloc
+                "rank {r} backs {} bytes of a {}-byte slot",
+                l.alloc, l.reserve
             )));
         }
     }
-    if let Some((r, p)) = peers.iter().enumerate().find(|(_, p)| p.host != host_id()) {
+    if let Some((r, l)) = all.iter().enumerate().find(|(_, l)| l.host != first.host) {
         return Err(Error::Unsupported(format!(
-            "SHARED scene: rank {r} runs on another host ({}): the offload copies load and \
-             store every slot directly, and only same-host slots can be mapped here",
-            p.host
+            "SHARED scene: rank {r} runs on another host ({}) than rank 0 ({}): the offload \
+             copies load and store every slot directly, and only same-host slots can be \
+             mapped",
+            l.host, first.host
         )));
     }
     Ok(())
