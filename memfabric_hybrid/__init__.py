@@ -84,6 +84,7 @@ from ._native import (  # noqa: F401  error code constants
 )
 
 from . import bm, buffers, shm, torch_ext  # noqa: E402  (submodules; none imports torch)
+from . import offload  # noqa: E402  (1.3's offload pool and copy operators; imports no torch)
 from ._types import TransDataOpType, TransferOpcode
 
 _PACKAGE = __import__("pathlib").Path(__file__).resolve().parent
@@ -144,6 +145,7 @@ __all__ = [
     "buffers",
     "torch_ext",
     "shm",
+    "offload",
     "StoreError",
     "StoreTimeoutError",
     "ERROR_NAMES",

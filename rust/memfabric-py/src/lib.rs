@@ -12,6 +12,7 @@ mod common;
 mod device;
 mod error;
 mod handles;
+mod offload;
 mod shm;
 mod store;
 mod stream;
@@ -34,5 +35,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     trans::register(m)?;
     shm::register(m)?;
     bm::register(m)?;
+    offload::register(m)?;
     Ok(())
 }
