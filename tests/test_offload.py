@@ -525,6 +525,11 @@ def test_kv_exchange_refusals(pool, rng):
     assert (dev == 0).all(), "nothing moved"
     with pytest.raises(TypeError, match="8-byte"):
         offload.kv_exchange_copy(ok.astype(np.int32), None)
+    # A layer range no cache has: refused at once, not walked.
+    huge = list(comp)
+    huge[8] = 1 << 62
+    assert offload.kv_exchange_copy(_meta(8, 1, 1, 0, idx, idx, [huge]), None) == mf.SMEM_INVALID_PARAM
+    assert "at most" in mf.get_last_err_msg()
     # No pages, or only empty components: nothing to do.
     assert offload.kv_exchange_copy(_meta(0, 1, 1, 0, idx, idx, [comp]), None) == 0
     empty = list(comp)

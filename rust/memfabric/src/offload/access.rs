@@ -157,6 +157,18 @@ impl<'a> Access<'a> {
         Ok(Place::Host)
     }
 
+    /// Places `m` (both sides) without moving it; `label` names it in errors.
+    pub(crate) fn check(&self, m: &Move, label: &dyn Fn() -> String) -> Result<()> {
+        if m.len == 0 {
+            return Ok(());
+        }
+        self.place(m.src, m.len)
+            .map_err(|e| within(e, &format!("{}, source", label())))?;
+        self.place(m.dst, m.len)
+            .map_err(|e| within(e, &format!("{}, destination", label())))?;
+        Ok(())
+    }
+
     /// Places and runs `moves` in order; `label(i)` names move `i` in errors. Zero-length
     /// moves are skipped; nothing is copied when any move is refused.
     pub(crate) fn run(&self, moves: &[Move], label: &dyn Fn(usize) -> String) -> Result<()> {

@@ -203,7 +203,7 @@ pub fn group_pack_copy(
     ops::group_pack_copy(&p, src, dst, lens, num, groups, packed)
 }
 
-/// `kv_exchange_copy(metaPtr)`: see [`ops::plan_kv`].
+/// `kv_exchange_copy(metaPtr)`: see [`ops::walk_kv`].
 pub fn kv_exchange_copy(meta: &Span, device: &Residence) -> Result<()> {
     check_device(device)?;
     let p = pool()?;

@@ -28,6 +28,12 @@ pub(crate) const KV_MAX_COMPONENTS: usize = 4;
 /// 64 on A5, minus 46 or 62): the layer-first walk partitions pages into this many blocks and
 /// merges contiguous pages only inside a block.
 pub(crate) const KV_CORES: i64 = 2;
+/// Most (page, layer, component) rows one kv_exchange_copy walks: far above real caches (a few
+/// million), low enough that a meta with absurd page counts or layer ranges is refused at once
+/// instead of keeping the host busy for hours.
+pub(crate) const KV_MAX_ROWS: u64 = 1 << 26;
+/// Rows placed and copied together once the whole walk has been checked.
+const KV_CHUNK: usize = 4096;
 
 fn u32s(b: &[u8]) -> Vec<u32> {
     b.chunks_exact(4)
@@ -284,7 +290,7 @@ pub(crate) fn parse_kv_meta(values: &[i64]) -> Result<KvMeta> {
     })
 }
 
-/// `kv_exchange_copy`: see [`plan_kv`].
+/// `kv_exchange_copy`: see [`walk_kv`].
 pub(crate) fn kv_exchange_copy(pool: &Pool, meta: &Span) -> Result<()> {
     let a = Access::new(pool);
     let header = i64s(&a.read(meta, KV_HEADER as u64, 8, "metaPtr")?);
@@ -314,11 +320,51 @@ pub(crate) fn kv_exchange_copy(pool: &Pool, meta: &Span) -> Result<()> {
         stride,
         "meta[5] host indices",
     )?);
-    let moves = plan_kv(&m, &dev_idx, &host_idx)?;
-    a.run(&moves, &|i| format!("kv_exchange row {i}"))
+    // The walk is done twice rather than kept: first every row is placed (a refused row means
+    // nothing moved), then the rows are copied in chunks.
+    let mut row = 0usize;
+    walk_kv(&m, &dev_idx, &host_idx, &mut |mv| {
+        let r = a.check(&mv, &|| format!("kv_exchange row {row}"));
+        row += 1;
+        r
+    })?;
+    let mut chunk = Vec::with_capacity(KV_CHUNK);
+    let mut first = 0usize;
+    walk_kv(&m, &dev_idx, &host_idx, &mut |mv| {
+        chunk.push(mv);
+        if chunk.len() == KV_CHUNK {
+            let at = first;
+            a.run(&chunk, &|k| format!("kv_exchange row {}", at + k))?;
+            first += KV_CHUNK;
+            chunk.clear();
+        }
+        Ok(())
+    })?;
+    a.run(&chunk, &|k| format!("kv_exchange row {}", first + k))
 }
 
-/// The copies of `kv_exchange_copy`, given each page's first token index on both sides.
+/// Rows of the walk at most (page-first count; the layer-first walk merges some of them),
+/// refused above [`KV_MAX_ROWS`].
+pub(crate) fn kv_rows(m: &KvMeta) -> Result<u64> {
+    let layers: i128 = m
+        .components
+        .iter()
+        .filter(|c| !c.empty())
+        .map(|c| c.layer_hi as i128 - c.layer_lo as i128)
+        .sum();
+    let rows = layers * m.num_pages as i128;
+    if rows > KV_MAX_ROWS as i128 {
+        return Err(Error::InvalidParam(format!(
+            "kv_exchange of {} pages x {layers} component layers = {rows} rows: at most \
+             {KV_MAX_ROWS} per call",
+            m.num_pages
+        )));
+    }
+    Ok(rows as u64)
+}
+
+/// The copies of `kv_exchange_copy`, given each page's first token index on both sides,
+/// handed to `f` in the kernel's order.
 ///
 /// Component c, layer l, device page d, host page h (a token index divided by the page size,
 /// rounding toward zero as the kernel's integer division does):
@@ -330,7 +376,13 @@ pub(crate) fn kv_exchange_copy(pool: &Pool, meta: &Span) -> Result<()> {
 /// Layer first (mode 1): pages are split into [`KV_CORES`] blocks as the kernel splits them,
 /// and inside a block a run of pages whose host and device page numbers both go up by one is
 /// moved as one row of `run * width` bytes from the run's first row, as the kernel moves it.
-pub(crate) fn plan_kv(m: &KvMeta, dev_idx: &[i64], host_idx: &[i64]) -> Result<Vec<Move>> {
+pub(crate) fn walk_kv(
+    m: &KvMeta,
+    dev_idx: &[i64],
+    host_idx: &[i64],
+    f: &mut dyn FnMut(Move) -> Result<()>,
+) -> Result<()> {
+    kv_rows(m)?;
     let np = m.num_pages;
     let ps = m.page_size;
     let page = |p: i64| -> (i64, i64) { (dev_idx[p as usize] / ps, host_idx[p as usize] / ps) };
@@ -367,17 +419,16 @@ pub(crate) fn plan_kv(m: &KvMeta, dev_idx: &[i64], host_idx: &[i64]) -> Result<V
         })
     };
     let comps: Vec<&KvComponent> = m.components.iter().filter(|c| !c.empty()).collect();
-    let mut moves = Vec::new();
     if !m.layer_first {
         for p in 0..np {
             let pages = page(p);
             for c in &comps {
                 for layer in c.layer_lo..c.layer_hi {
-                    moves.push(row(c, layer, pages, c.width as i128)?);
+                    f(row(c, layer, pages, c.width as i128)?)?;
                 }
             }
         }
-        return Ok(moves);
+        return Ok(());
     }
     for (start, end) in kv_blocks(np) {
         for c in &comps {
@@ -386,16 +437,19 @@ pub(crate) fn plan_kv(m: &KvMeta, dev_idx: &[i64], host_idx: &[i64]) -> Result<V
                 while pos < end {
                     let (d, h) = page(pos);
                     let mut run = 1;
-                    while pos + run < end && page(pos + run) == (d + run, h + run) {
+                    // Page numbers come from the caller: compared without overflowing.
+                    while pos + run < end
+                        && Some(page(pos + run)) == d.checked_add(run).zip(h.checked_add(run))
+                    {
                         run += 1;
                     }
-                    moves.push(row(c, layer, (d, h), run as i128 * c.width as i128)?);
+                    f(row(c, layer, (d, h), run as i128 * c.width as i128)?)?;
                     pos += run;
                 }
             }
         }
     }
-    Ok(moves)
+    Ok(())
 }
 
 /// The kernel's block partition of `np` pages over [`KV_CORES`] cores: the first
@@ -496,6 +550,16 @@ pub(crate) fn plan_gather(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The walk's copies, collected.
+    fn plan_kv(m: &KvMeta, dev_idx: &[i64], host_idx: &[i64]) -> Result<Vec<Move>> {
+        let mut moves = Vec::new();
+        walk_kv(m, dev_idx, host_idx, &mut |mv| {
+            moves.push(mv);
+            Ok(())
+        })?;
+        Ok(moves)
+    }
 
     #[test]
     fn sparse_pairs_are_checked_only_where_every_soc_pairs() {
@@ -614,6 +678,21 @@ mod tests {
             .iter()
             .zip(&want)
             .all(|(b, w)| b.src == w.dst && b.dst == w.src));
+    }
+
+    #[test]
+    fn kv_row_count_is_bounded() {
+        let c = [0x10_000, 0x20_000, 0, 8, 8, 0, 8, 0, i64::MAX];
+        let m = parse_kv_meta(&meta(1, 1, 1, 0, &[c])).unwrap();
+        let e = plan_kv(&m, &[0], &[0]).unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
+        let c = [0x10_000, 0x20_000, 0, 8, 8, 0, 8, i64::MIN, i64::MAX];
+        assert!(kv_rows(&parse_kv_meta(&meta(1, 1, 1, 0, &[c])).unwrap()).is_err());
+        let c = [0x10_000, 0x20_000, 0, 8, 8, 0, 8, 0, 61];
+        assert_eq!(
+            kv_rows(&parse_kv_meta(&meta(3200, 128, 1, 0, &[c, c])).unwrap()).unwrap(),
+            3200 * 122
+        );
     }
 
     #[test]
