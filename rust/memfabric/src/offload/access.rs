@@ -287,8 +287,9 @@ impl<'a> Access<'a> {
         Ok(out)
     }
 
-    /// A move of `data` (a buffer of the caller of this function) to `span`, for [`run`]:
-    /// placed with the others, so it is refused before anything moves.
+    /// Checks that `bytes` written to the caller's `span` fit it (when its size is known) and
+    /// that memory of its kind can be reached. The write itself is one of the moves given to
+    /// [`run`](Self::run), placed with the others, so a bad target refuses the whole call.
     pub(crate) fn check_write(&self, span: &Span, bytes: u64, what: &str) -> Result<()> {
         span.residence.check(what)?;
         if let Some(have) = span.len {
