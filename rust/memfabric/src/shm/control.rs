@@ -3,7 +3,9 @@
 //! each held by one rank at a time, and a global exit that runs every rank's exit function.
 //!
 //! Keys, next to those of the object's group `<obj>/` (see [`crate::store::group`]):
-//! - a sub-group is a group of its own, `<obj>.sub.<key>` (`%` and `/` of the key escaped);
+//! - a sub-group is a group of its own, `<obj>.sub.<key>` (`%` and `/` of the key escaped),
+//!   entered and met as [`Group::enter`] and [`Group::meet`] describe, on a store connection of
+//!   its own;
 //! - `<obj>/value/<v>` exists while a rank holds value `v` and names that rank;
 //!   `<obj>/value-ticket` spreads allocators that collide over different free values;
 //! - `<obj>/exit` holds the status of a global exit; `<obj>/exit-watch/<rank>/on` lives while
@@ -50,24 +52,40 @@ fn object_name(prefix: &str) -> &str {
 
 // ---- sub-groups ---------------------------------------------------------------------------
 
-/// The sub-groups this rank has met in, by key. A sub-group is joined the first time this rank
+/// The sub-groups this rank has met in, by key. A sub-group is entered the first time this rank
 /// uses its key: its rank is claimed, then the first call waits until every member has claimed
 /// theirs (a member that never comes is a timeout). From then on its barriers and gathers fail
 /// at once when a member dies or destroys the object.
+///
+/// Each sub-group has a store connection of its own, opened when it is entered and closed when
+/// it is left: a rendezvous or barrier waiting in one sub-group holds up no other, nor the
+/// object's own calls.
+///
+/// A barrier or gather that failed because a member left (or because the store failed) ends
+/// this rank's membership: it leaves the sub-group (the others' waits in it fail at once) and
+/// forgets it, and the next call with the key enters and meets afresh, with barriers and
+/// gathers numbered under the new meeting, so no count left by the failed one lets a barrier
+/// pass early. One that timed out while every member of the meeting is still there keeps it:
+/// each member's n-th barrier still adds its one count to barrier n (a member that comes later
+/// passes it, its n+1-th meets the others' next), so nothing passes early either, and a slow
+/// member does not break the sub-group for the others.
 pub struct SubGroups {
+    /// The object's connection: where the store is now (it may have moved since the object
+    /// was created).
     client: Arc<StoreClient>,
     object: String,
     object_size: u32,
-    /// One slot per key, locked while that key's sub-group is joined: a rendezvous waiting
-    /// for late members holds up that key only.
+    /// One slot per key, locked while that key's sub-group is entered and met: a rendezvous
+    /// waiting for late members holds up that key only.
     joined: Mutex<HashMap<String, Arc<JoinSlot>>>,
 }
 
-/// This rank's membership in one sub-group, once joined.
+/// This rank's membership in one sub-group, once met.
 type JoinSlot = Mutex<Option<Arc<Group>>>;
 
 impl SubGroups {
-    /// Sub-groups of the object whose group prefix is `object_prefix`, of `object_size` ranks.
+    /// Sub-groups of the object whose group prefix is `object_prefix`, of `object_size` ranks,
+    /// reached at the store of `client`.
     pub fn new(client: Arc<StoreClient>, object_prefix: &str, object_size: u32) -> SubGroups {
         SubGroups {
             client,
@@ -81,7 +99,8 @@ impl SubGroups {
     pub fn barrier(&self, key: &str, size: u32, rank: u32, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let group = self.member(key, size, rank, deadline)?;
-        group.barrier(left(deadline))
+        let done = group.barrier(left(deadline));
+        self.forget_on_failure(key, &group, done)
     }
 
     /// Gathers `data` from the `size` ranks of sub-group `key`; the pieces in sub-group rank
@@ -96,7 +115,8 @@ impl SubGroups {
     ) -> Result<Vec<Vec<u8>>> {
         let deadline = Instant::now() + timeout;
         let group = self.member(key, size, rank, deadline)?;
-        group.all_gather(data, left(deadline))
+        let done = group.all_gather(data, left(deadline));
+        self.forget_on_failure(key, &group, done)
     }
 
     fn check(&self, key: &str, size: u32, rank: u32) -> Result<()> {
@@ -120,7 +140,7 @@ impl SubGroups {
         Ok(())
     }
 
-    /// This rank's membership in sub-group `key`, joining it the first time.
+    /// This rank's membership in sub-group `key`, entering and meeting it the first time.
     fn member(&self, key: &str, size: u32, rank: u32, deadline: Instant) -> Result<Arc<Group>> {
         self.check(key, size, rank)?;
         let slot = lock(&self.joined)
@@ -139,13 +159,18 @@ impl SubGroups {
             return Ok(group.clone());
         }
         let name = format!("{}.sub.{}", self.object, escape_key(key));
-        let (group, met) = within(deadline, || {
-            let group = Group::join_member(self.client.clone(), &name, size, Some(rank))?;
-            let met = group.wait_for_members(left(deadline));
-            Ok::<_, Error>((group, met))
+        let options = ClientOptions {
+            timeout: left(deadline),
+            ..Default::default()
+        };
+        let group = within(deadline, || {
+            let own = StoreClient::connect(&self.client.url(), options)?;
+            Group::enter(Arc::new(own), &name, size, rank)
         })?;
-        if let Err(e) = met {
-            // Give the rank back (past the deadline, which would refuse the call), so that
+        // Outside `within`: the store answers the wait at the deadline, and the client must be
+        // let read that answer rather than give up on the connection at the same instant.
+        if let Err(e) = group.meet(left(deadline)) {
+            // Give the rank back now (closing the connection would, a moment later), so that
             // calling again can take it.
             let _ = group.leave();
             return Err(e);
@@ -155,6 +180,37 @@ impl SubGroups {
         Ok(group)
     }
 
+    /// Passes `outcome` on; when it failed, this rank leaves sub-group `key` first unless it
+    /// only timed out in an intact meeting (see the type's docs).
+    fn forget_on_failure<T>(&self, key: &str, group: &Arc<Group>, outcome: Result<T>) -> Result<T> {
+        let outcome = match outcome {
+            Ok(v) => return Ok(v),
+            Err(Error::Timeout(m)) => {
+                // One short look, past the call's deadline (which has passed): bounded like
+                // teardown.
+                match within(Instant::now() + TEARDOWN_LIMIT, || group.meeting_intact()) {
+                    Ok(true) => return Err(Error::Timeout(m)),
+                    _ => Err(Error::Timeout(format!(
+                        "{m}; a member of sub-group {key:?} left meanwhile: the next call meets \
+                         the members again"
+                    ))),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let slot = lock(&self.joined).get(key).cloned();
+        if let Some(slot) = slot {
+            let mut slot = lock(&slot);
+            if slot.as_ref().is_some_and(|g| Arc::ptr_eq(g, group)) {
+                *slot = None;
+            }
+        }
+        if let Err(e) = group.leave() {
+            mf_log!(DEBUG, "leaving sub-group {key:?} of {}: {e}", self.object);
+        }
+        outcome
+    }
+
     /// Leaves every sub-group (the object is going): the others' waits in them fail from now on.
     pub fn leave_all(&self) {
         let slots: Vec<_> = lock(&self.joined).drain().map(|(_, s)| s).collect();
@@ -162,9 +218,10 @@ impl SubGroups {
         within(deadline, || {
             for slot in slots {
                 if let Some(group) = lock(&slot).take() {
+                    // Its connection closes when the group goes, which the store also takes as
+                    // leaving: a failure here costs only the removal of the meeting's keys.
                     if let Err(e) = group.leave() {
                         mf_log!(DEBUG, "leaving a sub-group of {}: {e}", self.object);
-                        return;
                     }
                 }
             }
@@ -724,10 +781,12 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.code(), -3001, "{e}");
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        // Rank 0 left the sub-group with that failure: calling again meets afresh, and waits
+        // for rank 1 to come (see the test of a member that comes back).
         let e = sub0
-            .all_gather("pair", 2, 0, b"x", Duration::from_secs(30))
+            .all_gather("pair", 2, 0, b"x", Duration::from_millis(300))
             .unwrap_err();
-        assert_eq!(e.code(), -3001, "{e}");
+        assert_eq!(e.code(), -2004, "{e}");
     }
 
     #[test]
@@ -884,5 +943,160 @@ mod tests {
         other.publish(1, T).unwrap().wait().unwrap();
         std::thread::sleep(Duration::from_millis(100));
         assert!(!ran.load(Ordering::SeqCst));
+    }
+    #[test]
+    fn sub_groups_of_different_keys_do_not_hold_each_other_up() {
+        // Process P waits in "a" and "b" on two threads; Q comes to "b" first, then "a".
+        let s = server();
+        let m = members(&s, "o", 2);
+        let p = SubGroups::new(m[0].0.clone(), m[0].1.prefix(), 2);
+        let q = SubGroups::new(m[1].0.clone(), m[1].1.prefix(), 2);
+        let wait = Duration::from_secs(4);
+        let t = Instant::now();
+        std::thread::scope(|sc| {
+            let pa = sc.spawn(|| p.barrier("a", 2, 0, wait));
+            let pb = sc.spawn(|| p.barrier("b", 2, 0, wait));
+            std::thread::sleep(Duration::from_millis(100));
+            q.barrier("b", 2, 1, wait).unwrap();
+            q.barrier("a", 2, 1, wait).unwrap();
+            pa.join().unwrap().unwrap();
+            pb.join().unwrap().unwrap();
+        });
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_timed_out_sub_group_rendezvous_leaves_the_object_membership_alone() {
+        let s = server();
+        let m = members(&s, "o", 2);
+        let sub = SubGroups::new(m[0].0.clone(), m[0].1.prefix(), 2);
+        // A watcher of the object fails at once if any member's liveness key goes, even briefly.
+        let probe = client(&s);
+        std::thread::scope(|sc| {
+            let watch = sc.spawn(|| {
+                probe.wait(
+                    &["o/never".to_string()],
+                    Duration::from_secs(2),
+                    Some(("o/alive/", 2)),
+                )
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            for _ in 0..3 {
+                let e = sub
+                    .barrier("pair", 2, 0, Duration::from_millis(300))
+                    .unwrap_err();
+                assert_eq!(e.code(), -2004, "{e}");
+            }
+            let e = watch.join().unwrap().unwrap_err();
+            assert_eq!(
+                e.code(),
+                -2004,
+                "the object's membership was disturbed: {e}"
+            );
+        });
+    }
+
+    #[test]
+    fn a_member_that_comes_back_does_not_pass_a_barrier_the_others_failed() {
+        let s = server();
+        let mut m = members(&s, "o", 2);
+        let (c1, g1) = m.pop().unwrap();
+        let sub0 = SubGroups::new(m[0].0.clone(), m[0].1.prefix(), 2);
+        let sub1 = SubGroups::new(c1.clone(), g1.prefix(), 2);
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| sub1.barrier("pair", 2, 1, T));
+            sub0.barrier("pair", 2, 0, T).unwrap();
+            h.join().unwrap().unwrap();
+        });
+        // Rank 1 dies; rank 0's next barrier fails.
+        drop((sub1, g1, c1));
+        let e = sub0.barrier("pair", 2, 0, T).unwrap_err();
+        assert_eq!(e.code(), -3001, "{e}");
+        // Rank 1 comes back (a new process). Rank 0 is at no barrier: it must not pass one.
+        let c1 = client(&s);
+        let g1 = Group::join_member(c1.clone(), "o", 2, Some(1)).unwrap();
+        let sub1 = SubGroups::new(c1.clone(), g1.prefix(), 2);
+        let e = sub1
+            .barrier("pair", 2, 1, Duration::from_millis(500))
+            .unwrap_err();
+        assert_eq!(e.code(), -2004, "{e}");
+        // When both come, they meet again.
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| sub1.barrier("pair", 2, 1, T));
+            sub0.barrier("pair", 2, 0, T).unwrap();
+            h.join().unwrap().unwrap();
+        });
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| sub1.all_gather("pair", 2, 1, b"1", T));
+            assert_eq!(
+                sub0.all_gather("pair", 2, 0, b"0", T).unwrap(),
+                vec![b"0".to_vec(), b"1".to_vec()]
+            );
+            h.join().unwrap().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_member_that_left_is_noticed_at_once_even_when_its_rank_was_taken_again() {
+        let s = server();
+        let mut m = members(&s, "o", 2);
+        let (c1, g1) = m.pop().unwrap();
+        let sub0 = SubGroups::new(m[0].0.clone(), m[0].1.prefix(), 2);
+        let sub1 = SubGroups::new(c1.clone(), g1.prefix(), 2);
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| sub1.barrier("pair", 2, 1, T));
+            sub0.barrier("pair", 2, 0, T).unwrap();
+            h.join().unwrap().unwrap();
+        });
+        // Rank 1 dies, and a new process takes its sub-group rank before rank 0 waits again.
+        drop((sub1, g1, c1));
+        let c1 = client(&s);
+        let _g1 = Group::join_member(c1.clone(), "o", 2, Some(1)).unwrap();
+        let deadline = Instant::now() + T;
+        let _back = loop {
+            match Group::enter(c1.clone(), "o.sub.pair", 2, 1) {
+                Ok(g) => break g,
+                Err(e) if e.code() == -2006 && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let t = Instant::now();
+        let e = sub0
+            .barrier("pair", 2, 0, Duration::from_secs(5))
+            .unwrap_err();
+        assert_eq!(e.code(), -3001, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_slow_sub_group_member_breaks_nothing() {
+        let s = server();
+        let m = members(&s, "o", 2);
+        let sub0 = SubGroups::new(m[0].0.clone(), m[0].1.prefix(), 2);
+        let sub1 = SubGroups::new(m[1].0.clone(), m[1].1.prefix(), 2);
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| sub1.barrier("pair", 2, 1, T));
+            sub0.barrier("pair", 2, 0, T).unwrap();
+            h.join().unwrap().unwrap();
+        });
+        // Rank 0 gives up on its second barrier; rank 1 comes to it late, and passes it (rank
+        // 0 did reach it). Their next ones meet.
+        let e = sub0
+            .barrier("pair", 2, 0, Duration::from_millis(300))
+            .unwrap_err();
+        assert_eq!(e.code(), -2004, "{e}");
+        sub1.barrier("pair", 2, 1, T).unwrap();
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| {
+                sub1.barrier("pair", 2, 1, T).unwrap();
+                sub1.all_gather("pair", 2, 1, b"1", T).unwrap()
+            });
+            sub0.barrier("pair", 2, 0, T).unwrap();
+            let got = sub0.all_gather("pair", 2, 0, b"0", T).unwrap();
+            assert_eq!(got, vec![b"0".to_vec(), b"1".to_vec()]);
+            assert_eq!(h.join().unwrap(), got);
+        });
     }
 }
