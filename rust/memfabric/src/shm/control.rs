@@ -6,16 +6,18 @@
 //! - a sub-group is a group of its own, `<obj>.sub.<key>` (`%` and `/` of the key escaped),
 //!   entered and met as [`Group::enter`] and [`Group::meet`] describe, on a store connection of
 //!   its own;
-//! - `<obj>/value/<v>` exists while a rank holds value `v` and names that rank;
-//!   `<obj>/value-ticket` spreads allocators that collide over different free values;
+//! - `<obj>/value/<v>` names the rank that claimed value `v` (empty: free), and
+//!   `<obj>/value-held/<v>/<holder>` lives while that holder's connection does;
 //! - `<obj>/exit` holds the status of a global exit; `<obj>/exit-watch/<rank>/on` lives while
 //!   that rank watches for it (deleting it wakes the watcher when the object goes).
 //!
 //! Every call ends by the deadline it is given (the object's control operation timeout), and
 //! each costs a rank O(1) store round trips however many ranks there are (the allocator: O(1)
-//! expected, retrying only when another rank took the same value at the same moment).
+//! expected, retrying only when another rank took the same value at the same moment, and
+//! waiting a grace before it takes back the value of a rank that seems gone).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{JoinHandle, ThreadId};
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::log::{DEBUG, WARN};
 use crate::mf_log;
+use crate::store::group::{reconnect_grace_left, MEMBER_GRACE};
 use crate::store::{within, ClientOptions, Group, StoreClient};
 
 /// Longest sub-group key, in bytes.
@@ -48,6 +51,12 @@ fn left(deadline: Instant) -> Duration {
 /// The object's group name (its key prefix without the trailing `/`).
 fn object_name(prefix: &str) -> &str {
     prefix.trim_end_matches('/')
+}
+
+/// A random number below `n` (> 0), different in every process and call.
+fn random_below(n: usize) -> usize {
+    let r = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    (r % n as u64) as usize
 }
 
 // ---- sub-groups ---------------------------------------------------------------------------
@@ -237,35 +246,61 @@ fn escape_key(key: &str) -> String {
 // ---- values -------------------------------------------------------------------------------
 
 /// Small integer values that ranks of the object hold one at a time (`atomic_alloc_value`).
-/// A value is a key naming its holder; a value whose holder died or destroyed the object is
-/// taken back when no other value below the limit is free.
+///
+/// `value/<v>` is the claim: the holder's id (`<rank>-<random>`, one per allocator, so a rank
+/// that comes back in a new process is another holder), taken and given back by compare-and-set
+/// only, so a rank never erases a claim it does not hold; empty (or missing) is free.
+/// `value-held/<v>/<holder>` is the holder's liveness for it: an ephemeral key of the holder's
+/// connection, which its keeper publishes again after a connection blip or a store restart.
+///
+/// - A claim whose holder's liveness key is missing is taken back, but only when no value is
+///   free, and only after it was seen missing [`MEMBER_GRACE`] apart: a blip or a restart
+///   makes it vanish for less than that.
+/// - A store restart loses the claims but not the liveness keys (they come back): a value with
+///   no claim and a holder's liveness key is held by that holder (and its claim is written
+///   again). A rank whose own connection was restored gives the keepers the same grace first.
+/// - A rank never takes a value it holds itself, whatever the store says.
+/// - A holder cut off for longer than the grace (a partition) may find its value taken back:
+///   its release then says so, and its claim on it is gone.
 pub struct ValueAllocator {
     client: Arc<StoreClient>,
     prefix: String,
-    rank: u32,
-    /// The values this rank holds (released only by it; given back when the object goes).
+    /// This allocator's holder id.
+    me: String,
+    /// The values this rank holds (released only by it; given back when the object goes). Not
+    /// held across store calls.
     held: Mutex<BTreeSet<u32>>,
 }
 
-/// A value that can be taken: free (`holder` empty) or held by a rank that is gone.
-struct Candidate {
-    value: u32,
-    holder: Vec<u8>,
+/// A value and the holder id its claim names.
+type Claim = (u32, Vec<u8>);
+
+/// The values below a limit, as one look at the store found them.
+struct Survey {
+    /// Free, lowest first.
+    free: Vec<u32>,
+    /// Claimed by a holder whose liveness key is missing: (value, holder), lowest first.
+    orphaned: Vec<Claim>,
 }
 
 impl ValueAllocator {
     /// Values of the object whose group prefix is `object_prefix`, held as its rank `rank`.
     pub fn new(client: Arc<StoreClient>, object_prefix: &str, rank: u32) -> ValueAllocator {
+        let nonce = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
         ValueAllocator {
             client,
             prefix: object_prefix.to_string(),
-            rank,
+            me: format!("{rank}-{nonce:016x}"),
             held: Mutex::new(BTreeSet::new()),
         }
     }
 
     fn value_key(&self, value: u32) -> String {
         format!("{}value/{value}", self.prefix)
+    }
+
+    fn liveness_key(&self, value: u32) -> String {
+        format!("{}value-held/{value}/{}", self.prefix, self.me)
     }
 
     /// A value in `[0, limit)` that no other rank holds, held by this rank until it releases
@@ -277,11 +312,11 @@ impl ValueAllocator {
             )));
         }
         let deadline = Instant::now() + timeout;
-        let me = self.rank.to_string().into_bytes();
         within(deadline, || {
-            // Colliding allocators each take a ticket and try the free value it points to,
-            // so that they spread over different values instead of all retrying the lowest.
-            let mut ticket: Option<u64> = None;
+            // Orphaned claims first seen, and when: taken back only if still orphaned a grace
+            // later.
+            let mut suspects: Option<(Instant, Vec<Claim>)> = None;
+            let mut collided = false;
             let mut first = true;
             loop {
                 if !first && Instant::now() >= deadline {
@@ -290,86 +325,149 @@ impl ValueAllocator {
                     )));
                 }
                 first = false;
-                let Some(candidates) = self.candidates(limit)? else {
+                let Some(survey) = self.survey(limit)? else {
                     continue;
                 };
-                if candidates.is_empty() {
+                // This rank's connection came back just now (a store restart): the holders'
+                // liveness keys may not all be back yet.
+                if let Some(rest) = reconnect_grace_left(&self.client) {
+                    std::thread::sleep(rest.min(left(deadline)));
+                    continue;
+                }
+                let (value, expected) = if !survey.free.is_empty() {
+                    // After a collision, spread over the free values rather than all retrying
+                    // the lowest.
+                    let at = if collided {
+                        random_below(survey.free.len())
+                    } else {
+                        0
+                    };
+                    (survey.free[at], Vec::new())
+                } else if survey.orphaned.is_empty() {
                     return Err(Error::NoResources(format!(
                         "every value below {limit} is held by a live rank of {}",
                         object_name(&self.prefix)
                     )));
+                } else {
+                    let confirmed: Vec<Claim> = match &suspects {
+                        Some((seen, before)) if seen.elapsed() >= MEMBER_GRACE => survey
+                            .orphaned
+                            .iter()
+                            .filter(|o| before.contains(o))
+                            .cloned()
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    if confirmed.is_empty() {
+                        // First seen now (or others than before): they must stay orphaned for
+                        // a grace before they are taken back.
+                        match &suspects {
+                            Some((seen, _)) if seen.elapsed() < MEMBER_GRACE => {}
+                            _ => suspects = Some((Instant::now(), survey.orphaned)),
+                        }
+                        let seen = suspects.as_ref().map_or_else(Instant::now, |s| s.0);
+                        let ripe = seen + MEMBER_GRACE;
+                        if ripe >= deadline {
+                            return Err(Error::NoResources(format!(
+                                "every value below {limit} is held: by a live rank of {}, or by \
+                                 one gone too recently to be taken back within the timeout",
+                                object_name(&self.prefix)
+                            )));
+                        }
+                        std::thread::sleep(ripe.saturating_duration_since(Instant::now()));
+                        continue;
+                    }
+                    let at = random_below(confirmed.len());
+                    confirmed[at].clone()
+                };
+                if self.claim(value, &expected)? {
+                    return Ok(value);
                 }
-                let at = ticket.map_or(0, |t| (t % candidates.len() as u64) as usize);
-                let pick = &candidates[at];
-                let mut held = lock(&self.held);
-                if self
-                    .client
-                    .compare_set(&self.value_key(pick.value), &pick.holder, &me)?
-                    == me
-                {
-                    held.insert(pick.value);
-                    return Ok(pick.value);
-                }
-                drop(held);
-                let t = self
-                    .client
-                    .add(&format!("{}value-ticket", self.prefix), 1)?;
-                ticket = Some(t.unsigned_abs());
+                collided = true;
             }
         })
     }
 
-    /// The values below `limit` that can be taken, lowest first: the free ones, or when there
-    /// are none, those whose holder is no longer a member of the object. `None` when a value
-    /// was released while looking: look again.
-    fn candidates(&self, limit: u32) -> Result<Option<Vec<Candidate>>> {
-        let listed = self.client.list(&format!("{}value/", self.prefix))?;
-        let taken: HashSet<u32> = listed
-            .iter()
-            .filter_map(|k| k.rsplit('/').next()?.parse().ok())
-            .collect();
-        let free: Vec<Candidate> = (0..limit)
-            .filter(|v| !taken.contains(v))
-            .map(|value| Candidate {
-                value,
-                holder: Vec::new(),
-            })
-            .collect();
-        if !free.is_empty() {
-            return Ok(Some(free));
-        }
-        let keys: Vec<String> = (0..limit).map(|v| self.value_key(v)).collect();
-        let holders = match self.client.multi_get(&keys, None) {
-            Ok(h) => h,
-            Err(Error::NotExist(_)) => return Ok(None),
+    /// Claims `value` if its claim is still `expected`; whether it did.
+    fn claim(&self, value: u32, expected: &[u8]) -> Result<bool> {
+        let key = self.value_key(value);
+        let me = self.me.as_bytes();
+        let now = match self.client.compare_set(&key, expected, me) {
+            Ok(now) => now,
+            // The answer was lost with the connection: look whether the claim landed.
+            Err(Error::Reconnected(_)) => self.client.get(&key)?.unwrap_or_default(),
             Err(e) => return Err(e),
         };
-        let holder_ranks: BTreeSet<String> = holders
-            .iter()
-            .map(|h| String::from_utf8_lossy(h).into_owned())
-            .collect();
-        let alive_keys: Vec<String> = holder_ranks
-            .iter()
-            .map(|r| format!("{}alive/{r}", self.prefix))
-            .collect();
-        let alive = self.client.exists(&alive_keys)?;
-        let gone: HashSet<&[u8]> = holder_ranks
-            .iter()
-            .zip(alive)
-            .filter(|(_, alive)| !alive)
-            .map(|(r, _)| r.as_bytes())
-            .collect();
-        Ok(Some(
-            holders
-                .into_iter()
-                .enumerate()
-                .filter(|(_, h)| gone.contains(h.as_slice()))
-                .map(|(v, holder)| Candidate {
-                    value: v as u32,
-                    holder,
-                })
-                .collect(),
-        ))
+        if now != me {
+            return Ok(false);
+        }
+        if let Err(e) = self.client.set_ephemeral(&self.liveness_key(value), b"") {
+            // Without its liveness key the claim would be taken back a moment later anyway.
+            let _ = self.client.compare_set(&key, me, b"");
+            return Err(e);
+        }
+        lock(&self.held).insert(value);
+        Ok(true)
+    }
+
+    /// The values below `limit` that can be taken. `None` when a key went while looking: look
+    /// again.
+    fn survey(&self, limit: u32) -> Result<Option<Survey>> {
+        let listed = self.client.list(&format!("{}value/", self.prefix))?;
+        let claims: HashMap<u32, Vec<u8>> = if listed.is_empty() {
+            HashMap::new()
+        } else {
+            match self.client.multi_get(&listed, None) {
+                Ok(holders) => listed
+                    .iter()
+                    .zip(holders)
+                    .filter_map(|(k, h)| Some((k.rsplit('/').next()?.parse().ok()?, h)))
+                    .collect(),
+                Err(Error::NotExist(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        };
+        let live_prefix = format!("{}value-held/", self.prefix);
+        let mut live: HashMap<u32, HashSet<Vec<u8>>> = HashMap::new();
+        for key in self.client.list(&live_prefix)? {
+            let Some((v, holder)) = key[live_prefix.len()..].split_once('/') else {
+                continue;
+            };
+            if let Ok(v) = v.parse() {
+                live.entry(v)
+                    .or_default()
+                    .insert(holder.as_bytes().to_vec());
+            }
+        }
+        let me = self.me.as_bytes();
+        let mine = lock(&self.held).clone();
+        let mut survey = Survey {
+            free: Vec::new(),
+            orphaned: Vec::new(),
+        };
+        for v in 0..limit {
+            let holders = live.get(&v);
+            match claims.get(&v) {
+                _ if mine.contains(&v) => {}
+                Some(h) if h.as_slice() == me => {}
+                Some(h) if h.is_empty() => survey.free.push(v),
+                None => match holders {
+                    None => survey.free.push(v),
+                    // A restart lost the claim; its holder's liveness came back. Write the
+                    // claim again, so that a later blip of that holder is not taken for a
+                    // free value.
+                    Some(hs) if hs.len() == 1 => {
+                        if let Some(h) = hs.iter().next() {
+                            let _ = self.client.compare_set(&self.value_key(v), b"", h);
+                        }
+                    }
+                    Some(_) => {}
+                },
+                Some(h) if holders.is_some_and(|hs| hs.contains(h)) => {}
+                Some(h) => survey.orphaned.push((v, h.clone())),
+            }
+        }
+        Ok(Some(survey))
     }
 
     /// Gives back `value`, which this rank holds.
@@ -379,18 +477,46 @@ impl ValueAllocator {
                 "value {value} is outside [0, {VALUE_LIMIT})"
             )));
         }
-        let mut held = lock(&self.held);
-        if !held.contains(&value) {
+        // Taken out first, so that two releases of one value do not both go to the store; put
+        // back when the store could not be told.
+        if !lock(&self.held).remove(&value) {
             return Err(Error::NotExist(format!(
                 "value {value} is not held by this rank (never allocated here, or released already)"
             )));
         }
-        // A plain delete: no other rank writes a value this rank holds while it is alive.
-        within(Instant::now() + timeout, || {
-            self.client.delete(&self.value_key(value))
-        })?;
-        held.remove(&value);
-        Ok(())
+        match within(Instant::now() + timeout, || self.give_back(value)) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::NotExist(format!(
+                "value {value} is no longer held by this rank: it was taken back while this \
+                 rank's connection to the store was lost"
+            ))),
+            Err(e) => {
+                lock(&self.held).insert(value);
+                Err(e)
+            }
+        }
+    }
+
+    /// Clears this rank's claim on `value` (only if it is still this rank's) and its liveness
+    /// key; whether the claim was this rank's.
+    fn give_back(&self, value: u32) -> Result<bool> {
+        let key = self.value_key(value);
+        let me = self.me.as_bytes();
+        let now = match self.client.compare_set(&key, me, b"") {
+            Ok(now) => now,
+            Err(Error::Reconnected(_)) => self.client.get(&key)?.unwrap_or_default(),
+            Err(e) => return Err(e),
+        };
+        if now == me {
+            // Reconnected before the compare-and-set landed: it did not.
+            return Err(Error::Reconnected(format!(
+                "giving back value {value}: the store's connection broke; try again"
+            )));
+        }
+        // Empty: given back now (or the claim was lost with a store restart). Another holder:
+        // taken back meanwhile; this rank's liveness key for it is stale either way.
+        self.client.delete(&self.liveness_key(value))?;
+        Ok(now.is_empty())
     }
 
     /// The values this rank holds, lowest first.
@@ -403,9 +529,12 @@ impl ValueAllocator {
         let values = std::mem::take(&mut *lock(&self.held));
         within(Instant::now() + TEARDOWN_LIMIT, || {
             for v in values {
-                if let Err(e) = self.client.delete(&self.value_key(v)) {
+                if let Err(e) = self.give_back(v) {
                     mf_log!(DEBUG, "giving back value {v} of {}: {e}", self.prefix);
-                    return;
+                    // The client forgets the liveness key even when the store cannot be told:
+                    // it goes with this connection at the latest (not to be published again
+                    // after a reconnect), and the claim is then taken back.
+                    let _ = self.client.delete(&self.liveness_key(v));
                 }
             }
         });
@@ -944,6 +1073,48 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         assert!(!ran.load(Ordering::SeqCst));
     }
+    // ---- tests of defects found in review (each failed before its fix) ----------------------
+
+    /// Restarts the store at its address (empty, as a restarted store is).
+    fn restart(s: StoreServer) -> StoreServer {
+        let addr = s.local_addr();
+        drop(s);
+        std::thread::sleep(Duration::from_millis(100));
+        StoreServer::start(addr, None).expect("server restarts")
+    }
+
+    /// What a connection blip does to the keys of `o/` that `gone` picks: they vanish, and
+    /// come back as they were `gap` later (the holder's keeper publishes them again). The
+    /// returned client holds them from then on.
+    fn blip(
+        s: &StoreServer,
+        gone: impl Fn(&str) -> bool,
+        gap: Duration,
+    ) -> std::thread::JoinHandle<Arc<StoreClient>> {
+        let probe = client(s);
+        let keys: Vec<String> = probe
+            .list("o/")
+            .unwrap()
+            .into_iter()
+            .filter(|k| gone(k))
+            .collect();
+        assert!(!keys.is_empty());
+        let values: Vec<Vec<u8>> = keys
+            .iter()
+            .map(|k| probe.get(k).unwrap().unwrap())
+            .collect();
+        for k in &keys {
+            probe.delete(k).unwrap();
+        }
+        std::thread::spawn(move || {
+            std::thread::sleep(gap);
+            for (k, v) in keys.iter().zip(&values) {
+                probe.set_ephemeral(k, v).unwrap();
+            }
+            probe
+        })
+    }
+
     #[test]
     fn sub_groups_of_different_keys_do_not_hold_each_other_up() {
         // Process P waits in "a" and "b" on two threads; Q comes to "b" first, then "a".
@@ -1098,5 +1269,83 @@ mod tests {
             assert_eq!(got, vec![b"0".to_vec(), b"1".to_vec()]);
             assert_eq!(h.join().unwrap(), got);
         });
+    }
+
+    #[test]
+    fn values_held_before_a_store_restart_stay_held() {
+        let s = server();
+        let m = members(&s, "o", 2);
+        let a = ValueAllocator::new(m[0].0.clone(), m[0].1.prefix(), 0);
+        let b = ValueAllocator::new(m[1].0.clone(), m[1].1.prefix(), 1);
+        assert_eq!(a.alloc(2, T).unwrap(), 0);
+        assert_eq!(b.alloc(2, T).unwrap(), 1);
+        let _s = restart(s);
+        let e = a.alloc(2, T).unwrap_err();
+        assert_eq!(e.code(), -2002, "{e}");
+        assert_eq!(a.held(), vec![0]);
+    }
+
+    #[test]
+    fn a_holder_whose_connection_blips_keeps_its_value() {
+        let s = server();
+        let m = members(&s, "o", 2);
+        let a = ValueAllocator::new(m[0].0.clone(), m[0].1.prefix(), 0);
+        let b = ValueAllocator::new(m[1].0.clone(), m[1].1.prefix(), 1);
+        assert_eq!(a.alloc(2, T).unwrap(), 0);
+        assert_eq!(b.alloc(2, T).unwrap(), 1);
+        // Rank 1's records are gone until its keeper publishes them again.
+        let back = blip(
+            &s,
+            |k| k == "o/alive/1" || k.starts_with("o/value-held/1/"),
+            Duration::from_millis(300),
+        );
+        let e = a.alloc(2, T).unwrap_err();
+        assert_eq!(e.code(), -2002, "{e}");
+        assert_eq!(b.held(), vec![1]);
+        drop(back.join().unwrap());
+    }
+
+    #[test]
+    fn a_release_after_the_value_was_taken_back_erases_no_other_claim() {
+        let s = server();
+        let m = members(&s, "o", 2);
+        let a = ValueAllocator::new(m[0].0.clone(), m[0].1.prefix(), 0);
+        let b = ValueAllocator::new(m[1].0.clone(), m[1].1.prefix(), 1);
+        assert_eq!(b.alloc(1, T).unwrap(), 0);
+        // Rank 1 seems gone for good (its records were removed behind its back): rank 0 takes
+        // its value back.
+        let probe = client(&s);
+        for k in probe.list("o/").unwrap() {
+            if k == "o/alive/1" || k.starts_with("o/value-held/") {
+                probe.delete(&k).unwrap();
+            }
+        }
+        assert_eq!(a.alloc(1, T).unwrap(), 0);
+        // Rank 1 releases what it believes it holds: rank 0's claim stays.
+        let released = b.release(0, T);
+        let e = b.alloc(1, T).unwrap_err();
+        assert_eq!(e.code(), -2002, "{e}");
+        assert_eq!(a.held(), vec![0]);
+        let e = released.unwrap_err();
+        assert_eq!(e.code(), -2007, "{e}");
+        assert!(b.held().is_empty());
+    }
+
+    #[test]
+    fn a_rank_is_never_given_a_value_it_holds() {
+        let s = server();
+        let m = members(&s, "o", 1);
+        let a = ValueAllocator::new(m[0].0.clone(), m[0].1.prefix(), 0);
+        assert_eq!(a.alloc(1, T).unwrap(), 0);
+        // Its own records missing (as in a connection blip) do not make its value free to it.
+        let probe = client(&s);
+        for k in probe.list("o/").unwrap() {
+            if k == "o/alive/0" || k.starts_with("o/value-held/") {
+                probe.delete(&k).unwrap();
+            }
+        }
+        let e = a.alloc(1, T).unwrap_err();
+        assert_eq!(e.code(), -2002, "{e}");
+        assert_eq!(a.held(), vec![0]);
     }
 }
