@@ -20,7 +20,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::{JoinHandle, ThreadId};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -549,7 +549,8 @@ pub type ExitHandler = Arc<dyn Fn(i32) + Send + Sync>;
 /// Global exit of an object: [`publish`](Self::publish) records a status that every rank
 /// which [`register`](Self::register)ed an exit function sees; each runs its function with it
 /// on a thread of the library (this rank's too). A rank that registers after the exit was
-/// published runs its function at once.
+/// published runs its function at once. Once [`stop`](Self::stop) returns, the function is not
+/// running and is never called.
 pub struct GlobalExit {
     client: Arc<StoreClient>,
     exit_key: String,
@@ -561,19 +562,63 @@ pub struct GlobalExit {
 struct Watcher {
     stop: Arc<AtomicBool>,
     delivery: Arc<Delivery>,
-    thread: JoinHandle<()>,
+    thread: std::thread::JoinHandle<()>,
+    /// How long stopping waits for an exit function that is running.
+    timeout: Duration,
 }
 
-/// Whether this rank's exit function has run, and on which thread it runs.
+/// Where this rank's exit function is, and on which thread it runs.
 struct Delivery {
-    done: Mutex<bool>,
-    ran: Condvar,
+    phase: Mutex<Phase>,
+    changed: Condvar,
     thread: Mutex<Option<ThreadId>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    /// Not called yet.
+    Waiting,
+    /// Being called.
+    Running,
+    /// Called, and returned (or panicked).
+    Ran,
+    /// Stopped before it was called: it never will be.
+    Stopped,
 }
 
 impl Delivery {
     fn on_watcher_thread(&self) -> bool {
         *lock(&self.thread) == Some(std::thread::current().id())
+    }
+
+    /// Stops delivery: the function is never called from now on. When it is running, waits
+    /// (up to `limit`) until it returns, unless this is that function calling. Whether it is
+    /// not running now.
+    fn stop(&self, limit: Duration) -> bool {
+        let mut phase = lock(&self.phase);
+        match *phase {
+            Phase::Waiting => {
+                *phase = Phase::Stopped;
+                self.changed.notify_all();
+                true
+            }
+            Phase::Running if self.on_watcher_thread() => false,
+            Phase::Running => {
+                let (phase, _) = self
+                    .changed
+                    .wait_timeout_while(phase, limit, |p| *p == Phase::Running)
+                    .unwrap_or_else(|p| p.into_inner());
+                let returned = *phase != Phase::Running;
+                if !returned {
+                    mf_log!(
+                        WARN,
+                        "the exit function still runs after {limit:?}; the object goes anyway"
+                    );
+                }
+                returned
+            }
+            Phase::Ran | Phase::Stopped => true,
+        }
     }
 }
 
@@ -593,12 +638,15 @@ impl GlobalExit {
     /// Runs `handler(status)` on a thread of the library when a global exit is published.
     /// The wait has a store connection of its own, so that it holds up no other call.
     pub fn register(&self, handler: ExitHandler, timeout: Duration) -> Result<()> {
-        let mut watcher = lock(&self.watcher);
-        if watcher.is_some() {
-            return Err(Error::RepeatInvoke(
+        let repeated = || {
+            Error::RepeatInvoke(
                 "an exit function is registered on this object in this process already".into(),
-            ));
+            )
+        };
+        if lock(&self.watcher).is_some() {
+            return Err(repeated());
         }
+        // Connected without the lock held: `publish` and `stop` need it meanwhile.
         let own = Arc::new(StoreClient::connect(
             &self.client.url(),
             ClientOptions {
@@ -606,11 +654,15 @@ impl GlobalExit {
                 ..Default::default()
             },
         )?);
+        let mut watcher = lock(&self.watcher);
+        if watcher.is_some() {
+            return Err(repeated());
+        }
         own.set_ephemeral(&self.watch_key, b"")?;
         let stop = Arc::new(AtomicBool::new(false));
         let delivery = Arc::new(Delivery {
-            done: Mutex::new(false),
-            ran: Condvar::new(),
+            phase: Mutex::new(Phase::Waiting),
+            changed: Condvar::new(),
             thread: Mutex::new(None),
         });
         let watch = ExitWait {
@@ -627,13 +679,22 @@ impl GlobalExit {
                 *lock(&d.thread) = Some(std::thread::current().id());
                 let Some(status) = watch.run() else { return };
                 drop(watch);
+                {
+                    // The one place that decides to call: `stop` either came first (and the
+                    // function is never called) or waits until it has returned.
+                    let mut phase = lock(&d.phase);
+                    if *phase != Phase::Waiting {
+                        return;
+                    }
+                    *phase = Phase::Running;
+                }
                 // No lock is held: the function may call back into the library, or end the
                 // process.
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h(status))).is_err() {
                     mf_log!(WARN, "the exit function panicked (status {status})");
                 }
-                *lock(&d.done) = true;
-                d.ran.notify_all();
+                *lock(&d.phase) = Phase::Ran;
+                d.changed.notify_all();
             })
             .map_err(|e| {
                 Error::NoResources(format!("cannot start the exit watcher thread: {e}"))
@@ -642,6 +703,7 @@ impl GlobalExit {
             stop,
             delivery,
             thread,
+            timeout,
         });
         Ok(())
     }
@@ -660,19 +722,21 @@ impl GlobalExit {
         })
     }
 
-    /// Stops watching (the object is going): this rank's exit function no longer runs.
+    /// Stops watching (the object is going): when this returns, this rank's exit function is
+    /// not running (unless it is the caller) and is never called.
     pub fn stop(&self) {
         let Some(w) = lock(&self.watcher).take() else {
             return;
         };
         w.stop.store(true, Ordering::Release);
-        // Deleting the watched key answers the watcher's wait at once.
+        let returned = w.delivery.stop(w.timeout);
+        // Deleting the watched key answers the watcher's wait at once, so its thread and
+        // connection end now. When the store is gone they end by themselves, calling nothing;
+        // nor is a thread whose exit function never returned waited for.
         let woken = self.client.delete_within(&self.watch_key, TEARDOWN_LIMIT);
-        if woken.is_ok() && !w.delivery.on_watcher_thread() {
+        if woken.is_ok() && returned && !w.delivery.on_watcher_thread() {
             let _ = w.thread.join();
         }
-        // Otherwise (the exit function itself destroys the object, or the store is gone) the
-        // watcher ends on its own and, seeing `stop`, calls nothing.
     }
 }
 
@@ -690,7 +754,8 @@ pub struct PendingExit {
 
 impl PendingExit {
     /// Returns once this rank's exit function has returned (at once when it registered none,
-    /// or when called from that function); [`Error::Timeout`] at the deadline.
+    /// when called from that function, or when the object went before it was called);
+    /// [`Error::Timeout`] at the deadline.
     pub fn wait(self) -> Result<()> {
         let Some(d) = self.delivery else {
             return Ok(());
@@ -698,12 +763,14 @@ impl PendingExit {
         if d.on_watcher_thread() {
             return Ok(());
         }
-        let done = lock(&d.done);
-        let (done, _) = d
-            .ran
-            .wait_timeout_while(done, left(self.deadline), |done| !*done)
+        let phase = lock(&d.phase);
+        let (phase, _) = d
+            .changed
+            .wait_timeout_while(phase, left(self.deadline), |p| {
+                matches!(p, Phase::Waiting | Phase::Running)
+            })
             .unwrap_or_else(|p| p.into_inner());
-        if *done {
+        if matches!(*phase, Phase::Ran | Phase::Stopped) {
             Ok(())
         } else {
             Err(Error::Timeout(
@@ -1347,5 +1414,39 @@ mod tests {
         let e = a.alloc(1, T).unwrap_err();
         assert_eq!(e.code(), -2002, "{e}");
         assert_eq!(a.held(), vec![0]);
+    }
+
+    #[test]
+    fn stopping_waits_for_an_exit_function_in_progress_even_without_a_store() {
+        let s = server();
+        let m = members(&s, "o", 2);
+        let exit0 = GlobalExit::new(m[0].0.clone(), m[0].1.prefix(), 0);
+        let exit1 = GlobalExit::new(m[1].0.clone(), m[1].1.prefix(), 1);
+        let started = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(AtomicBool::new(false));
+        let (st, fi) = (started.clone(), finished.clone());
+        exit0
+            .register(
+                Arc::new(move |_| {
+                    st.store(true, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(2500));
+                    fi.store(true, Ordering::SeqCst);
+                }),
+                T,
+            )
+            .unwrap();
+        exit1.publish(5, T).unwrap();
+        let deadline = Instant::now() + T;
+        while !started.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The store goes; stopping must still wait for the function that is running.
+        drop(s);
+        exit0.stop();
+        assert!(
+            finished.load(Ordering::SeqCst),
+            "stop returned during the exit function"
+        );
     }
 }
