@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::fabric::{ops, Runtime, RuntimeSpec, SymmetricMemory};
+use crate::store::within;
 
 pub mod control;
 
@@ -303,7 +304,13 @@ impl Drop for ShareMemory {
         self.exit.stop();
         self.subgroups.leave_all();
         self.values.release_all();
-        let _ = self.mem.group().leave();
+        let group = self.mem.group();
+        let _ = group.leave();
+        // The last rank out removes what the ranks shared (the others may still read it).
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        if within(deadline, || group.live_members()).is_ok_and(|n| n == 0) {
+            control::forget_object(self.runtime.core.store(), group.prefix());
+        }
         self.runtime.core.release(self.id);
     }
 }

@@ -11,6 +11,10 @@
 //! - `<obj>/exit` holds the status of a global exit; `<obj>/exit-watch/<rank>/on` lives while
 //!   that rank watches for it (deleting it wakes the watcher when the object goes).
 //!
+//! What stays in the store: the last rank to leave the object removes `<obj>/exit` and the
+//! `value/` keys ([`forget_object`]), and the last member of a sub-group's meeting its keys;
+//! when that rank dies instead, they stay (nothing can tell later that no one uses them).
+//!
 //! Every call ends by the deadline it is given (the object's control operation timeout), and
 //! each costs a rank O(1) store round trips however many ranks there are (the allocator: O(1)
 //! expected, retrying only when another rank took the same value at the same moment, and
@@ -57,6 +61,25 @@ fn object_name(prefix: &str) -> &str {
 fn random_below(n: usize) -> usize {
     let r = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
     (r % n as u64) as usize
+}
+
+/// Removes what the object's ranks shared here, once the last of them has left the object's
+/// group: the published exit and the value claims. Nobody reads them afterwards; an object
+/// created again in the same namespace (a later run on a long-lived store) must not see them.
+pub fn forget_object(client: &StoreClient, object_prefix: &str) {
+    within(Instant::now() + TEARDOWN_LIMIT, || {
+        let forgotten = client
+            .delete(&format!("{object_prefix}exit"))
+            .and_then(|_| client.list(&format!("{object_prefix}value/")))
+            .and_then(|keys| keys.iter().try_for_each(|k| client.delete(k).map(|_| ())));
+        if let Err(e) = forgotten {
+            mf_log!(
+                DEBUG,
+                "removing the keys of {}: {e}",
+                object_name(object_prefix)
+            );
+        }
+    });
 }
 
 // ---- sub-groups ---------------------------------------------------------------------------
@@ -1448,5 +1471,61 @@ mod tests {
             finished.load(Ordering::SeqCst),
             "stop returned during the exit function"
         );
+    }
+
+    #[test]
+    fn nothing_of_the_control_keys_stays_after_every_rank_left() {
+        let s = server();
+        let m = members(&s, "o", 2);
+        let ranks: Vec<_> = m
+            .iter()
+            .enumerate()
+            .map(|(r, (c, g))| {
+                (
+                    SubGroups::new(c.clone(), g.prefix(), 2),
+                    ValueAllocator::new(c.clone(), g.prefix(), r as u32),
+                    GlobalExit::new(c.clone(), g.prefix(), r as u32),
+                )
+            })
+            .collect();
+        std::thread::scope(|sc| {
+            for (r, (sub, values, exit)) in ranks.iter().enumerate() {
+                sc.spawn(move || {
+                    sub.barrier("k", 2, r as u32, T).unwrap();
+                    sub.barrier("k", 2, r as u32, T).unwrap();
+                    sub.all_gather("k", 2, r as u32, b"x", T).unwrap();
+                    values.alloc(4, T).unwrap();
+                    let v = values.alloc(4, T).unwrap();
+                    values.release(v, T).unwrap();
+                    exit.register(Arc::new(|_| {}), T).unwrap();
+                    if r == 1 {
+                        exit.publish(3, T).unwrap().wait().unwrap();
+                    }
+                });
+            }
+        });
+        for ((sub, values, exit), (_, g)) in ranks.iter().zip(&m) {
+            leave_object(sub, values, exit, g);
+        }
+        let left: Vec<String> = client(&s)
+            .list("o")
+            .unwrap()
+            .into_iter()
+            .filter(|k| {
+                k.starts_with("o.sub.") || k.starts_with("o/exit") || k.starts_with("o/value")
+            })
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// What destroying the object does with its control parts, in order (see `ShareMemory`).
+    fn leave_object(sub: &SubGroups, values: &ValueAllocator, exit: &GlobalExit, g: &Group) {
+        exit.stop();
+        sub.leave_all();
+        values.release_all();
+        let _ = g.leave();
+        if g.live_members().unwrap() == 0 {
+            forget_object(g.client(), g.prefix());
+        }
     }
 }
