@@ -2,11 +2,12 @@
  * A C program on the Share Memory C API (the calls of the 1.3.0 release): three ranks (forked
  * before any touches the library) create one object, each writes its part through the GVA
  * (plain stores: same-host parts are mapped in every rank), barrier, and every rank reads every
- * part; then all_gather, sub-groups of some of the ranks, reachability, context, the values
- * ranks hold, a global exit, and the refusals. Valid C11 and C++11, so that it also builds
- * against the upstream headers.
+ * part; then all_gather, sub-groups of some of the ranks (one rank waiting in two of them at
+ * once, on two threads), reachability, context, the values ranks hold, a global exit, and the
+ * refusals. Valid C11 and C++11, so that it also builds against the upstream headers.
  * Usage: shm_three_ranks tcp://127.0.0.1:STORE_PORT
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -117,6 +118,58 @@ static void sub_groups(smem_shm_t shm) {
           "made-up handle");
 }
 
+/* A sub-group barrier waited in on a thread of its own. */
+struct sub_wait {
+    smem_shm_t shm;
+    const char *key;
+    int32_t rc;
+};
+
+static void *sub_barrier_thread(void *arg) {
+    struct sub_wait *w = (struct sub_wait *)arg;
+    w->rc = smem_shm_subgroup_barrier(w->shm, w->key, 2, 0);
+    return NULL;
+}
+
+static void nap_ms(long ms) {
+    struct timespec t;
+    t.tv_sec = ms / 1000;
+    t.tv_nsec = (ms % 1000) * 1000 * 1000;
+    nanosleep(&t, NULL);
+}
+
+static double seconds_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* Rank 0 waits in sub-group "pa" on one thread, then in "pb" on another; rank 2 comes to "pb"
+ * first, then to "pa". A rendezvous waiting in one sub-group holds up no other (nor the rank's
+ * other calls): both pass at once. */
+static void sub_groups_at_once(smem_shm_t shm) {
+    CHECK(smem_shm_control_barrier(shm) == 0, "barrier");
+    double start = seconds_now();
+    if (rank == 0) {
+        struct sub_wait waits[2] = {{shm, "pa", -1}, {shm, "pb", -1}};
+        pthread_t threads[2];
+        for (int i = 0; i < 2; i++) {
+            CHECK(pthread_create(&threads[i], NULL, sub_barrier_thread, &waits[i]) == 0, "thread %d", i);
+            nap_ms(100); /* "pa" is waiting before "pb" starts */
+        }
+        for (int i = 0; i < 2; i++) {
+            pthread_join(threads[i], NULL);
+            CHECK(waits[i].rc == 0, "barrier of %s on a thread of its own: %d", waits[i].key, waits[i].rc);
+        }
+    } else if (rank == 2) {
+        nap_ms(300);
+        CHECK(smem_shm_subgroup_barrier(shm, "pb", 2, 1) == 0, "barrier of pb");
+        CHECK(smem_shm_subgroup_barrier(shm, "pa", 2, 1) == 0, "barrier of pa");
+    }
+    CHECK(seconds_now() - start < 10.0, "the sub-groups took %.1f s", seconds_now() - start);
+    CHECK(smem_shm_control_barrier(shm) == 0, "barrier");
+}
+
 /* Values held by one rank at a time. */
 static void values(smem_shm_t shm) {
     int32_t mine = -1;
@@ -184,6 +237,7 @@ static int run(int r, const char *url) {
     int first = failures;
     printf("rank %d: %s\n", rank, failures == 0 ? "parts, gather, reach and refusals verified" : "FAILED");
     sub_groups(shm);
+    sub_groups_at_once(shm);
     values(shm);
     exit_functions(shm);
 

@@ -5,7 +5,7 @@
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::mem::{offset_of, size_of, MaybeUninit};
 use std::ptr::{null, null_mut};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use mf_smem::common::*;
@@ -656,4 +656,77 @@ fn one_rank_uses_every_call_and_each_refuses_bad_input() {
         assert_eq!(smem_shm_get_global_rank(again), u32::MAX);
         said("not initialized");
     }
+}
+
+static OWN_HANDLE: AtomicUsize = AtomicUsize::new(0);
+static DESTROYED_FROM_EXIT: AtomicI32 = AtomicI32::new(i32::MIN);
+
+extern "C" fn destroy_own_object(_status: c_int) {
+    let handle = OWN_HANDLE.load(Ordering::SeqCst) as SmemShm;
+    DESTROYED_FROM_EXIT.store(smem_shm_destroy(handle, 0), Ordering::SeqCst);
+}
+
+/// One rank of a new store, and an object of it.
+fn one_rank_object() -> SmemShm {
+    let url = CString::new(format!("tcp://127.0.0.1:{}", free_port())).unwrap();
+    let cfg = config();
+    let mut gva: *mut c_void = null_mut();
+    // SAFETY: a NUL-terminated URL, a config, and a writable address.
+    unsafe {
+        assert_eq!(
+            smem_shm_init(url.as_ptr(), 1, 0, 0, &cfg),
+            0,
+            "{}",
+            last_err()
+        );
+        let shm = smem_shm_create(0, 1, 0, SIZE, SMEMS_DATA_OP_MTE, 0, &mut gva);
+        assert!(!shm.is_null(), "{}", last_err());
+        shm
+    }
+}
+
+#[test]
+fn an_exit_function_may_destroy_its_object() {
+    let _turn = my_turn();
+    let shm = one_rank_object();
+    OWN_HANDLE.store(shm as usize, Ordering::SeqCst);
+    assert_eq!(smem_shm_register_exit(shm, Some(destroy_own_object)), 0);
+    // Returns once the function (and so the destroy in it) has returned.
+    smem_shm_global_exit(shm, 7);
+    assert_eq!(
+        DESTROYED_FROM_EXIT.load(Ordering::SeqCst),
+        0,
+        "{}",
+        last_err()
+    );
+    assert_eq!(smem_shm_get_global_rank_size(shm), u32::MAX);
+    said("not a live");
+    smem_shm_uninit(0);
+}
+
+static SLOW_EXIT_STARTED: AtomicBool = AtomicBool::new(false);
+static SLOW_EXIT_FINISHED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn slow_exit(_status: c_int) {
+    SLOW_EXIT_STARTED.store(true, Ordering::SeqCst);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    SLOW_EXIT_FINISHED.store(true, Ordering::SeqCst);
+}
+
+#[test]
+fn destroy_waits_for_an_exit_function_that_is_running() {
+    let _turn = my_turn();
+    let shm = one_rank_object();
+    assert_eq!(smem_shm_register_exit(shm, Some(slow_exit)), 0);
+    let handle = shm as usize;
+    let exit = std::thread::spawn(move || smem_shm_global_exit(handle as SmemShm, 9));
+    while !SLOW_EXIT_STARTED.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(smem_shm_destroy(shm, 0), 0, "{}", last_err());
+    // The header: the function is not called after the object is destroyed here; the one
+    // that was running has returned.
+    assert!(SLOW_EXIT_FINISHED.load(Ordering::SeqCst));
+    exit.join().unwrap();
+    smem_shm_uninit(0);
 }
