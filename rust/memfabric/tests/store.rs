@@ -308,11 +308,19 @@ fn a_call_waiting_behind_another_gives_up_at_its_deadline_and_keeps_the_connecti
     let deadline = t + Duration::from_millis(300);
     let e = memfabric::store::within(deadline, || c.set("x", b"1")).unwrap_err();
     assert_eq!(e.code(), -2004, "{e}");
-    assert!(t.elapsed() < Duration::from_millis(900), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
     let other = client(&s);
     other.set("later", b"now").unwrap();
     assert_eq!(waiter.join().unwrap().unwrap(), b"now");
-    assert_eq!(other.get("alive/busy").unwrap().unwrap(), b"1", "the session survived");
+    assert_eq!(
+        other.get("alive/busy").unwrap().unwrap(),
+        b"1",
+        "the session survived"
+    );
     assert_eq!(c.get("x").unwrap(), None, "the refused call sent nothing");
 }
 
