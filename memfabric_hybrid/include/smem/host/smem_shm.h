@@ -64,7 +64,9 @@ int32_t smem_shm_control_allgather(smem_shm_t handle, const char *sendBuf, uint3
 
 /* A barrier of the rankSize ranks that call it with the same key (at most 63 bytes), this one
  * being rankId among them; no setup needed. A key names one sub-group: the same ranks with the
- * same rankSize and rankIds every time; another sub-group needs another key. */
+ * same rankSize and rankIds every time; another sub-group needs another key. The members meet
+ * on their first call: a member that dies after that fails the others' waits at once with
+ * MF_PEER_GONE, and the next call meets afresh (SMEM_TIMEOUT if the member never comes back). */
 int32_t smem_shm_subgroup_barrier(smem_shm_t handle, const char *key, uint32_t rankSize, uint32_t rankId);
 
 /* smem_shm_control_allgather among the ranks of sub-group key (see smem_shm_subgroup_barrier),
