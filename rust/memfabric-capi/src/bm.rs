@@ -19,7 +19,7 @@ use memfabric::trans::DEFAULT_TRANSFER_TIMEOUT;
 use memfabric::{Error, Result};
 
 use crate::common::SmemTlsConfig;
-use crate::gate::Gate;
+use crate::gate::{Gate, Gates};
 use crate::handles::{Slot, Table};
 use crate::trans::array;
 use crate::{c_str, guarded, guarded_value, non_null};
@@ -117,19 +117,7 @@ pub struct SmemBatchCopyResult {
 }
 
 /// The gate in front of each object's group-event handler (see [`crate::gate`]).
-static EVENT_GATES: std::sync::Mutex<Vec<(usize, Arc<Gate>)>> = std::sync::Mutex::new(Vec::new());
-
-/// Closes the gate of `handle`'s handler: once this returns it is not running and runs no more.
-fn close_event_gate(handle: SmemBm) {
-    let gate = {
-        let mut all = EVENT_GATES.lock().unwrap_or_else(|p| p.into_inner());
-        let at = all.iter().position(|(h, _)| *h == handle as usize);
-        at.map(|i| all.remove(i).1)
-    };
-    if let Some(gate) = gate {
-        gate.close();
-    }
-}
+static EVENT_GATES: Gates = Gates::new();
 
 /// `smem_bm_group_event_cb`: `(handle, rankId, smem_bm_group_event_t, context)`.
 pub type GroupEventCb =
@@ -260,10 +248,7 @@ pub unsafe extern "C" fn smem_bm_init(
 pub extern "C" fn smem_bm_uninit(flags: u32) {
     let _ = flags;
     guarded("smem_bm_uninit", || {
-        let gates = std::mem::take(&mut *EVENT_GATES.lock().unwrap_or_else(|p| p.into_inner()));
-        for (_, gate) in gates {
-            gate.close();
-        }
+        EVENT_GATES.close_all();
         let first_error = OBJECTS.destroy_all(RELEASE_WAIT, || {});
         drop(RUNTIME.take());
         first_error
@@ -546,7 +531,7 @@ pub unsafe extern "C" fn smem_bm_create2(id: u32, option: *const SmemBmCreateOpt
 pub extern "C" fn smem_bm_destroy(handle: SmemBm) {
     guarded("smem_bm_destroy", || {
         object(handle)?;
-        close_event_gate(handle);
+        EVENT_GATES.replace(handle, None);
         OBJECTS.destroy(handle, RELEASE_WAIT)
     });
 }
@@ -885,14 +870,8 @@ pub unsafe extern "C" fn smem_bm_set_group_event_handler(
         let installed = cb.is_some();
         obj.set_group_event_handler(handler)?;
         drop(obj);
-        // The handler replaced: once closed, it is not running and runs no more.
-        close_event_gate(handle);
-        if installed {
-            EVENT_GATES
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((handle as usize, gate));
-        }
+        // The handler replaced: once its gate is closed, it is not running and runs no more.
+        EVENT_GATES.replace(handle, installed.then_some(gate));
         Ok(())
     })
 }

@@ -9,7 +9,7 @@ use memfabric::store::tls;
 use memfabric::store::StoreServer;
 use memfabric::{Error, Result};
 
-use crate::gate::Gate;
+use crate::gate::{Gate, Gates};
 use crate::handles::Table;
 use crate::{c_str, guarded, guarded_value};
 
@@ -189,7 +189,7 @@ pub unsafe extern "C" fn smem_config_store_destroy_server(
         // No connection-end callback once this returns, though sessions end after it.
         server.on_session_end(None);
         drop(server);
-        close_broken_gate(store);
+        BROKEN_GATES.replace(store, None);
         SERVERS.destroy(store, RELEASE_WAIT)
     });
 }
@@ -204,19 +204,7 @@ unsafe impl Send for Context {}
 unsafe impl Sync for Context {}
 
 /// The gate of each server's connection-end callback (see [`crate::gate`]).
-static BROKEN_GATES: std::sync::Mutex<Vec<(usize, Arc<Gate>)>> = std::sync::Mutex::new(Vec::new());
-
-/// Closes the gate of `store`'s callback: once this returns it is not running and runs no more.
-fn close_broken_gate(store: SmemConfigStore) {
-    let gate = {
-        let mut all = BROKEN_GATES.lock().unwrap_or_else(|p| p.into_inner());
-        let at = all.iter().position(|(h, _)| *h == store as usize);
-        at.map(|i| all.remove(i).1)
-    };
-    if let Some(gate) = gate {
-        gate.close();
-    }
-}
+static BROKEN_GATES: Gates = Gates::new();
 
 /// Tells `callback(context, link_id, UINT32_MAX)` of each client connection of `store` that
 /// ends; NULL removes it. Once this returns, a replaced callback is not running and runs no
@@ -244,13 +232,7 @@ pub extern "C" fn smem_config_store_set_server_broken_handler(
         });
         server.on_session_end(hook);
         drop(server);
-        close_broken_gate(store);
-        if callback.is_some() {
-            BROKEN_GATES
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((store as usize, gate));
-        }
+        BROKEN_GATES.replace(store, callback.is_some().then_some(gate));
         Ok(())
     });
 }

@@ -3,8 +3,42 @@
 //! that closes its own gate (destroying its object from inside it) does not wait for itself.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
+
+/// The gate of each handle's current callback, where a handle has one callback of a kind.
+pub struct Gates(Mutex<Vec<(usize, Arc<Gate>)>>);
+
+impl Gates {
+    pub const fn new() -> Gates {
+        Gates(Mutex::new(Vec::new()))
+    }
+
+    /// Makes `gate` the one of `handle`, closing the one it replaces.
+    pub fn replace(&self, handle: *mut std::ffi::c_void, gate: Option<Arc<Gate>>) {
+        let old = {
+            let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let at = all.iter().position(|(h, _)| *h == handle as usize);
+            let old = at.map(|i| all.remove(i).1);
+            if let Some(gate) = gate {
+                all.push((handle as usize, gate));
+            }
+            old
+        };
+        // Outside the lock: closing waits for a callback in progress.
+        if let Some(old) = old {
+            old.close();
+        }
+    }
+
+    /// Closes every gate (an uninit).
+    pub fn close_all(&self) {
+        let all = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, gate) in all {
+            gate.close();
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct Gate {

@@ -5,25 +5,13 @@
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr::{null, null_mut};
 
+mod common;
+use common::{free_port, last_err};
+
 use mf_smem::common::*;
 use mf_smem::trans::*;
 
 const SIZE: usize = 4 << 20;
-
-fn last_err() -> String {
-    // SAFETY: the library returns a NUL-terminated string valid until the next call.
-    unsafe { CStr::from_ptr(smem_get_and_clear_last_err_msg()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn config(role: u32) -> SmemTransConfig {
     let mut c = std::mem::MaybeUninit::<SmemTransConfig>::uninit();

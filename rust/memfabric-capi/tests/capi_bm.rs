@@ -3,11 +3,13 @@
 //!
 //! Big Memory has one runtime per process, so the tests take turns (`serial`).
 
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_void, CString};
 use std::mem::{offset_of, size_of, MaybeUninit};
 use std::ptr::{null, null_mut};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
+
+mod common;
+use common::{free_port, last_err, ok, refused, serial};
 
 use mf_smem::bm::*;
 use mf_smem::common::*;
@@ -24,39 +26,6 @@ const COPY_G2H: u32 = 2;
 const COPY_H2G: u32 = 3;
 const COPY_AUTO: u32 = 9;
 const PART: usize = 2 << 20;
-
-fn serial() -> MutexGuard<'static, ()> {
-    static TURN: Mutex<()> = Mutex::new(());
-    TURN.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn last_err() -> String {
-    // SAFETY: the library returns a NUL-terminated string valid until the next call.
-    unsafe { CStr::from_ptr(smem_get_and_clear_last_err_msg()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// Asserts `rc` is `code` and the last error mentions `says`.
-#[track_caller]
-fn refused(rc: i32, code: i32, says: &str) {
-    let msg = last_err();
-    assert_eq!(rc, code, "{msg}");
-    assert!(msg.contains(says), "{msg:?} does not mention {says:?}");
-}
-
-#[track_caller]
-fn ok(rc: i32) {
-    assert_eq!(rc, 0, "{}", last_err());
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn default_config() -> SmemBmConfig {
     let mut c = MaybeUninit::<SmemBmConfig>::uninit();

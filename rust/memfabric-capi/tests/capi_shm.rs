@@ -2,53 +2,18 @@
 //! rank uses every call, and every refusal comes with its code and a message. Share Memory is
 //! process-wide, so the tests take turns.
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::mem::{offset_of, size_of, MaybeUninit};
 use std::ptr::{null, null_mut};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
-use std::sync::Mutex;
 
-use mf_smem::common::*;
+mod common;
+use common::{free_port, last_err, refused, said, serial};
+
 use mf_smem::shm::*;
 
 const SIZE: u64 = 2 << 20;
 const MADE_UP: SmemShm = 0x5eed as SmemShm;
-
-static TURN: Mutex<()> = Mutex::new(());
-
-fn my_turn() -> std::sync::MutexGuard<'static, ()> {
-    TURN.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn last_err() -> String {
-    // SAFETY: the library returns a NUL-terminated string valid until the next call.
-    unsafe { CStr::from_ptr(smem_get_and_clear_last_err_msg()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// `code` is `want`, and the last error message says `says`.
-#[track_caller]
-fn refused(code: i32, want: i32, says: &str) {
-    let msg = last_err();
-    assert_eq!(code, want, "{msg}");
-    assert!(msg.contains(says), "{msg:?} does not say {says:?}");
-}
-
-/// The last error message says `says` (for calls that return no code).
-#[track_caller]
-fn said(says: &str) {
-    let msg = last_err();
-    assert!(msg.contains(says), "{msg:?} does not say {says:?}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn config() -> SmemShmConfig {
     let mut c = MaybeUninit::<SmemShmConfig>::uninit();
@@ -220,7 +185,7 @@ fn the_headers_declare_what_the_library_has() {
 
 #[test]
 fn every_call_refuses_before_init() {
-    let _turn = my_turn();
+    let _turn = serial();
     // SAFETY (all calls below): pointers are null, NUL-terminated strings, or buffers of the
     // sizes passed, as the functions' contracts ask.
     unsafe {
@@ -273,7 +238,7 @@ fn every_call_refuses_before_init() {
 
 #[test]
 fn init_refuses_bad_arguments_and_a_second_init() {
-    let _turn = my_turn();
+    let _turn = serial();
     let url = CString::new(format!("tcp://127.0.0.1:{}", free_port())).unwrap();
     // SAFETY (all calls below): as in the test above.
     unsafe {
@@ -365,7 +330,7 @@ extern "C" fn record_exit(status: c_int) {
 
 #[test]
 fn one_rank_uses_every_call_and_each_refuses_bad_input() {
-    let _turn = my_turn();
+    let _turn = serial();
     let url = CString::new(format!("tcp://127.0.0.1:{}", free_port())).unwrap();
     let cfg = config();
     // SAFETY (all calls below): pointers are null, NUL-terminated strings, or buffers of the
@@ -687,7 +652,7 @@ fn one_rank_object() -> SmemShm {
 
 #[test]
 fn an_exit_function_may_destroy_its_object() {
-    let _turn = my_turn();
+    let _turn = serial();
     let shm = one_rank_object();
     OWN_HANDLE.store(shm as usize, Ordering::SeqCst);
     assert_eq!(smem_shm_register_exit(shm, Some(destroy_own_object)), 0);
@@ -715,7 +680,7 @@ extern "C" fn slow_exit(_status: c_int) {
 
 #[test]
 fn destroy_waits_for_an_exit_function_that_is_running() {
-    let _turn = my_turn();
+    let _turn = serial();
     let shm = one_rank_object();
     assert_eq!(smem_shm_register_exit(shm, Some(slow_exit)), 0);
     let handle = shm as usize;

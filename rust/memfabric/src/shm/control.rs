@@ -867,28 +867,10 @@ impl ExitWait {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::test_support::{client, server};
     use crate::store::StoreServer;
     use std::sync::atomic::AtomicI32;
 
-    fn server() -> StoreServer {
-        StoreServer::start("127.0.0.1:0".parse().unwrap(), None).expect("server starts")
-    }
-
-    fn client(s: &StoreServer) -> Arc<StoreClient> {
-        Arc::new(
-            StoreClient::connect(
-                &s.url(),
-                ClientOptions {
-                    timeout: Duration::from_secs(5),
-                    force_plaintext: true,
-                    ..Default::default()
-                },
-            )
-            .expect("client connects"),
-        )
-    }
-
-    /// `n` members of object group `obj` (world `n`), each on a connection of its own.
     fn members(s: &StoreServer, obj: &str, n: u32) -> Vec<(Arc<StoreClient>, Group)> {
         (0..n)
             .map(|r| {
@@ -900,6 +882,15 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(10);
+
+    /// Sub-group "pair" of two members: a barrier both pass.
+    fn pair_barrier(sub0: &SubGroups, sub1: &SubGroups) {
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| sub1.barrier("pair", 2, 1, T));
+            sub0.barrier("pair", 2, 0, T).unwrap();
+            h.join().unwrap().unwrap();
+        });
+    }
 
     #[test]
     fn sub_groups_meet_by_key_and_refuse_bad_arguments() {
@@ -987,11 +978,7 @@ mod tests {
         let (c1, g1) = m.pop().unwrap();
         let sub0 = SubGroups::new(m[0].0.clone(), m[0].1.prefix(), 2);
         let sub1 = SubGroups::new(c1.clone(), g1.prefix(), 2);
-        std::thread::scope(|sc| {
-            let h = sc.spawn(|| sub1.barrier("pair", 2, 1, T));
-            sub0.barrier("pair", 2, 0, T).unwrap();
-            h.join().unwrap().unwrap();
-        });
+        pair_barrier(&sub0, &sub1);
         // Rank 1's process dies: its connection, and with it its keys, go.
         drop((sub1, g1, c1));
         let t = Instant::now();
@@ -1264,11 +1251,7 @@ mod tests {
         let (c1, g1) = m.pop().unwrap();
         let sub0 = SubGroups::new(m[0].0.clone(), m[0].1.prefix(), 2);
         let sub1 = SubGroups::new(c1.clone(), g1.prefix(), 2);
-        std::thread::scope(|sc| {
-            let h = sc.spawn(|| sub1.barrier("pair", 2, 1, T));
-            sub0.barrier("pair", 2, 0, T).unwrap();
-            h.join().unwrap().unwrap();
-        });
+        pair_barrier(&sub0, &sub1);
         // Rank 1 dies; rank 0's next barrier fails.
         drop((sub1, g1, c1));
         let e = sub0.barrier("pair", 2, 0, T).unwrap_err();
@@ -1282,11 +1265,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.code(), -2004, "{e}");
         // When both come, they meet again.
-        std::thread::scope(|sc| {
-            let h = sc.spawn(|| sub1.barrier("pair", 2, 1, T));
-            sub0.barrier("pair", 2, 0, T).unwrap();
-            h.join().unwrap().unwrap();
-        });
+        pair_barrier(&sub0, &sub1);
         std::thread::scope(|sc| {
             let h = sc.spawn(|| sub1.all_gather("pair", 2, 1, b"1", T));
             assert_eq!(
@@ -1304,11 +1283,7 @@ mod tests {
         let (c1, g1) = m.pop().unwrap();
         let sub0 = SubGroups::new(m[0].0.clone(), m[0].1.prefix(), 2);
         let sub1 = SubGroups::new(c1.clone(), g1.prefix(), 2);
-        std::thread::scope(|sc| {
-            let h = sc.spawn(|| sub1.barrier("pair", 2, 1, T));
-            sub0.barrier("pair", 2, 0, T).unwrap();
-            h.join().unwrap().unwrap();
-        });
+        pair_barrier(&sub0, &sub1);
         // Rank 1 dies, and a new process takes its sub-group rank before rank 0 waits again.
         drop((sub1, g1, c1));
         let c1 = client(&s);
@@ -1337,11 +1312,7 @@ mod tests {
         let m = members(&s, "o", 2);
         let sub0 = SubGroups::new(m[0].0.clone(), m[0].1.prefix(), 2);
         let sub1 = SubGroups::new(m[1].0.clone(), m[1].1.prefix(), 2);
-        std::thread::scope(|sc| {
-            let h = sc.spawn(|| sub1.barrier("pair", 2, 1, T));
-            sub0.barrier("pair", 2, 0, T).unwrap();
-            h.join().unwrap().unwrap();
-        });
+        pair_barrier(&sub0, &sub1);
         // Rank 0 gives up on its second barrier; rank 1 comes to it late, and passes it (rank
         // 0 did reach it). Their next ones meet.
         let e = sub0

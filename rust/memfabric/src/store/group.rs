@@ -617,25 +617,7 @@ fn parse_records(blob: &[u8], world: u32) -> Result<Vec<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ClientOptions, StoreServer};
-
-    fn server() -> StoreServer {
-        StoreServer::start("127.0.0.1:0".parse().unwrap(), None).expect("server starts")
-    }
-
-    fn client(s: &StoreServer) -> Arc<StoreClient> {
-        Arc::new(
-            StoreClient::connect(
-                &s.url(),
-                ClientOptions {
-                    timeout: Duration::from_secs(5),
-                    force_plaintext: true,
-                    ..Default::default()
-                },
-            )
-            .expect("client connects"),
-        )
-    }
+    use crate::store::test_support::{client, server};
 
     #[test]
     fn group_ranks_claimed_at_the_same_moment_go_to_one_process_at_most() {

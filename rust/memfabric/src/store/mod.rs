@@ -25,3 +25,31 @@ pub use backend::{StoreBackend, StoreClient};
 pub use client::{keep_alive, within, ClientOptions, EmbeddedClient};
 pub use group::Group;
 pub use server::StoreServer;
+
+/// A server on a free loopback port and plaintext clients of it, for the unit tests of the
+/// layers built on the store.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{ClientOptions, StoreClient, StoreServer};
+
+    pub fn server() -> StoreServer {
+        StoreServer::start("127.0.0.1:0".parse().unwrap(), None).expect("server starts")
+    }
+
+    pub fn client(s: &StoreServer) -> Arc<StoreClient> {
+        Arc::new(
+            StoreClient::connect(
+                &s.url(),
+                ClientOptions {
+                    timeout: Duration::from_secs(5),
+                    force_plaintext: true,
+                    ..Default::default()
+                },
+            )
+            .expect("client connects"),
+        )
+    }
+}
