@@ -23,6 +23,7 @@ Submodules:
     mf.shm    Share Memory: symmetric memory at one address, barrier, all_gather
     mf.buffers  tensors/arrays/buffers/DLPack objects accepted wherever an address is taken
     mf.torch_ext  paged KV caches: register_kv_cache, layouts through the store, transfer_blocks
+    mf.offload  1.3's offload pool (malloc/free/get_dva, empty) and its copy operators
 
 Beyond the seed:
     start_config_store(url) -> ConfigStoreServer   (port 0 picks a free port)

@@ -6,7 +6,8 @@
 //! 1. [`error`] and [`log`]: one error type with stable codes; level-filtered logging.
 //! 2. [`store`]: the config store (server, client, groups, TLS) that coordinates ranks.
 //! 3. `mem`: registered regions and segments; `transport`: data paths (local, cma, tcp).
-//! 4. The products: Big Memory, Share Memory and the Transfer Engine.
+//! 4. The products: Big Memory, Share Memory, the Transfer Engine, and the offload pool with
+//!    its copy operators ([`offload`]).
 //!
 //! Nothing here knows about Python; the `memfabric-py` crate converts at the boundary.
 
