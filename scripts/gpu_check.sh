@@ -99,7 +99,7 @@ run() {
     timeout 400 python3 -m pytest tests/test_device.py tests/test_cuda.py -v -p no:cacheprovider -W ignore \
         -o timeout=120 2>&1 | tee "$out/pytest_device.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed|Error|assert" | tail -n 60 || rc=1
     echo "== pytest (host paths with the CUDA backend loaded)"
-    timeout 200 python3 -m pytest tests/test_tensors.py tests/test_buffers.py tests/test_bad_inputs.py -q \
+    timeout 200 python3 -m pytest tests/test_tensors.py tests/test_buffers.py tests/test_bad_inputs.py tests/test_offload.py -q \
         -p no:cacheprovider -W ignore -o timeout=60 2>&1 | tee "$out/pytest_host.log" | tail -n 15 || rc=1
     if [ "${1:-}" = bench ]; then
         mooncake_unpack
