@@ -79,8 +79,8 @@ int32_t smem_config_store_set_backend_op(const smem_conf_store_backend_op_t *bac
 int32_t smem_set_extern_logger(void (*func)(int level, const char *msg));
 
 /* Alarm callbacks: alarm(code, msg) when the config store connection of this process is
- * lost (code 1) and resume(code) when it is back. Either may be NULL. They run on a library
- * thread and must return quickly. */
+ * lost (code 1) and resume(code) when it is back. Either may be NULL. They run in order on a
+ * library thread of their own. */
 int32_t smem_set_extern_alarm(void (*alarm)(uint16_t code, const char *msg), void (*resume)(uint16_t code));
 
 /* Sets the log level (0..3; default 2). */

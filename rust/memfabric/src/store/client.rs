@@ -158,10 +158,36 @@ pub fn set_connection_listener(l: Option<ConnectionListener>) {
     *listener().lock().unwrap_or_else(|p| p.into_inner()) = l;
 }
 
+/// Hands the event to a thread of its own, so that a slow listener never holds up the
+/// keeper, which republishes every kept client's keys. Events keep their order.
 fn tell_listener(url: &str, lost: Option<&str>) {
-    let l = listener().lock().unwrap_or_else(|p| p.into_inner()).clone();
-    if let Some(l) = l {
-        l(url, lost);
+    type Event = (String, Option<String>);
+    static EVENTS: OnceLock<Mutex<Option<std::sync::mpsc::Sender<Event>>>> = OnceLock::new();
+    let events = EVENTS.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Event>();
+        let spawned = std::thread::Builder::new()
+            .name("mf-store-events".into())
+            .spawn(move || {
+                for (url, lost) in rx {
+                    let l = listener().lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    if let Some(l) = l {
+                        l(&url, lost.as_deref());
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Mutex::new(Some(tx)),
+            Err(e) => {
+                mf_log!(
+                    WARN,
+                    "no thread for store connection events ({e}): none are told"
+                );
+                Mutex::new(None)
+            }
+        }
+    });
+    if let Some(tx) = events.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        let _ = tx.send((url.to_string(), lost.map(str::to_string)));
     }
 }
 
