@@ -328,11 +328,6 @@ pub unsafe extern "C" fn smem_config_store_get_cluster_status(
     })
 }
 
-/// The status JSON, for tests.
-pub fn cluster_status_text() -> String {
-    cluster_status()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,7 +341,7 @@ mod tests {
 
     #[test]
     fn a_status_string_is_json() {
-        let text = cluster_status_text();
+        let text = cluster_status();
         assert!(text.starts_with("{\"mode\":\"single\""), "{text}");
     }
 }

@@ -494,23 +494,8 @@ pub(crate) fn kernel_copy(moves: &[Move]) -> std::result::Result<(), (usize, Err
             return Err((i, fault(&moves[i])));
         }
         single = false;
-        // Advance by what moved; a short count resumes where it stopped.
-        let mut moved = rc as u64;
-        while moved > 0 && i < moves.len() {
-            let left = moves[i].len - done;
-            if moved >= left {
-                moved -= left;
-                i += 1;
-                done = 0;
-            } else {
-                done += moved;
-                moved = 0;
-            }
-        }
-        while i < moves.len() && moves[i].len == done {
-            i += 1;
-            done = 0;
-        }
+        // A short count resumes where it stopped.
+        crate::transport::cma::advance(|k| moves[k].len, moves.len(), &mut i, &mut done, rc as u64);
     }
     Ok(())
 }

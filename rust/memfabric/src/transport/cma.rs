@@ -187,25 +187,36 @@ fn transfer(pid: libc::pid_t, ops: &[Op], to_remote: bool, deadline: Instant) ->
                 riov[0].iov_base as u64
             )));
         }
-        // Advance the cursor by what moved; a partial transfer resumes where it stopped.
-        let mut moved = rc as u64;
-        while moved > 0 && i < ops.len() {
-            let left = ops[i].len - off;
-            if moved >= left {
-                moved -= left;
-                i += 1;
-                off = 0;
-            } else {
-                off += moved;
-                moved = 0;
-            }
-        }
-        while i < ops.len() && ops[i].len == off {
-            i += 1;
-            off = 0;
-        }
+        // A partial transfer resumes where it stopped.
+        advance(|k| ops[k].len, ops.len(), &mut i, &mut off, rc as u64);
     }
     Ok(())
+}
+
+/// Moves an iovec cursor (entry `i`, `off` bytes of it done) past `moved` bytes of entries
+/// whose lengths `len_of` gives, and past any entries left empty.
+pub(crate) fn advance(
+    len_of: impl Fn(usize) -> u64,
+    count: usize,
+    i: &mut usize,
+    off: &mut u64,
+    mut moved: u64,
+) {
+    while moved > 0 && *i < count {
+        let left = len_of(*i) - *off;
+        if moved >= left {
+            moved -= left;
+            *i += 1;
+            *off = 0;
+        } else {
+            *off += moved;
+            moved = 0;
+        }
+    }
+    while *i < count && len_of(*i) == *off {
+        *i += 1;
+        *off = 0;
+    }
 }
 
 fn ptrace_scope() -> String {
