@@ -847,8 +847,10 @@ fn device_read(regions: &RegionTable, addr: u64, len: usize) -> Result<Vec<u8>> 
 /// Copies `len` bytes of registered device memory at `addr` to host memory at `dst`, while
 /// the region stays registered.
 fn device_read_into(regions: &RegionTable, addr: u64, dst: u64, len: usize) -> Result<()> {
-    let dev = device_backend(addr)?;
+    // The backend is looked up inside the barrier: an unregister (and free) that wins the race
+    // makes this a refusal of unregistered memory, not a "freed while registered" failure.
     regions.while_registered(addr, len as u64, || {
+        let dev = device_backend(addr)?;
         // SAFETY: `[addr, addr + len)` lies in a device region registered while this runs;
         // the caller passes `dst` with room for `len` bytes that nothing else uses.
         crate::device::cuda::with_private_stream_copies(|| unsafe {
@@ -862,8 +864,8 @@ fn device_write(regions: &RegionTable, addr: u64, data: &[u8]) -> Result<()> {
     if data.is_empty() {
         return Ok(());
     }
-    let dev = device_backend(addr)?;
     regions.while_registered(addr, data.len() as u64, || {
+        let dev = device_backend(addr)?;
         // SAFETY: as for `device_read_into`.
         crate::device::cuda::with_private_stream_copies(|| unsafe {
             dev.copy_between(addr, data.as_ptr() as u64, data.len(), None)
