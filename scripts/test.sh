@@ -12,7 +12,16 @@ cargo clippy --workspace --all-targets -q -- -D warnings
 
 echo "== cargo test"
 # With the etcd feature, so that the core's etcd store tests run too (on a local etcd member).
-cargo test -p memfabric -p memfabric-capi -p memfabric-cli -p ascend-sys --features memfabric/etcd -q 2>&1 | tail -n 40
+cargo_log="$(mktemp)"
+if ! cargo test -p memfabric -p memfabric-capi -p memfabric-cli -p ascend-sys --features memfabric/etcd -q \
+    > "$cargo_log" 2>&1; then
+    # Child processes of the multi-process tests print their panics long before the summary:
+    # show every panic with its message, then the end of the log.
+    grep -n -A4 "panicked at" "$cargo_log" | head -n 200 || true
+    tail -n 60 "$cargo_log"
+    exit 1
+fi
+tail -n 40 "$cargo_log"
 
 echo "== stubs (mypy.stubtest against the built module)"
 python -m mypy.stubtest memfabric_hybrid._native --allowlist .stubtest-allowlist
