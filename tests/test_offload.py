@@ -26,6 +26,36 @@ def addr(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
+class _DeviceView:
+    """Device memory at ``dva`` for torch, through the CUDA array interface."""
+
+    def __init__(self, dva: int, n: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (dva, False), "version": 3}
+
+
+def cuda_torch():
+    """torch, where a CUDA device and this library's CUDA backend are both present; else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or not mf.device_info()["cuda"]["available"]:
+        return None
+    return torch
+
+
+def device_round_trip(torch, ptr: int, n: int, fill: int) -> bool:
+    """Whether a kernel on the GPU reads the n bytes at host address ``ptr`` through its DVA,
+    and writes ``fill`` over them where the host sees it."""
+    dva = offload.get_dva(ptr)
+    assert dva != 0, mf.get_last_err_msg()
+    on_device = torch.as_tensor(_DeviceView(dva, n), device="cuda")
+    seen = bool(np.array_equal(on_device.clone().cpu().numpy(), view(ptr, n)))
+    on_device.fill_(fill)
+    torch.cuda.synchronize()
+    return seen and bool((view(ptr, n) == fill).all())
+
+
 def pool_bytes(n: int) -> tuple[int, np.ndarray]:
     p = offload.malloc(n)
     assert p != 0, mf.get_last_err_msg()
@@ -213,6 +243,16 @@ def test_malloc_free_get_dva_round_trip(pool):
     assert whole == base, "everything was freed and merged back"
     assert offload.malloc(16) == 0 and "no free block" in mf.get_last_err_msg()
     offload.free(whole)
+
+
+def test_the_gpu_reads_and_writes_the_pool_through_its_dva(pool, rng):
+    torch = cuda_torch()
+    if torch is None:
+        pytest.skip("needs a CUDA GPU, torch with CUDA and the CUDA backend")
+    p, pv = pool_bytes(1 << 20)
+    pv[:] = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    assert device_round_trip(torch, p, 1 << 20, 0x5A)
+    offload.free(p)
 
 
 def test_empty_is_a_tensor_over_pool_memory(pool):
@@ -626,6 +666,14 @@ def _shared_rank(url: str, rank: int, world: int, reserve: int, alloc: int, barr
     peer = (rank + 1) % world
     out["dva_own"] = off.get_dva(own + 5) == own + 5
     out["dva_peer"] = off.get_dva(info["base"] + peer * info["slot_stride"])
+    torch = cuda_torch()
+    if torch is None:
+        out["device_round_trip"] = None
+    else:
+        # A block of its own: the peers read the first one meanwhile.
+        scratch = off.malloc(4096)
+        view(scratch, 4096)[:] = _pattern(rank, 4096)
+        out["device_round_trip"] = device_round_trip(torch, scratch, 4096, 0x40 + rank)
     # sparse_copy out of a peer's slot.
     dst = np.zeros(1000, np.uint8)
     rc = off.sparse_copy(u64([info["base"] + peer * info["slot_stride"] + 10]), u64([addr(dst)]), u32([1000]),
@@ -664,6 +712,7 @@ def test_shared_pool_over_two_processes(spawn):
         assert out["own_is_slot_start"]
         assert out["peers_seen"], "every slot is mapped at the same address in every rank"
         assert out["dva_own"] and out["dva_peer"] == 0
+        assert out["device_round_trip"] in (None, True), "a GPU kernel reads and writes the own slot by its DVA"
         assert out["sparse_from_peer"]
         assert out["register"] == 0
         assert out["gather"] == (0, True)

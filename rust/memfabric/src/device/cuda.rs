@@ -119,6 +119,9 @@ driver_api! {
     cuMemGetAddressRange_v2(*mut CUdeviceptr, *mut usize, CUdeviceptr);
     cuMemHostAlloc(*mut *mut c_void, usize, c_uint);
     cuMemFreeHost(*mut c_void);
+    cuMemHostRegister_v2(*mut c_void, usize, c_uint);
+    cuMemHostUnregister(*mut c_void);
+    cuMemHostGetDevicePointer_v2(*mut CUdeviceptr, *mut c_void, c_uint);
     cuMemcpyHtoD_v2(CUdeviceptr, *const c_void, usize);
     cuMemcpyDtoH_v2(*mut c_void, CUdeviceptr, usize);
     cuMemcpyDtoD_v2(CUdeviceptr, CUdeviceptr, usize);
@@ -783,6 +786,46 @@ impl Device for Cuda {
         )
     }
 
+    unsafe fn host_register(&self, device: i32, addr: u64, len: usize) -> Result<u64> {
+        if len == 0 {
+            return Err(Error::InvalidParam("registration of 0 bytes".into()));
+        }
+        // Portable: for every context; device-mapped: the device may load and store it.
+        const CU_MEMHOSTREGISTER_PORTABLE: c_uint = 0x01;
+        const CU_MEMHOSTREGISTER_DEVICEMAP: c_uint = 0x02;
+        let _g = self.enter_device(device)?;
+        let host = addr as *mut c_void;
+        // SAFETY: the caller keeps `addr..addr + len` mapped until it is unregistered.
+        self.api.check(
+            unsafe {
+                (self.api.cuMemHostRegister_v2)(
+                    host,
+                    len,
+                    CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP,
+                )
+            },
+            &format!("cuMemHostRegister of {len} bytes at {addr:#x}"),
+        )?;
+        let mut dva: CUdeviceptr = 0;
+        // SAFETY: writes one device pointer for memory registered just above.
+        let r = unsafe { (self.api.cuMemHostGetDevicePointer_v2)(&mut dva, host, 0) };
+        if let Err(e) = self.api.check(r, "cuMemHostGetDevicePointer") {
+            // SAFETY: registered above and not handed out.
+            unsafe { (self.api.cuMemHostUnregister)(host) };
+            return Err(e);
+        }
+        Ok(dva)
+    }
+
+    unsafe fn host_unregister(&self, device: i32, addr: u64) -> Result<()> {
+        let _g = self.enter_device(device)?;
+        // SAFETY: the caller passes an address registered above, unregistered once.
+        self.api.check(
+            unsafe { (self.api.cuMemHostUnregister)(addr as *mut c_void) },
+            "cuMemHostUnregister",
+        )
+    }
+
     fn free(&self, ptr: u64) -> Result<()> {
         let a = lock(&self.tables).allocs.remove(&ptr).ok_or_else(|| {
             Error::InvalidParam(format!("{ptr:#x} was not returned by this backend's alloc"))
@@ -1312,6 +1355,66 @@ mod gpu {
             std::ptr::write_bytes(p as *mut u8, 0xA5, 4096);
             dev.pinned_free(0, p).unwrap();
         }
+    }
+
+    #[test]
+    fn gpu_registered_host_memory_is_reached_by_its_device_address() {
+        let Some(c) = cuda() else { return };
+        let n = 1 << 20;
+        let page = 4096;
+        let mut backing = vec![0u8; n + page];
+        let skip = backing.as_ptr().align_offset(page);
+        let host = &mut backing[skip..skip + n];
+        host.copy_from_slice(&pattern(n, 9));
+        let addr = host.as_ptr() as u64;
+        // SAFETY: `host` outlives the registration, undone below.
+        let dva = unsafe { c.host_register(0, addr, n) }.unwrap();
+        // SAFETY: as above; a second registration of the same range is refused, not crashed.
+        assert!(unsafe { c.host_register(0, addr, n) }.is_err());
+        let dev = c.alloc(0, n).unwrap();
+        let mut back = vec![0u8; n];
+        {
+            let _g = c.enter_device(0).unwrap();
+            // SAFETY: `dev` and the registered range are `n` bytes each.
+            c.api
+                .check(
+                    unsafe { (c.api.cuMemcpyDtoD_v2)(dev, dva, n) },
+                    "read by DVA",
+                )
+                .unwrap();
+        }
+        // SAFETY: `back` is `n` bytes, `dev` an `n`-byte allocation.
+        unsafe {
+            c.copy(Direction::DeviceToHost, back.as_mut_ptr() as u64, dev, n)
+                .unwrap();
+        }
+        assert!(
+            back == pattern(n, 9),
+            "the device read other bytes by the DVA"
+        );
+        let fresh = pattern(n, 77);
+        {
+            // SAFETY: `fresh` is `n` bytes, `dev` an `n`-byte allocation.
+            unsafe {
+                c.copy(Direction::HostToDevice, dev, fresh.as_ptr() as u64, n)
+                    .unwrap();
+            }
+            let _g = c.enter_device(0).unwrap();
+            // SAFETY: both sides are `n` bytes: `dev` allocated, the range registered.
+            c.api
+                .check(
+                    unsafe { (c.api.cuMemcpyDtoD_v2)(dva, dev, n) },
+                    "write by DVA",
+                )
+                .unwrap();
+        }
+        // SAFETY: registered above; no device work is left on it (the copies were synchronous).
+        unsafe { c.host_unregister(0, addr) }.unwrap();
+        assert!(
+            backing[skip..skip + n] == fresh[..],
+            "the host missed the device's write"
+        );
+        c.free(dev).unwrap();
     }
 
     #[test]

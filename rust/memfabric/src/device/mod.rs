@@ -222,6 +222,32 @@ pub trait Device: Send + Sync {
         )))
     }
 
+    /// Page-locks `len` bytes of existing host memory at `addr` (in the context of `device`)
+    /// and makes them addressable from every device: returns the device's address of `addr`.
+    /// Unsupported where the backend cannot register host memory.
+    ///
+    /// # Safety
+    /// `addr..addr + len` is mapped and stays mapped until [`Device::host_unregister`].
+    unsafe fn host_register(&self, device: i32, addr: u64, len: usize) -> Result<u64> {
+        let _ = (device, addr, len);
+        Err(Error::Unsupported(format!(
+            "{} cannot register host memory for the device",
+            self.kind().name()
+        )))
+    }
+
+    /// Undoes [`Device::host_register`] of `addr`.
+    ///
+    /// # Safety
+    /// `addr` was registered by this backend for `device`, and no device work still uses it.
+    unsafe fn host_unregister(&self, device: i32, addr: u64) -> Result<()> {
+        let _ = device;
+        Err(Error::Unsupported(format!(
+            "{addr:#x}: {} cannot register host memory",
+            self.kind().name()
+        )))
+    }
+
     /// The allocation holding device address `addr`: (base, length). `None` for an address
     /// that is not device memory of this backend.
     fn allocation_of(&self, addr: u64) -> Option<(u64, usize)> {
@@ -280,6 +306,49 @@ pub trait Device: Send + Sync {
                 Some(s) => self.copy_async(dir, dst, src, len, s),
                 None => self.copy(dir, dst, src, len),
             }
+        }
+    }
+}
+
+/// Host memory registered with a backend ([`Device::host_register`]) for as long as this lives.
+pub struct HostRegistration {
+    dev: Arc<dyn Device>,
+    device: i32,
+    addr: u64,
+    dva: u64,
+}
+
+impl HostRegistration {
+    /// Registers `addr..addr + len` with `dev` for `device`.
+    ///
+    /// # Safety
+    /// The range stays mapped until the registration drops.
+    pub unsafe fn new(dev: Arc<dyn Device>, device: i32, addr: u64, len: usize) -> Result<Self> {
+        // SAFETY: passed on from the caller.
+        let dva = unsafe { dev.host_register(device, addr, len) }?;
+        Ok(HostRegistration {
+            dev,
+            device,
+            addr,
+            dva,
+        })
+    }
+
+    /// The device's address of the registered range's start.
+    pub fn dva(&self) -> u64 {
+        self.dva
+    }
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        // SAFETY: registered in `new`, unregistered once; whoever owns the registration drops
+        // it before the memory and after the last device work on it.
+        if let Err(e) = unsafe { self.dev.host_unregister(self.device, self.addr) } {
+            crate::log::warn(&format!(
+                "unregistering host memory at {:#x}: {e}",
+                self.addr
+            ));
         }
     }
 }

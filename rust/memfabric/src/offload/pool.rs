@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{OffloadConfig, Scene, FLAG_GIANT_PAGE, MAX_ENTRY_BYTES, POOL_ALIGN, STORE_URL_MAX};
-use crate::device::{self, Device, Kind};
+use crate::device::{self, Device, HostRegistration, Kind};
 use crate::error::{Error, Result};
 use crate::fabric::{Runtime, RuntimeSpec};
 use crate::mem::gva::{self, Gva, Segment};
@@ -148,12 +148,24 @@ enum Backing {
     },
     /// SHARED: the group's address range (own and same-host peers' segments mapped in it),
     /// this rank's segment, and the runtime holding the group (and, on rank 0, the store).
-    /// Field order is drop order: unmap, close, then leave the group.
+    /// Field order is drop order: unregister from the device, unmap, close, then leave the
+    /// group.
     Shared {
+        _registration: Option<HostRegistration>,
         _gva: Gva,
         _own: Segment,
         _runtime: Box<Runtime>,
     },
+}
+
+impl Backing {
+    /// The start of a LOCAL pool's memory.
+    fn addr(&self) -> u64 {
+        match self {
+            Backing::Mapped { addr, .. } | Backing::Pinned { addr, .. } => *addr,
+            Backing::Shared { _gva, .. } => _gva.base(),
+        }
+    }
 }
 
 impl Drop for Backing {
@@ -188,8 +200,8 @@ pub struct Pool {
     backed: Vec<u64>,
     alloc: Mutex<Allocator>,
     table: Mutex<Option<EntryTable>>,
-    /// Why `get_dva` cannot give the device's address of pool memory, when it cannot.
-    dva: std::result::Result<(), String>,
+    /// The device's address of this rank's span start, or why there is none.
+    dva: std::result::Result<u64, String>,
     _backing: Backing,
 }
 
@@ -263,10 +275,14 @@ impl Pool {
                          {device}: {e}"
                     ))
                 })?;
-                (Backing::Pinned { dev, device, addr }, Ok(()))
+                (Backing::Pinned { dev, device, addr }, Ok(addr))
             }
             // The host backend plays the device (MF_DEVICE_BACKEND=host): same addresses.
-            Ok(dev) if dev.kind() == Kind::Host => (map_local(reserve, cfg.flags)?, Ok(())),
+            Ok(dev) if dev.kind() == Kind::Host => {
+                let backing = map_local(reserve, cfg.flags)?;
+                let base = backing.addr();
+                (backing, Ok(base))
+            }
             Ok(dev) => (
                 map_local(reserve, cfg.flags)?,
                 Err(format!(
@@ -276,13 +292,14 @@ impl Pool {
                 )),
             ),
             // No accelerator: the host is the device, and runs the copies.
-            Err(Error::Unsupported(_)) => (map_local(reserve, cfg.flags)?, Ok(())),
+            Err(Error::Unsupported(_)) => {
+                let backing = map_local(reserve, cfg.flags)?;
+                let base = backing.addr();
+                (backing, Ok(base))
+            }
             Err(e) => return Err(e),
         };
-        let base = match &backing {
-            Backing::Mapped { addr, .. } | Backing::Pinned { addr, .. } => *addr,
-            Backing::Shared { .. } => unreachable!("a LOCAL pool is never shared"),
-        };
+        let base = backing.addr();
         Ok(Pool {
             config: cfg.clone(),
             scene: Scene::Local,
@@ -416,15 +433,37 @@ impl Pool {
         }
         // Every slot is mapped everywhere before anyone uses the pool.
         group.barrier(left())?;
-        let dva = match device::select() {
-            Ok(dev) if dev.kind() == Kind::Host => Ok(()),
-            Ok(dev) => Err(format!(
-                "the {} backend cannot map the shared pool's segments for the device (it has \
-                 no registration of existing host memory), so the pool has no DVA (the \
-                 offload copies still take its host addresses)",
-                dev.kind().name()
-            )),
-            Err(Error::Unsupported(_)) => Ok(()),
+        let own_start = space.base() + u64::from(rank) * space.stride();
+        let (registration, dva) = match device::select() {
+            Ok(dev) if dev.kind() == Kind::Host => (None, Ok(own_start)),
+            // The device reaches this rank's segment once it is registered (page-locked and
+            // mapped for the device); the peers register theirs.
+            Ok(dev) => match i32::try_from(cfg.device_id) {
+                // SAFETY: the own segment stays mapped at `own_start` until the backing drops,
+                // and the registration drops first (field order of `Backing::Shared`).
+                Ok(device) => match unsafe {
+                    HostRegistration::new(dev.clone(), device, own_start, alloc as usize)
+                } {
+                    Ok(reg) => {
+                        let dva = reg.dva();
+                        (Some(reg), Ok(dva))
+                    }
+                    Err(e) => (
+                        None,
+                        Err(format!(
+                            "the {} backend could not register this rank's {alloc}-byte segment \
+                             for device {device} ({e}), so the pool has no DVA (the offload \
+                             copies still take its host addresses)",
+                            dev.kind().name()
+                        )),
+                    ),
+                },
+                Err(_) => (
+                    None,
+                    Err(format!("device_id {} is not a device", cfg.device_id)),
+                ),
+            },
+            Err(Error::Unsupported(_)) => (None, Ok(own_start)),
             Err(e) => return Err(e),
         };
         Ok(Pool {
@@ -438,6 +477,7 @@ impl Pool {
             table: Mutex::new(None),
             dva,
             _backing: Backing::Shared {
+                _registration: registration,
                 _gva: space,
                 _own: own,
                 _runtime: Box::new(runtime),
@@ -540,7 +580,7 @@ impl Pool {
             )));
         }
         match &self.dva {
-            Ok(()) => Ok(ptr),
+            Ok(dva_start) => Ok(dva_start + (ptr - start)),
             Err(why) => Err(Error::Unsupported(why.clone())),
         }
     }
