@@ -295,6 +295,14 @@ def test_bm_hbm_in_one_process(store):
             mem = cupy.cuda.UnownedMemory(va, n, None)
             view = cupy.ndarray((n,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
             assert bytes(cupy.asnumpy(view[:MiB])) == dev[:MiB].cpu().numpy().tobytes()
+        # Pinned host tensors (checked against the driver's page-locked range, copied directly),
+        # at sizes that pageable memory would bounce, and at an offset inside the tensor.
+        for size in (4096, 64 * 1024, MiB):
+            src = rand(size, "cpu").pin_memory()
+            back = torch.zeros(size + 4096, dtype=torch.uint8).pin_memory()
+            assert big.copy_data(src.data_ptr(), g + 3, size, T.H2G, 0) == 0, mf.get_last_err_msg()
+            assert big.copy_data(g + 3, back.data_ptr() + 4096, size, T.G2H, 0) == 0, mf.get_last_err_msg()
+            assert torch.equal(back[4096:], src) and int(back[:4096].sum()) == 0
         # Bounds: past the HBM part, and past a device buffer.
         assert big.copy_data(host.data_ptr(), g + n - 8, 4096, T.H2G, 0) == mf.MF_OUT_OF_BOUNDS
         # A raw int inside a framework's pooled allocation cannot be bounded by us (the pool

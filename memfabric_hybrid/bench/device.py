@@ -577,6 +577,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="copy sizes in bytes")
     p.add_argument("--seconds", type=float, default=0.3, help="measuring time per cell")
     p.add_argument("--json", default=None)
+    p.add_argument("--only", default="", help="comma-separated sections to run (cudaMemcpy,bm,te,te-tcp,mooncake-tcp)")
     a = p.parse_args(argv)
     sizes = sorted({int(x) for x in a.sizes.split(",") if x})
     result: dict[str, Any] = {"sizes": sizes, "seconds": a.seconds}
@@ -600,6 +601,12 @@ def main(argv: list[str]) -> int:
         ("te-tcp", lambda o: _te(tcp_sizes, a.seconds, True, o) if tcp_sizes else o.update(error="no size <= 16 MiB")),
         ("mooncake-tcp", lambda o: _mooncake(tcp_sizes, a.seconds, o)),
     ]
+    only = {x for x in a.only.split(",") if x}
+    unknown = only - {name for name, _ in sections}
+    if unknown:
+        p.error(f"no section {', '.join(sorted(unknown))}")
+    if only:
+        sections = [(name, run) for name, run in sections if name in only]
     secs: dict[str, dict[str, Any]] = {}
     result["sections"] = secs
     base: dict[tuple[str, int], dict[str, Any]] = {}

@@ -245,7 +245,8 @@ impl HbmPart {
             });
         }
         // Memory of this process: device memory must lie in one allocation; host memory is
-        // checked by the copy (see `BOUNCE_MAX`) unless it was registered with the object.
+        // checked by the copy (see `BOUNCE_FROM_MAX`) unless it was registered with the object
+        // or is page-locked by the driver.
         match self.dev.allocation_of(addr) {
             Some((base, size)) => {
                 if addr.checked_add(len).is_none_or(|e| e > base + size as u64) {
@@ -256,6 +257,15 @@ impl HbmPart {
                 Ok(Side::Here(addr))
             }
             None if mem.is_registered(addr, len) => Ok(Side::Here(addr)),
+            // Page-locked memory the driver knows (torch's pinned tensors): in range, it is
+            // mapped, and copies from it need neither a bounce nor a look at the mappings.
+            None if self.dev.pinned_range_of(addr).is_some_and(|(start, size)| {
+                addr.checked_add(len)
+                    .is_some_and(|end| end <= start + size as u64)
+            }) =>
+            {
+                Ok(Side::Here(addr))
+            }
             None => Ok(Side::Unchecked(addr)),
         }
     }

@@ -52,6 +52,9 @@ const CUDA_ERROR_NOT_READY: CUresult = 600;
 
 const CU_POINTER_ATTRIBUTE_MEMORY_TYPE: c_uint = 2;
 const CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: c_uint = 9;
+const CU_POINTER_ATTRIBUTE_RANGE_START_ADDR: c_uint = 11;
+const CU_POINTER_ATTRIBUTE_RANGE_SIZE: c_uint = 12;
+const CU_MEMORYTYPE_HOST: c_uint = 1;
 const CU_MEMORYTYPE_DEVICE: c_uint = 2;
 const CU_STREAM_NON_BLOCKING: c_uint = 1;
 const CU_EVENT_DISABLE_TIMING: c_uint = 2;
@@ -506,18 +509,20 @@ impl Cuda {
     }
 
     fn attribute(&self, attr: c_uint, addr: u64, out: *mut c_void) -> CUresult {
-        // SAFETY: `out` points to a c_uint/c_int as the attribute requires (MEMORY_TYPE:
-        // unsigned int, DEVICE_ORDINAL: int); an unknown address is reported as an error code.
+        // SAFETY: `out` points to a value of the type the attribute requires (MEMORY_TYPE:
+        // unsigned int, DEVICE_ORDINAL: int, RANGE_START_ADDR: CUdeviceptr, RANGE_SIZE:
+        // size_t); an unknown address is reported as an error code.
         unsafe { (self.api.cuPointerGetAttribute)(out, attr, addr) }
     }
 
-    /// Asks the driver which device `addr` lives on (memory of torch or other processes).
-    fn query_device(&self, addr: u64) -> Option<i32> {
+    /// Asks the driver what kind of memory `addr` is, then runs `then` with that type while
+    /// the context the question needed (if any) is still current.
+    fn with_memory_type<R>(&self, addr: u64, then: impl FnOnce(c_uint) -> Option<R>) -> Option<R> {
         let mut ty: c_uint = 0;
         let out = &mut ty as *mut c_uint as *mut c_void;
         let mut r = self.attribute(CU_POINTER_ATTRIBUTE_MEMORY_TYPE, addr, out);
-        // Held for both queries below: a driver that wants a current context for one wants
-        // it for the other.
+        // Held for the follow-up queries too: a driver that wants a current context for one
+        // wants it for the others.
         let mut _fallback = None;
         if r == CUDA_ERROR_INVALID_CONTEXT {
             // Some drivers want a current context even for this query: one this process has
@@ -525,13 +530,23 @@ impl Cuda {
             _fallback = Some(self.enter(self.some_context().ok()?).ok()?);
             r = self.attribute(CU_POINTER_ATTRIBUTE_MEMORY_TYPE, addr, out);
         }
-        if r != CUDA_SUCCESS || ty != CU_MEMORYTYPE_DEVICE {
+        if r != CUDA_SUCCESS {
             return None;
         }
-        let mut ord: c_int = -1;
-        let out = &mut ord as *mut c_int as *mut c_void;
-        let r = self.attribute(CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, addr, out);
-        (r == CUDA_SUCCESS && ord >= 0).then_some(ord)
+        then(ty)
+    }
+
+    /// Asks the driver which device `addr` lives on (memory of torch or other processes).
+    fn query_device(&self, addr: u64) -> Option<i32> {
+        self.with_memory_type(addr, |ty| {
+            if ty != CU_MEMORYTYPE_DEVICE {
+                return None;
+            }
+            let mut ord: c_int = -1;
+            let out = &mut ord as *mut c_int as *mut c_void;
+            let r = self.attribute(CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, addr, out);
+            (r == CUDA_SUCCESS && ord >= 0).then_some(ord)
+        })
     }
 
     fn device_side(&self, addr: u64) -> Result<i32> {
@@ -784,6 +799,28 @@ impl Device for Cuda {
             unsafe { (self.api.cuMemFreeHost)(ptr as *mut c_void) },
             "cuMemFreeHost",
         )
+    }
+
+    fn pinned_range_of(&self, addr: u64) -> Option<(u64, usize)> {
+        self.with_memory_type(addr, |ty| {
+            if ty != CU_MEMORYTYPE_HOST {
+                return None;
+            }
+            let mut start: CUdeviceptr = 0;
+            let mut size: usize = 0;
+            let r1 = self.attribute(
+                CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+                addr,
+                &mut start as *mut CUdeviceptr as *mut c_void,
+            );
+            let r2 = self.attribute(
+                CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+                addr,
+                &mut size as *mut usize as *mut c_void,
+            );
+            let inside = start <= addr && addr - start < size as u64;
+            (r1 == CUDA_SUCCESS && r2 == CUDA_SUCCESS && inside).then_some((start, size))
+        })
     }
 
     unsafe fn host_register(&self, device: i32, addr: u64, len: usize) -> Result<u64> {
@@ -1355,6 +1392,39 @@ mod gpu {
             std::ptr::write_bytes(p as *mut u8, 0xA5, 4096);
             dev.pinned_free(0, p).unwrap();
         }
+    }
+
+    #[test]
+    fn gpu_pinned_ranges_are_found_and_nothing_else_is() {
+        let Some(c) = cuda() else { return };
+        let n = 3 << 20;
+        let p = c.pinned_alloc(0, n).unwrap();
+        let (start, size) = c.pinned_range_of(p + 12345).expect("cuMemHostAlloc memory");
+        assert!(
+            start <= p && p + n as u64 <= start + size as u64,
+            "{start:#x}+{size} vs {p:#x}+{n}"
+        );
+        let pageable = vec![1u8; n];
+        assert_eq!(c.pinned_range_of(pageable.as_ptr() as u64), None);
+        let dev = c.alloc(0, n).unwrap();
+        assert_eq!(c.pinned_range_of(dev), None);
+        let backing = vec![0u8; n + 4096];
+        let skip = backing.as_ptr().align_offset(4096);
+        let addr = backing[skip..].as_ptr() as u64;
+        // SAFETY: `backing` outlives the registration, undone below.
+        unsafe { c.host_register(0, addr, n) }.unwrap();
+        let (start, size) = c.pinned_range_of(addr + 7).expect("registered memory");
+        assert!(start <= addr && addr + n as u64 <= start + size as u64);
+        // SAFETY: registered above, no device work on it.
+        unsafe { c.host_unregister(0, addr) }.unwrap();
+        assert_eq!(
+            c.pinned_range_of(addr + 7),
+            None,
+            "unregistered memory is pageable again"
+        );
+        c.free(dev).unwrap();
+        // SAFETY: from pinned_alloc above, freed once.
+        unsafe { c.pinned_free(0, p) }.unwrap();
     }
 
     #[test]

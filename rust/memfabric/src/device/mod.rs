@@ -222,6 +222,15 @@ pub trait Device: Send + Sync {
         )))
     }
 
+    /// The range of page-locked host memory (this backend's, or another user's of its
+    /// driver, such as torch's pinned tensors) holding `addr`: (start, length). `None` for
+    /// other memory. The driver keeps such memory mapped while it is page-locked, so a copy
+    /// inside the range needs no other check.
+    fn pinned_range_of(&self, addr: u64) -> Option<(u64, usize)> {
+        let _ = addr;
+        None
+    }
+
     /// Page-locks `len` bytes of existing host memory at `addr` (in the context of `device`)
     /// and makes them addressable from every device: returns the device's address of `addr`.
     /// Unsupported where the backend cannot register host memory.
