@@ -4,6 +4,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+step() { echo "-- setup: $* (at ${SECONDS}s)"; }
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "cargo (a stable Rust toolchain) is required: https://rustup.rs" >&2
@@ -31,19 +32,24 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
+step "python packages"
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q "maturin>=1.5,<2" "pytest>=7" "pytest-timeout>=2" "numpy>=1.22" "mypy>=1.18"
 # torch: the KV-cache example and the tensor tests use it (CPU is enough; about 1-4 minutes and
 # 5 GB on a fresh machine). MF_NO_TORCH=1 skips it: those tests then skip, saying why.
 if [ -z "${MF_NO_TORCH:-}" ] && ! python -c "import torch" >/dev/null 2>&1; then
+    step "torch"
     python -m pip install -q torch || echo "note: torch could not be installed; tensor tests and the KV example skip" >&2
 fi
 # Upstream memfabric_hybrid 1.3.0's C headers (from its PyPI wheel), for the tests that build C
 # programs against them and run them on our libmf_smem.so; those tests skip without them.
+step "upstream headers"
 python scripts/fetch_upstream_headers.py \
     || echo "note: upstream's headers could not be fetched; the C API compatibility tests skip" >&2
+step "extension (maturin, release)"
 maturin develop --release -q
 # The C API library beside the package, where mf.get_lib_path() points (headers: include/).
+step "C API library"
 cargo build --release -q -p memfabric-capi
 mkdir -p memfabric_hybrid/lib
 cp -f target/release/libmf_smem.so memfabric_hybrid/lib/

@@ -3,14 +3,16 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# Each phase's header says when it began, so a slow run shows where its time went.
+phase() { echo "== $* (at ${SECONDS}s)"; }
 bash scripts/setup.sh
 . .venv/bin/activate
 
-echo "== cargo fmt / clippy"
+phase "cargo fmt / clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 
-echo "== cargo test"
+phase "cargo test"
 # With the etcd feature, so that the core's etcd store tests run too (on a local etcd member).
 cargo_log="$(mktemp)"
 if ! cargo test -p memfabric -p memfabric-capi -p memfabric-cli -p ascend-sys --features memfabric/etcd -q \
@@ -23,13 +25,14 @@ if ! cargo test -p memfabric -p memfabric-capi -p memfabric-cli -p ascend-sys --
 fi
 tail -n 40 "$cargo_log"
 
-echo "== stubs (mypy.stubtest against the built module)"
+phase "stubs (mypy.stubtest against the built module)"
 python -m mypy.stubtest memfabric_hybrid._native --allowlist .stubtest-allowlist
 
-echo "== pytest"
+phase "pytest"
 python -m pytest tests -q
 
 # Coverage-guided fuzzing of the decoders that peers and users feed (store frames, data-plane
 # headers, store URLs, tls_info): 15 s per target on the committed corpus; any finding fails.
-echo "== fuzz"
+phase "fuzz"
 bash scripts/fuzz.sh 15
+phase "done"
