@@ -572,14 +572,21 @@ def _no_cuda() -> tuple[str, Any]:
     return "", torch
 
 
+SECTIONS = ("cudaMemcpy", "bm", "te", "te-tcp", "mooncake-tcp")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m memfabric_hybrid.bench device", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="copy sizes in bytes")
     p.add_argument("--seconds", type=float, default=0.3, help="measuring time per cell")
     p.add_argument("--json", default=None)
-    p.add_argument("--only", default="", help="comma-separated sections to run (cudaMemcpy,bm,te,te-tcp,mooncake-tcp)")
+    p.add_argument("--only", default="", help=f"comma-separated sections to run ({','.join(SECTIONS)})")
     a = p.parse_args(argv)
     sizes = sorted({int(x) for x in a.sizes.split(",") if x})
+    only = {x for x in a.only.split(",") if x}
+    unknown = only - set(SECTIONS)
+    if unknown:
+        p.error(f"no section {', '.join(sorted(unknown))} (sections: {', '.join(SECTIONS)})")
     result: dict[str, Any] = {"sizes": sizes, "seconds": a.seconds}
     why, torch = _no_cuda()
     if why:
@@ -601,10 +608,6 @@ def main(argv: list[str]) -> int:
         ("te-tcp", lambda o: _te(tcp_sizes, a.seconds, True, o) if tcp_sizes else o.update(error="no size <= 16 MiB")),
         ("mooncake-tcp", lambda o: _mooncake(tcp_sizes, a.seconds, o)),
     ]
-    only = {x for x in a.only.split(",") if x}
-    unknown = only - {name for name, _ in sections}
-    if unknown:
-        p.error(f"no section {', '.join(sorted(unknown))}")
     if only:
         sections = [(name, run) for name, run in sections if name in only]
     secs: dict[str, dict[str, Any]] = {}
