@@ -50,7 +50,9 @@ step "extension (maturin, release)"
 maturin develop --release -q
 # The C API library beside the package, where mf.get_lib_path() points (headers: include/).
 step "C API library"
-cargo build --release -q -p memfabric-capi
+# As a cdylib alone, like the extension's build: with the crate's rlib type too, cargo compiles
+# every dependency with object code beside the LTO bitcode, which is another build of the core.
+cargo rustc --release -q -p memfabric-capi --lib --crate-type cdylib
 mkdir -p memfabric_hybrid/lib
 cp -f target/release/libmf_smem.so memfabric_hybrid/lib/
 python -c "import memfabric_hybrid as mf; print('memfabric_hybrid', mf.__version__, 'ready')"
