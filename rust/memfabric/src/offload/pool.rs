@@ -159,7 +159,7 @@ enum Backing {
 }
 
 impl Backing {
-    /// The start of a LOCAL pool's memory.
+    /// Where the memory starts (for SHARED: slot 0).
     fn addr(&self) -> u64 {
         match self {
             Backing::Mapped { addr, .. } | Backing::Pinned { addr, .. } => *addr,
@@ -275,14 +275,10 @@ impl Pool {
                          {device}: {e}"
                     ))
                 })?;
-                (Backing::Pinned { dev, device, addr }, Ok(addr))
+                (Backing::Pinned { dev, device, addr }, Ok(()))
             }
             // The host backend plays the device (MF_DEVICE_BACKEND=host): same addresses.
-            Ok(dev) if dev.kind() == Kind::Host => {
-                let backing = map_local(reserve, cfg.flags)?;
-                let base = backing.addr();
-                (backing, Ok(base))
-            }
+            Ok(dev) if dev.kind() == Kind::Host => (map_local(reserve, cfg.flags)?, Ok(())),
             Ok(dev) => (
                 map_local(reserve, cfg.flags)?,
                 Err(format!(
@@ -292,14 +288,12 @@ impl Pool {
                 )),
             ),
             // No accelerator: the host is the device, and runs the copies.
-            Err(Error::Unsupported(_)) => {
-                let backing = map_local(reserve, cfg.flags)?;
-                let base = backing.addr();
-                (backing, Ok(base))
-            }
+            Err(Error::Unsupported(_)) => (map_local(reserve, cfg.flags)?, Ok(())),
             Err(e) => return Err(e),
         };
+        // Where the device reaches the pool, it does at the pool's host address.
         let base = backing.addr();
+        let dva = dva.map(|()| base);
         Ok(Pool {
             config: cfg.clone(),
             scene: Scene::Local,
