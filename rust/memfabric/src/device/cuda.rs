@@ -1442,17 +1442,16 @@ mod gpu {
         // SAFETY: as above; a second registration of the same range is refused, not crashed.
         assert!(unsafe { c.host_register(0, addr, n) }.is_err());
         let dev = c.alloc(0, n).unwrap();
-        let mut back = vec![0u8; n];
-        {
+        // A device-side copy between `dev` and the registered range, by the DVA.
+        let device_copy = |dst: u64, src: u64, what: &str| {
             let _g = c.enter_device(0).unwrap();
-            // SAFETY: `dev` and the registered range are `n` bytes each.
+            // SAFETY: both sides are `n` bytes: `dev` allocated, the range registered.
             c.api
-                .check(
-                    unsafe { (c.api.cuMemcpyDtoD_v2)(dev, dva, n) },
-                    "read by DVA",
-                )
+                .check(unsafe { (c.api.cuMemcpyDtoD_v2)(dst, src, n) }, what)
                 .unwrap();
-        }
+        };
+        device_copy(dev, dva, "read by DVA");
+        let mut back = vec![0u8; n];
         // SAFETY: `back` is `n` bytes, `dev` an `n`-byte allocation.
         unsafe {
             c.copy(Direction::DeviceToHost, back.as_mut_ptr() as u64, dev, n)
@@ -1463,21 +1462,12 @@ mod gpu {
             "the device read other bytes by the DVA"
         );
         let fresh = pattern(n, 77);
-        {
-            // SAFETY: `fresh` is `n` bytes, `dev` an `n`-byte allocation.
-            unsafe {
-                c.copy(Direction::HostToDevice, dev, fresh.as_ptr() as u64, n)
-                    .unwrap();
-            }
-            let _g = c.enter_device(0).unwrap();
-            // SAFETY: both sides are `n` bytes: `dev` allocated, the range registered.
-            c.api
-                .check(
-                    unsafe { (c.api.cuMemcpyDtoD_v2)(dva, dev, n) },
-                    "write by DVA",
-                )
+        // SAFETY: `fresh` is `n` bytes, `dev` an `n`-byte allocation.
+        unsafe {
+            c.copy(Direction::HostToDevice, dev, fresh.as_ptr() as u64, n)
                 .unwrap();
         }
+        device_copy(dva, dev, "write by DVA");
         // SAFETY: registered above; no device work is left on it (the copies were synchronous).
         unsafe { c.host_unregister(0, addr) }.unwrap();
         assert!(

@@ -885,27 +885,17 @@ mod tests {
 
     /// Two members of object "o" whose sub-group "pair" has met once; rank 1's client, group
     /// and sub-groups apart, so that a test can make its process die.
-    struct MetPair {
-        m: Vec<(Arc<StoreClient>, Group)>,
-        sub0: SubGroups,
-        c1: Arc<StoreClient>,
-        g1: Group,
-        sub1: SubGroups,
-    }
-
-    fn met_pair(s: &StoreServer) -> MetPair {
+    /// Two members that met at sub-group "pair", after rank 1's process died (its connection,
+    /// and with it its keys, gone). Returns rank 0's client and group (keep them alive to the
+    /// end of the test) and its sub-groups.
+    fn pair_after_rank1_died(s: &StoreServer) -> (Vec<(Arc<StoreClient>, Group)>, SubGroups) {
         let mut m = members(s, "o", 2);
         let (c1, g1) = m.pop().unwrap();
         let sub0 = SubGroups::new(m[0].0.clone(), m[0].1.prefix(), 2);
         let sub1 = SubGroups::new(c1.clone(), g1.prefix(), 2);
         pair_barrier(&sub0, &sub1);
-        MetPair {
-            m,
-            sub0,
-            c1,
-            g1,
-            sub1,
-        }
+        drop((sub1, g1, c1));
+        (m, sub0)
     }
 
     /// Sub-group "pair" of two members: a barrier both pass.
@@ -999,16 +989,8 @@ mod tests {
     #[test]
     fn a_dead_sub_group_member_fails_the_others_at_once() {
         let s = server();
-        // Rank 0's client and group stay alive to the end of the test.
-        let MetPair {
-            m: _rank0,
-            sub0,
-            c1,
-            g1,
-            sub1,
-        } = met_pair(&s);
         // Rank 1's process dies: its connection, and with it its keys, go.
-        drop((sub1, g1, c1));
+        let (_rank0, sub0) = pair_after_rank1_died(&s);
         let t = Instant::now();
         let e = sub0
             .barrier("pair", 2, 0, Duration::from_secs(30))
@@ -1275,16 +1257,8 @@ mod tests {
     #[test]
     fn a_member_that_comes_back_does_not_pass_a_barrier_the_others_failed() {
         let s = server();
-        // Rank 0's client and group stay alive to the end of the test.
-        let MetPair {
-            m: _rank0,
-            sub0,
-            c1,
-            g1,
-            sub1,
-        } = met_pair(&s);
         // Rank 1 dies; rank 0's next barrier fails.
-        drop((sub1, g1, c1));
+        let (_rank0, sub0) = pair_after_rank1_died(&s);
         let e = sub0.barrier("pair", 2, 0, T).unwrap_err();
         assert_eq!(e.code(), -3001, "{e}");
         // Rank 1 comes back (a new process). Rank 0 is at no barrier: it must not pass one.
@@ -1310,16 +1284,8 @@ mod tests {
     #[test]
     fn a_member_that_left_is_noticed_at_once_even_when_its_rank_was_taken_again() {
         let s = server();
-        // Rank 0's client and group stay alive to the end of the test.
-        let MetPair {
-            m: _rank0,
-            sub0,
-            c1,
-            g1,
-            sub1,
-        } = met_pair(&s);
         // Rank 1 dies, and a new process takes its sub-group rank before rank 0 waits again.
-        drop((sub1, g1, c1));
+        let (_rank0, sub0) = pair_after_rank1_died(&s);
         let c1 = client(&s);
         let _g1 = Group::join_member(c1.clone(), "o", 2, Some(1)).unwrap();
         let deadline = Instant::now() + T;
